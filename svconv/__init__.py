@@ -1,0 +1,35 @@
+"""svconv: spatially-varying 2D convolution for JAX.
+
+Ops (NHWC images, HWIO kernels; differentiable in every array argument; jit/vmap/grad):
+
+* :func:`modulated_conv2d` — a shared kernel modulated per output pixel and tap.
+* :func:`local_conv2d` — a different kernel at every output pixel (locally connected).
+* :func:`pixel_filter2d` — per-pixel filters applied to every channel (or channel group).
+* :func:`pixel_splat2d` — the scatter form: each source pixel spreads its own kernel.
+* :func:`gaussian_kernels` — normalised per-pixel Gaussian filters from a sigma map.
+
+Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`.
+"""
+
+from svconv.layers import KernelPredictionFilter, LocalConv, ModulatedConv, from_conv_local_kernel
+from svconv.ops import (
+    gaussian_kernels,
+    local_conv2d,
+    modulated_conv2d,
+    pixel_filter2d,
+    pixel_splat2d,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelPredictionFilter",
+    "LocalConv",
+    "ModulatedConv",
+    "from_conv_local_kernel",
+    "gaussian_kernels",
+    "local_conv2d",
+    "modulated_conv2d",
+    "pixel_filter2d",
+    "pixel_splat2d",
+]

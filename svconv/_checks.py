@@ -1,0 +1,171 @@
+"""Argument normalisation shared by every public op: one path from user arguments to a
+:class:`Geometry`, with errors raised at trace time that name the argument and print the
+offending shape or value."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+IMPLS = (None, "auto", "pallas", "xla", "reference")
+
+Pair = tuple[int, int]
+Padding = tuple[Pair, Pair]
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static description of one 2D window sweep (hashable, so it can be a jit/custom_vjp key).
+
+    The input position of output pixel ``(i, j)`` and tap ``(m, n)`` is
+    ``(i*sh + m*dh - pad_top, j*sw + n*dw - pad_left)``.
+    """
+
+    in_size: Pair
+    out_size: Pair
+    kernel_size: Pair
+    stride: Pair
+    dilation: Pair
+    padding: Padding
+
+    def kwargs(self) -> dict[str, Any]:
+        """The geometry keywords every kernel function takes."""
+        return {"stride": self.stride, "dilation": self.dilation, "padding": self.padding}
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int, got {value!r}") from None
+
+
+def pair(name: str, value: Any, *, minimum: int = 1) -> Pair:
+    """An int or a pair of ints -> a pair of ints, each >= ``minimum``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
+        out = (_int(name, value[0]), _int(name, value[1]))
+    else:
+        v = _int(name, value)
+        out = (v, v)
+    if min(out) < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    return out
+
+
+def padding_pairs(padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair,
+                  dilation: Pair) -> Padding:
+    """``"SAME"``/``"VALID"``/int/``((top, bottom), (left, right))`` -> explicit pads.
+
+    Strings follow ``lax.conv_general_dilated`` exactly (including ``"SAME_LOWER"``).
+    """
+    if isinstance(padding, str):
+        name = padding.upper()
+        if name not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(
+                f"`padding` must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
+                f"got {padding!r}")
+        effective = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True))
+        pads = lax.padtype_to_pads(in_size, effective, stride, name)
+        return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+    if isinstance(padding, Sequence):
+        ok = len(padding) == 2 and all(
+            isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in padding)
+        if not ok:
+            raise ValueError(
+                "`padding` must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
+                f"got {padding!r}")
+        out = tuple((_int("padding", lo), _int("padding", hi)) for lo, hi in padding)
+    else:
+        p = _int("padding", padding)
+        out = ((p, p), (p, p))
+    if min(min(p) for p in out) < 0:
+        raise ValueError(f"`padding` must be non-negative, got {padding!r}")
+    return out  # type: ignore[return-value]
+
+
+def geometry(*, in_size: Pair, kernel_size: Pair, stride: Any, padding: Any,
+             dilation: Any) -> Geometry:
+    """Normalise stride/dilation/padding and compute the output size, as lax does."""
+    stride = pair("stride", stride)
+    dilation = pair("dilation", dilation)
+    pads = padding_pairs(padding, in_size, kernel_size, stride, dilation)
+    out = []
+    for axis, (size, k, s, d, (lo, hi)) in enumerate(
+            zip(in_size, kernel_size, stride, dilation, pads, strict=True)):
+        span = (k - 1) * d + 1
+        padded = size + lo + hi
+        if padded < span:
+            dim = "height" if axis == 0 else "width"
+            raise ValueError(
+                f"kernel {dim} {k} with dilation {d} spans {span} pixels, more than the padded "
+                f"input {dim} {padded} (input {size}, padding {(lo, hi)})")
+        out.append((padded - span) // s + 1)
+    return Geometry(in_size=tuple(in_size), out_size=tuple(out), kernel_size=tuple(kernel_size),
+                    stride=stride, dilation=dilation, padding=pads)
+
+
+def float_array(name: str, value: Any) -> jax.Array:
+    """An array of a real floating dtype; integer, bool and complex inputs are a TypeError."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        value = jnp.asarray(value)
+        dtype = value.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        shape = tuple(np.shape(value))
+        raise TypeError(
+            f"`{name}` must have a floating dtype (float32, bfloat16, float16, ...), got "
+            f"{np.dtype(dtype).name} of shape {shape}")
+    return jnp.asarray(value)
+
+
+def rank(name: str, value: jax.Array, ranks: Sequence[int], layout: str) -> None:
+    if value.ndim not in ranks:
+        raise ValueError(
+            f"`{name}` must be {layout}, got rank {value.ndim} with shape {tuple(value.shape)}")
+
+
+def shape(name: str, value: jax.Array, expected: tuple[int, ...], layout: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(
+            f"`{name}` of shape {tuple(value.shape)} where {tuple(expected)} was expected "
+            f"({layout})")
+
+
+def impl(value: Any) -> str:
+    if value not in IMPLS:
+        raise ValueError(
+            f"`impl` must be one of None, 'auto', 'pallas', 'xla', 'reference'; got {value!r}")
+    return "auto" if value is None else value
+
+
+def precision(value: Any) -> Any:
+    """Accept what ``lax.dot_general`` accepts: None, a ``Precision`` or its name, a pair of
+    those, or a ``DotAlgorithmPreset``."""
+    parts = value if isinstance(value, tuple) and len(value) == 2 else (value,)
+    for part in parts:
+        if part is None or isinstance(part, (lax.Precision, lax.DotAlgorithmPreset)):
+            continue
+        if isinstance(part, str):
+            try:
+                lax.Precision(part)
+                continue
+            except ValueError:
+                pass
+        raise ValueError(f"`precision` is not a valid lax precision: {value!r}")
+    return value
+
+
+def common_dtype(**arrays: jax.Array) -> np.dtype:
+    """The promoted float dtype of the arrays (what the output takes)."""
+    return jnp.result_type(*arrays.values())

@@ -1,0 +1,207 @@
+"""Flax linen layers over the svconv ops, in ``flax.linen.Conv``'s vocabulary.
+
+The modules are thin: parameters and dtype promotion here, the math in :mod:`svconv.ops`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from svconv import _checks
+from svconv.ops import local_conv2d, modulated_conv2d, pixel_filter2d
+
+Initializer = Callable[..., jax.Array]
+
+
+def _kernel_size(value: int | Sequence[int]) -> tuple[int, int]:
+    return _checks.pair("kernel_size", value)
+
+
+class ModulatedConv(nn.Module):
+    """A convolution whose kernel is modulated per output pixel and tap by a known ``d``.
+
+    ``y = modulated_conv2d(x, kernel, d) + bias``; with ``d == 1`` it is ``nn.Conv``.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from svconv import ModulatedConv
+      >>> layer = ModulatedConv(features=8, kernel_size=(3, 3))
+      >>> x, d = jnp.ones((2, 16, 16, 4)), jnp.ones((16, 16, 3, 3))
+      >>> params = layer.init(jax.random.key(0), x, d)
+      >>> jax.tree.map(jnp.shape, params)
+      {'params': {'bias': (8,), 'kernel': (3, 3, 4, 8)}}
+      >>> layer.apply(params, x, d).shape
+      (2, 16, 16, 8)
+
+    Attributes:
+      features: number of output channels.
+      kernel_size: ``(kh, kw)`` or an int.
+      strides, padding, kernel_dilation: as ``nn.Conv`` (``padding``: ``"SAME"``, ``"VALID"``,
+        int or ``((top, bottom), (left, right))``).
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as ``nn.Conv``.
+      impl: ``None``/``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"``.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, d: jax.Array) -> jax.Array:
+        """``x [batch, height, width, in]``, ``d [batch, out_h, out_w, kh, kw]`` or shared
+        ``[out_h, out_w, kh, kw]`` -> ``[batch, out_h, out_w, features]``."""
+        kh, kw = _kernel_size(self.kernel_size)
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, d, bias = promote_dtype(x, kernel, d, bias, dtype=self.dtype)
+        y = modulated_conv2d(x, kernel, d, stride=self.strides, padding=self.padding,
+                             dilation=self.kernel_dilation, precision=self.precision,
+                             impl=self.impl)
+        return y if bias is None else y + bias
+
+
+class LocalConv(nn.Module):
+    """Locally connected 2D layer: an unshared kernel per output pixel.
+
+    Same numbers as ``nn.ConvLocal`` given the same weights (convert its kernel with
+    :func:`from_conv_local_kernel`); the kernel is stored as ``[out_h, out_w, kh, kw, in,
+    features]`` and the bias as ``[out_h, out_w, features]``, like ``nn.ConvLocal``'s.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from svconv import LocalConv
+      >>> layer = LocalConv(features=4, kernel_size=(3, 3), strides=2)
+      >>> params = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
+      >>> jax.tree.map(jnp.shape, params)
+      {'params': {'bias': (4, 4, 4), 'kernel': (4, 4, 3, 3, 2, 4)}}
+
+    Attributes: as :class:`ModulatedConv`.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = nn.initializers.lecun_normal(in_axis=(2, 3, 4), out_axis=5)
+    bias_init: Initializer = nn.initializers.zeros_init()
+    impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [batch, height, width, in]`` -> ``[batch, out_h, out_w, features]``."""
+        _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
+        kh, kw = _kernel_size(self.kernel_size)
+        geom = _checks.geometry(in_size=x.shape[1:3], kernel_size=(kh, kw), stride=self.strides,
+                                padding=self.padding, dilation=self.kernel_dilation)
+        kernel = self.param("kernel", self.kernel_init,
+                            (*geom.out_size, kh, kw, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (*geom.out_size, self.features),
+                           self.param_dtype) if self.use_bias else None)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = local_conv2d(x, kernel, stride=self.strides, padding=self.padding,
+                         dilation=self.kernel_dilation, precision=self.precision, impl=self.impl)
+        return y if bias is None else y + bias
+
+
+def from_conv_local_kernel(kernel: jax.Array, kernel_size: int | Sequence[int]) -> jax.Array:
+    """Convert an ``nn.ConvLocal`` / ``lax.conv_general_dilated_local`` kernel
+    ``[out_h, out_w, in*kh*kw, features]`` (patch features ordered ``(in, kh, kw)``) to
+    :func:`svconv.local_conv2d`'s ``[out_h, out_w, kh, kw, in, features]``."""
+    kh, kw = _kernel_size(kernel_size)
+    ho, wo, k, f = kernel.shape
+    if k % (kh * kw):
+        raise ValueError(f"`kernel` of shape {tuple(kernel.shape)} does not hold "
+                         f"{kh}x{kw} taps per input channel")
+    return kernel.reshape(ho, wo, k // (kh * kw), kh, kw, f).transpose(0, 1, 3, 4, 2, 5)
+
+
+class KernelPredictionFilter(nn.Module):
+    """Kernel-prediction layer (KPN style): predicts a normalised filter per pixel from a guide
+    and applies it to the input with :func:`svconv.pixel_filter2d`.
+
+    The logits come from a ``predictor_kernel_size`` convolution of the guide with
+    ``kh*kw*groups`` outputs; a softmax over the taps makes each filter non-negative and sum to
+    1, so the layer starts close to a local average and learns where to keep edges.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from svconv import KernelPredictionFilter
+      >>> layer = KernelPredictionFilter(kernel_size=(5, 5))
+      >>> x, guide = jnp.ones((1, 16, 16, 3)), jnp.ones((1, 16, 16, 8))
+      >>> params = layer.init(jax.random.key(0), x, guide)
+      >>> jax.tree.map(jnp.shape, params)
+      {'params': {'predictor': {'bias': (25,), 'kernel': (3, 3, 8, 25)}}}
+      >>> layer.apply(params, x, guide).shape
+      (1, 16, 16, 3)
+
+    Attributes:
+      kernel_size: ``(kh, kw)`` of the predicted filters.
+      groups: filters per pixel; channel ``c`` of ``x`` uses group ``c // (C // groups)``.
+      kernel_dilation: dilation of the predicted filters.
+      predictor_kernel_size: kernel of the convolution that predicts the logits.
+      temperature: the softmax temperature.
+      dtype, param_dtype, precision, kernel_init, bias_init: of the predictor convolution.
+      impl: implementation of ``pixel_filter2d``.
+    """
+
+    kernel_size: int | Sequence[int]
+    groups: int = 1
+    kernel_dilation: int | Sequence[int] = 1
+    predictor_kernel_size: int | Sequence[int] = 3
+    temperature: float = 1.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, guide: jax.Array | None = None, *,
+                 return_kernels: bool = False):
+        """``x [batch, h, w, channels]``, ``guide [batch, h, w, features]`` (default ``x``) ->
+        the filtered ``x`` (and the kernels ``[batch, h, w, kh, kw, groups]`` when asked)."""
+        guide = x if guide is None else guide
+        _checks.rank("guide", guide, (4,), "[batch, height, width, features]")
+        if tuple(guide.shape[:3]) != tuple(x.shape[:3]):
+            raise ValueError(
+                f"`guide` of shape {tuple(guide.shape)} must match `x` of shape "
+                f"{tuple(x.shape)} in batch, height and width")
+        kh, kw = _kernel_size(self.kernel_size)
+        logits = nn.Conv(kh * kw * self.groups, _kernel_size(self.predictor_kernel_size),
+                         padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                         precision=self.precision, kernel_init=self.kernel_init,
+                         bias_init=self.bias_init, name="predictor")(guide)
+        logits = logits.reshape(*logits.shape[:3], kh * kw, self.groups) / self.temperature
+        kernels = jax.nn.softmax(logits.astype(jnp.float32), axis=3)
+        kernels = kernels.reshape(*logits.shape[:3], kh, kw, self.groups)
+        dtype = self.dtype or x.dtype
+        y = pixel_filter2d(x.astype(dtype), kernels.astype(dtype), padding="SAME",
+                           dilation=self.kernel_dilation, impl=self.impl)
+        return (y, kernels) if return_kernels else y

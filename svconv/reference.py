@@ -1,0 +1,92 @@
+"""Reference implementations: naive loops over taps in plain ``jnp``, written to be obviously
+right. They are the oracle for the tests; their gradients come from JAX autodiff.
+
+Every function takes normalised arguments (a :class:`~svconv._checks.Geometry`) and computes in
+float32 at ``HIGHEST`` precision, returning the promoted input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from svconv._checks import Geometry
+
+_HI = lax.Precision.HIGHEST
+
+
+def tap(x: jax.Array, geom: Geometry, m: int, n: int) -> jax.Array:
+    """``x[b, i*sh + m*dh - pt, j*sw + n*dw - pl, c]`` for every output pixel ``(i, j)``,
+    reading zero outside ``x``: shape ``[N, Ho, Wo, C]``."""
+    (pt, pb), (pl, pr) = geom.padding
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    (ho, wo), (sh, sw), (dh, dw) = geom.out_size, geom.stride, geom.dilation
+    rows = m * dh + sh * jnp.arange(ho)
+    cols = n * dw + sw * jnp.arange(wo)
+    return xp[:, rows[:, None], cols[None, :], :]
+
+
+def _taps(geom: Geometry):
+    kh, kw = geom.kernel_size
+    return [(m, n) for m in range(kh) for n in range(kw)]
+
+
+def modulated_conv2d(x, w, d, geom: Geometry, precision=None) -> jax.Array:
+    """``y[b,i,j,o] = sum_{m,n,c} x[b,pos(i,m),pos(j,n),c] * w[m,n,c,o] * d[b,i,j,m,n]``."""
+    del precision  # the reference is always exact
+    dtype = jnp.result_type(x, w, d)
+    x, w, d = (a.astype(jnp.float32) for a in (x, w, d))
+    if d.ndim == 4:
+        d = d[None]
+    y = 0.0
+    for m, n in _taps(geom):
+        scaled = tap(x, geom, m, n) * d[:, :, :, m, n, None]
+        y = y + jnp.einsum("bhwc,co->bhwo", scaled, w[m, n], precision=_HI)
+    return y.astype(dtype)
+
+
+def local_conv2d(x, w, geom: Geometry, precision=None) -> jax.Array:
+    """``y[b,i,j,o] = sum_{m,n,c} x[b,pos(i,m),pos(j,n),c] * w[i,j,m,n,c,o]``."""
+    del precision
+    dtype = jnp.result_type(x, w)
+    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+    y = 0.0
+    for m, n in _taps(geom):
+        y = y + jnp.einsum("bhwc,hwco->bhwo", tap(x, geom, m, n), w[:, :, m, n], precision=_HI)
+    return y.astype(dtype)
+
+
+def pixel_filter2d(x, k, geom: Geometry) -> jax.Array:
+    """``y[b,i,j,c] = sum_{m,n} x[b,pos(i,m),pos(j,n),c] * k[b,i,j,m,n,g(c)]``.
+
+    ``k`` has the groups axis: ``[N, Ho, Wo, kh, kw, G]``.
+    """
+    dtype = jnp.result_type(x, k)
+    x, k = x.astype(jnp.float32), k.astype(jnp.float32)
+    groups = k.shape[-1]
+    per_group = x.shape[-1] // groups
+    k = jnp.repeat(k, per_group, axis=-1)  # channel c uses group c // per_group
+    y = 0.0
+    for m, n in _taps(geom):
+        y = y + tap(x, geom, m, n) * k[:, :, :, m, n, :]
+    return y.astype(dtype)
+
+
+def pixel_splat2d(x, k, geom: Geometry) -> jax.Array:
+    """Each source pixel ``(i, j)`` of ``x`` adds ``k[b,i,j,m,n,g(c)] * x[b,i,j,c]`` at input
+    position ``(pos(i,m), pos(j,n))``; positions outside ``geom.in_size`` are dropped."""
+    dtype = jnp.result_type(x, k)
+    x, k = x.astype(jnp.float32), k.astype(jnp.float32)
+    groups = k.shape[-1]
+    k = jnp.repeat(k, x.shape[-1] // groups, axis=-1)
+    (h, w), (ho, wo) = geom.in_size, geom.out_size
+    (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = geom.stride, geom.dilation, geom.padding
+    # Scatter into the zero-padded frame (all targets land inside it), then crop the padding.
+    y = jnp.zeros((x.shape[0], h + pt + pb, w + pl + pr, x.shape[-1]), jnp.float32)
+    for m, n in _taps(geom):
+        rows = sh * jnp.arange(ho) + m * dh
+        cols = sw * jnp.arange(wo) + n * dw
+        y = y.at[:, rows[:, None], cols[None, :], :].add(x * k[:, :, :, m, n, :])
+    y = y[:, pt:pt + h, pl:pl + w, :]
+    return y.astype(dtype)

@@ -1,0 +1,243 @@
+"""The XLA path: every op and every gradient as a loop over taps of shifted (strided) slices.
+
+Each function has the signature of its Pallas counterpart in ``pallas_kernels`` (arrays of one
+float dtype, geometry as keyword tuples) so that dispatch is uniform. Accumulation is float32;
+results take the input dtype.
+
+Why a tap loop: for each tap ``(m, n)`` the input seen by all output pixels is one strided slice
+of the padded input (``_tap``), and its transpose is one interior-padded ``lax.pad`` (``_untap``).
+A modulated conv is then ``kh*kw`` GEMMs ``[P, Cin] x [Cin, Cout]`` with a per-row scale, and a
+per-pixel filter ``kh*kw`` fused multiply-adds; XLA fuses the slices into the consumers, so no
+``kh*kw``-times patch tensor is built. ``modulated_conv2d_patches`` and ``pixel_gather_patches``
+are the patch-tensor formulations, kept for the benchmark that justifies this choice
+(``make bench``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def _pad(x, padding):
+    (pt, pb), (pl, pr) = padding
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+
+
+def _out_size(in_size, kernel_size, stride, dilation, padding):
+    return tuple(
+        (size + lo + hi - (k - 1) * d - 1) // s + 1
+        for size, k, s, d, (lo, hi) in zip(in_size, kernel_size, stride, dilation, padding,
+                                           strict=True))
+
+
+def _tap(xp, m, n, out_size, stride, dilation):
+    """Slice of the padded input read by tap ``(m, n)``: ``[..., Ho, Wo, C]``."""
+    (ho, wo), (sh, sw), (dh, dw) = out_size, stride, dilation
+    lead = xp.ndim - 3
+    start = (0,) * lead + (m * dh, n * dw, 0)
+    limit = xp.shape[:lead] + (m * dh + (ho - 1) * sh + 1, n * dw + (wo - 1) * sw + 1,
+                               xp.shape[-1])
+    return lax.slice(xp, start, limit, (1,) * lead + (sh, sw, 1))
+
+
+def _untap(v, m, n, in_size, stride, dilation, padding):
+    """Transpose of ``_tap`` composed with the padding: places ``v [..., Ho, Wo, C]`` where tap
+    ``(m, n)`` read it, in the unpadded input frame ``[..., H, W, C]`` (negative pads crop)."""
+    (h, w), (sh, sw), (dh, dw) = in_size, stride, dilation
+    ho, wo = v.shape[-3:-1]
+    (pt, _), (pl, _) = padding
+    top, left = m * dh - pt, n * dw - pl
+    bottom = h - top - (ho - 1) * sh - 1
+    right = w - left - (wo - 1) * sw - 1
+    cfg = ((0, 0, 0),) * (v.ndim - 3) + ((top, bottom, sh - 1), (left, right, sw - 1), (0, 0, 0))
+    return lax.pad(v, jnp.zeros((), v.dtype), cfg)
+
+
+def _taps(kernel_size):
+    kh, kw = kernel_size
+    return [(m, n) for m in range(kh) for n in range(kw)]
+
+
+def _dot(a, b, precision):
+    """``[..., K] x [K, N] -> [..., N]`` accumulated in float32."""
+    return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=_F32)
+
+
+def _batched_d(d):
+    return d if d.ndim == 5 else d[None]
+
+
+# ----------------------------------------------------------------------------- modulated conv
+
+
+def modulated_conv2d_fwd(x, w, d, *, stride, dilation, padding, precision=None):
+    kernel_size = w.shape[:2]
+    out_size = _out_size(x.shape[1:3], kernel_size, stride, dilation, padding)
+    xp, d = _pad(x, padding), _batched_d(d)
+    # Modulate whichever side of the GEMM is narrower: same result, fewer multiplies.
+    scale_input = w.shape[2] <= w.shape[3]
+    y = 0.0
+    for m, n in _taps(kernel_size):
+        xs, dt = _tap(xp, m, n, out_size, stride, dilation), d[..., m, n, None]
+        if scale_input:
+            y = y + _dot(xs * dt, w[m, n], precision)
+        else:
+            y = y + _dot(xs, w[m, n], precision) * dt
+    return y.astype(x.dtype)
+
+
+def modulated_conv2d_grad_x(dy, w, d, *, input_size, stride, dilation, padding, precision=None):
+    d = _batched_d(d)
+    dx = 0.0
+    for m, n in _taps(w.shape[:2]):
+        u = _dot(dy, w[m, n].T, precision) * d[..., m, n, None]
+        dx = dx + _untap(u, m, n, input_size, stride, dilation, padding)
+    return dx.astype(dy.dtype)
+
+
+def modulated_conv2d_grad_w(x, dy, d, *, kernel_size, stride, dilation, padding, precision=None):
+    xp, d = _pad(x, padding), _batched_d(d)
+    out_size = dy.shape[1:3]
+    taps = []
+    for m, n in _taps(kernel_size):
+        xs = _tap(xp, m, n, out_size, stride, dilation) * d[..., m, n, None]
+        taps.append(lax.dot_general(xs, dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                                    precision=precision, preferred_element_type=_F32))
+    kh, kw = kernel_size
+    return jnp.stack(taps).reshape(kh, kw, *taps[0].shape).astype(x.dtype)
+
+
+def modulated_conv2d_grad_d(x, w, dy, *, batched, stride, dilation, padding, precision=None):
+    kernel_size = w.shape[:2]
+    xp, out_size = _pad(x, padding), dy.shape[1:3]
+    # dd_t = <x_t, dy @ w_t^T> over Cin, or <x_t @ w_t, dy> over Cout: contract the narrower.
+    via_input = w.shape[2] <= w.shape[3]
+    taps = []
+    for m, n in _taps(kernel_size):
+        xs = _tap(xp, m, n, out_size, stride, dilation)
+        if via_input:
+            taps.append(jnp.sum(xs.astype(_F32) * _dot(dy, w[m, n].T, precision), axis=-1))
+        else:
+            taps.append(jnp.sum(_dot(xs, w[m, n], precision) * dy.astype(_F32), axis=-1))
+    dd = jnp.stack(taps, axis=-1).reshape(*dy.shape[:3], *kernel_size)
+    if not batched:
+        dd = jnp.sum(dd, axis=0)
+    return dd.astype(x.dtype)
+
+
+def modulated_conv2d_patches(x, w, d, *, stride, dilation, padding, precision=None):
+    """Patch-tensor formulation (``conv_general_dilated_patches`` + einsum), for comparison."""
+    kh, kw, cin, cout = w.shape
+    patches = lax.conv_general_dilated_patches(
+        x, (kh, kw), stride, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+    n, ho, wo, _ = patches.shape
+    patches = patches.reshape(n, ho, wo, cin, kh * kw)  # features are ordered (c, m, n)
+    d = jnp.broadcast_to(_batched_d(d), (n, ho, wo, kh, kw)).reshape(n, ho, wo, 1, kh * kw)
+    y = jnp.einsum("bhwct,tco->bhwo", patches * d, w.reshape(kh * kw, cin, cout),
+                   precision=precision, preferred_element_type=_F32)
+    return y.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------- local conv
+
+
+def local_conv2d_fwd(x, w, *, stride, dilation, padding, precision=None):
+    kernel_size = w.shape[2:4]
+    xp, out_size = _pad(x, padding), w.shape[:2]
+    y = 0.0
+    for m, n in _taps(kernel_size):
+        xs = _tap(xp, m, n, out_size, stride, dilation)
+        y = y + jnp.einsum("bhwc,hwco->bhwo", xs, w[:, :, m, n], precision=precision,
+                           preferred_element_type=_F32)
+    return y.astype(x.dtype)
+
+
+def local_conv2d_grad_x(dy, w, *, input_size, stride, dilation, padding, precision=None):
+    dx = 0.0
+    for m, n in _taps(w.shape[2:4]):
+        u = jnp.einsum("bhwo,hwco->bhwc", dy, w[:, :, m, n], precision=precision,
+                       preferred_element_type=_F32)
+        dx = dx + _untap(u, m, n, input_size, stride, dilation, padding)
+    return dx.astype(dy.dtype)
+
+
+def local_conv2d_grad_w(x, dy, *, kernel_size, stride, dilation, padding, precision=None):
+    xp, out_size = _pad(x, padding), dy.shape[1:3]
+    taps = [
+        jnp.einsum("bhwc,bhwo->hwco", _tap(xp, m, n, out_size, stride, dilation), dy,
+                   precision=precision, preferred_element_type=_F32)
+        for m, n in _taps(kernel_size)
+    ]
+    dw = jnp.stack(taps, axis=2)  # [Ho, Wo, kh*kw, Cin, Cout]
+    return dw.reshape(*out_size, *kernel_size, *dw.shape[3:]).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------ per-pixel filters
+
+
+def _grouped(x, groups):
+    """``[..., C] -> [..., G, C // G]`` (channel ``c`` is in group ``c // (C // G)``)."""
+    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def _tap_grouped(xp, m, n, out_size, stride, dilation):
+    """``_tap`` for a grouped ``[N, H, W, G, C/G]`` array."""
+    lead = xp.shape[:3]
+    flat = xp.reshape(*lead, -1)
+    xs = _tap(flat, m, n, out_size, stride, dilation)
+    return xs.reshape(*xs.shape[:3], *xp.shape[3:])
+
+
+def pixel_gather(x, k, *, stride, dilation, padding):
+    """``y[b,i,j,c] = sum_{m,n} x[b,pos(i,m),pos(j,n),c] * k[b,i,j,m,n,g(c)]``."""
+    kernel_size, groups = k.shape[3:5], k.shape[5]
+    xp = _grouped(_pad(x, padding), groups)
+    out_size = k.shape[1:3]
+    y = 0.0
+    for m, n in _taps(kernel_size):
+        xs = _tap_grouped(xp, m, n, out_size, stride, dilation)
+        y = y + xs.astype(_F32) * k[:, :, :, m, n, :, None].astype(_F32)
+    return y.reshape(*y.shape[:3], -1).astype(x.dtype)
+
+
+def pixel_scatter(v, k, *, input_size, stride, dilation, padding):
+    """Transpose of :func:`pixel_gather` with respect to ``x``: ``[N,Ho,Wo,C] -> [N,H,W,C]``."""
+    kernel_size, groups = k.shape[3:5], k.shape[5]
+    vg = _grouped(v, groups).astype(_F32)
+    y = 0.0
+    for m, n in _taps(kernel_size):
+        contrib = vg * k[:, :, :, m, n, :, None].astype(_F32)
+        y = y + _untap(contrib.reshape(v.shape), m, n, input_size, stride, dilation, padding)
+    return y.astype(v.dtype)
+
+
+def pixel_correlate(x, v, *, kernel_size, groups, stride, dilation, padding):
+    """Gradient of :func:`pixel_gather` with respect to ``k``: ``[N, Ho, Wo, kh, kw, G]``."""
+    xp = _grouped(_pad(x, padding), groups)
+    vg = _grouped(v, groups).astype(_F32)
+    out_size = v.shape[1:3]
+    taps = [
+        jnp.sum(_tap_grouped(xp, m, n, out_size, stride, dilation).astype(_F32) * vg, axis=-1)
+        for m, n in _taps(kernel_size)
+    ]
+    dk = jnp.stack(taps, axis=3)  # [N, Ho, Wo, kh*kw, G]
+    return dk.reshape(*v.shape[:3], *kernel_size, groups).astype(x.dtype)
+
+
+def pixel_gather_patches(x, k, *, stride, dilation, padding):
+    """Patch-tensor formulation of :func:`pixel_gather`, for comparison."""
+    kh, kw, groups = k.shape[3:]
+    patches = lax.conv_general_dilated_patches(
+        x, (kh, kw), stride, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+    n, ho, wo, _ = patches.shape
+    patches = patches.reshape(n, ho, wo, groups, x.shape[-1] // groups, kh * kw)
+    y = jnp.einsum("bhwgct,bhwtg->bhwgc", patches, k.reshape(n, ho, wo, kh * kw, groups),
+                   preferred_element_type=_F32)
+    return y.reshape(n, ho, wo, -1).astype(x.dtype)
+
