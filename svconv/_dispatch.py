@@ -79,7 +79,10 @@ def _pallas_module(family: str):
     return importlib.import_module(f"pallas_kernels.{_PALLAS_MODULES[family]}")
 
 
-def _run_kernel(spec: Spec, operands: dict[str, jax.Array]) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=0)
+def _run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
+    # Jitted so that eager calls compile each tap loop once instead of dispatching it op by op.
+    operands = dict(zip(spec.operands, operands, strict=True))
     name, order = _KERNELS[(spec.family, spec.target)]
     kwargs: dict[str, Any] = spec.geom.kwargs()
     if spec.family != "pixel":
@@ -105,7 +108,7 @@ def _run_kernel(spec: Spec, operands: dict[str, jax.Array]) -> jax.Array:
 def apply(spec: Spec, *operands: jax.Array) -> jax.Array:
     """The partial of ``spec.family``'s form with respect to ``spec.target``, given the other
     slots' arrays in ``spec.operands`` order (all of one dtype)."""
-    return _run_kernel(spec, dict(zip(spec.operands, operands, strict=True)))
+    return _run_kernel(spec, *operands)
 
 
 def _apply_fwd(spec: Spec, *operands: jax.Array):

@@ -1,0 +1,104 @@
+"""Shared test utilities: random cases with readable ids, dtype tolerances, comparisons."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# The suite is dominated by XLA compile time of many small tap loops; LLVM's heavy optimisation
+# buys nothing at these sizes. Set before the CPU backend starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svconv import _checks
+
+# Relative (to the reference's largest magnitude) error allowed per dtype. bf16 has 8 mantissa
+# bits (~4e-3 per rounding), f16 11 bits; sums of a few hundred products grow that by ~sqrt(K).
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int
+    h: int
+    w: int
+    cin: int
+    cout: int
+    k: tuple[int, int]
+    stride: tuple[int, int] | int
+    dilation: tuple[int, int] | int
+    padding: object
+
+    @property
+    def id(self) -> str:
+        def fmt(v):
+            if isinstance(v, str | int):
+                return str(v)
+            return "x".join(fmt(e) if not isinstance(e, int) else str(e) for e in v)
+        return (f"N{self.n}-H{self.h}W{self.w}-c{self.cin}o{self.cout}-k{fmt(self.k)}"
+                f"-s{fmt(self.stride)}-d{fmt(self.dilation)}-p{fmt(self.padding)}")
+
+    def geom(self) -> _checks.Geometry:
+        return _checks.geometry(in_size=(self.h, self.w), kernel_size=self.k, stride=self.stride,
+                                padding=self.padding, dilation=self.dilation)
+
+    def kw(self) -> dict:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+
+def random_cases(seed: int, count: int, max_k: int = 7) -> list[Case]:
+    """Random small geometries covering kernel sizes 1..max_k, strides 1-3, dilations 1-2 and
+    every padding form."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        k = (int(rng.integers(1, max_k + 1)), int(rng.integers(1, max_k + 1)))
+        stride = [1, 2, (2, 1), (1, 3)][rng.integers(4)]
+        dilation = [1, 1, 2, (1, 2)][rng.integers(4)]
+        padding = ["SAME", "VALID", int(rng.integers(0, 3)),
+                   ((int(rng.integers(0, 3)), int(rng.integers(0, 3))),
+                    (int(rng.integers(0, 3)), int(rng.integers(0, 3))))][rng.integers(4)]
+        case = Case(n=int(rng.integers(1, 3)), h=int(rng.integers(5, 13)),
+                    w=int(rng.integers(5, 13)), cin=int(rng.integers(1, 6)),
+                    cout=int(rng.integers(1, 6)), k=k, stride=stride, dilation=dilation,
+                    padding=padding)
+        try:
+            case.geom()
+        except ValueError:  # kernel larger than the padded input: drawn again
+            continue
+        cases.append(case)
+    return cases
+
+
+def rand(key_or_seed, shape, dtype=jnp.float32) -> jax.Array:
+    key = jax.random.key(key_or_seed) if isinstance(key_or_seed, int) else key_or_seed
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def rands(seed: int, *shapes, dtype=jnp.float32) -> list[jax.Array]:
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return [rand(k, s, dtype) for k, s in zip(keys, shapes, strict=True)]
+
+
+def assert_close(actual, expected, dtype=jnp.float32, tol=None, what=""):
+    """Max abs error relative to the expected array's largest magnitude (at least 1)."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    err = float(np.max(np.abs(actual - expected))) / scale if expected.size else 0.0
+    limit = TOL[dtype] if tol is None else tol
+    assert err <= limit, f"{what}: relative error {err:.3g} > {limit:.3g}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _exact_reference_dots():
+    # The oracles (lax convs, einsums) must be exact in float32 on every backend.
+    with jax.default_matmul_precision("highest"):
+        yield
