@@ -1,0 +1,318 @@
+"""Pallas modulated-conv kernels vs independent oracles (interpreted on CPU, compiled on a GPU),
+and lowering for CUDA."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pallas_kernels import modulated as mk
+from tests.lowering import lower_for_cuda, triton_kernel_names
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int
+    hw: tuple[int, int]
+    cin: int
+    cout: int
+    k: int
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    shared: bool = False
+    dtype: str = "float32"
+    block_sizes: mk.ModulatedBlockSizes | None = None
+
+    @property
+    def out_hw(self):
+        return tuple(
+            (n + lo + hi - (self.k - 1) * dl - 1) // s + 1
+            for n, s, dl, (lo, hi) in zip(
+                self.hw, self.stride, self.dilation, self.padding, strict=True
+            )
+        )
+
+    @property
+    def id(self):
+        def pair(v):
+            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+        (pt, pb), (pl_, pr) = self.padding
+        pad = str(pt) if pt == pb == pl_ == pr else f"{pt}{pb}{pl_}{pr}"
+        parts = [
+            f"N{self.n}-H{self.hw[0]}W{self.hw[1]}-c{self.cin}o{self.cout}-k{self.k}",
+            f"s{pair(self.stride)}-d{pair(self.dilation)}-p{pad}",
+            "dshared" if self.shared else "dbatch",
+            {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[self.dtype],
+        ]
+        if self.block_sizes is not None:
+            parts.append("blocks")
+        return "-".join(parts)
+
+    def geometry(self):
+        return dict(stride=self.stride, dilation=self.dilation, padding=self.padding)
+
+
+def _pad(p):
+    return ((p, p), (p, p))
+
+
+SMALL_BLOCKS = mk.ModulatedBlockSizes(
+    block_m=32, block_n=16, block_k=16, block_m_dx=32, block_n_dx=16, block_k_dx=16,
+    block_m_dw=16, chunk_dw=2, block_cin_dw=16, block_cout_dw=16, num_warps=4, num_stages=2,
+)  # fmt: skip
+
+CASES = [
+    Case(2, (9, 7), 3, 5, 3, padding=_pad(1)),
+    Case(2, (9, 7), 3, 5, 3, stride=(2, 2), padding=_pad(1)),
+    Case(2, (8, 7), 4, 6, 1, shared=True),
+    Case(2, (6, 5), 3, 4, 3, padding=((3, 0), (0, 4)), shared=True),
+    Case(1, (13, 11), 3, 2, 2, stride=(4, 3)),
+    Case(1, (11, 10), 5, 3, 3, (2, 1), (2, 2), ((0, 2), (3, 0)), shared=True),
+    Case(1, (12, 13), 17, 33, 5, (2, 2), (1, 2), ((2, 1), (0, 0))),
+    Case(1, (10, 9), 3, 4, 7, padding=_pad(3)),
+    Case(2, (10, 9), 20, 18, 3, (1, 2), (2, 1), ((1, 0), (2, 1)), block_sizes=SMALL_BLOCKS),
+    Case(2, (9, 9), 8, 8, 3, dilation=(2, 2), padding=_pad(2), dtype="bfloat16"),
+    Case(1, (9, 7), 3, 5, 3, stride=(2, 2), padding=_pad(1), shared=True, dtype="float16"),
+]
+
+# Max |error| / max |oracle| allowed: fp32 with HIGHEST is exact up to summation order; the
+# 16-bit kernels round the modulated tile (x * d) to the input dtype before the dot.
+TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
+
+
+def oracle(x, w, d, *, stride, dilation, padding):
+    """Strided slices of the zero-padded input, one per tap, contracted in one fp32 einsum."""
+    kh, kw = w.shape[:2]
+    (sh, sw), (dh, dw) = stride, dilation
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    taps = [
+        xp[:, m * dh : m * dh + (ho - 1) * sh + 1 : sh, n * dw : n * dw + (wo - 1) * sw + 1 : sw]
+        for m in range(kh)
+        for n in range(kw)
+    ]
+    patches = jnp.stack(taps, axis=3).reshape(*taps[0].shape[:3], kh, kw, x.shape[-1])
+    d = d if d.ndim == 5 else d[None]
+    return jnp.einsum("bijmnc,bijmn,mnco->bijo", patches, d, w, precision=HIGHEST)
+
+
+def _inputs(case: Case, seed=0):
+    ho, wo = case.out_hw
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    dt = jnp.dtype(case.dtype)
+    x = jax.random.normal(keys[0], (case.n, *case.hw, case.cin)).astype(dt)
+    w = jax.random.normal(keys[1], (case.k, case.k, case.cin, case.cout)).astype(dt)
+    d_shape = (ho, wo, case.k, case.k) if case.shared else (case.n, ho, wo, case.k, case.k)
+    d = jax.random.uniform(keys[2], d_shape, minval=-1.0, maxval=2.0).astype(dt)
+    dy = jax.random.normal(keys[3], (case.n, ho, wo, case.cout)).astype(dt)
+    return x, w, d, dy
+
+
+# On CPU the kernels run in Pallas's interpreter; on a GPU machine the same tests run them
+# compiled. Interpreter tests are compile-bound: XLA's optimisation passes only slow them down.
+INTERPRET = jax.default_backend() == "cpu"
+_FAST_COMPILE = {"xla_backend_optimization_level": 0} if INTERPRET else None
+
+
+def _jit(fn, **kwargs):
+    return jax.jit(functools.partial(fn, **kwargs), compiler_options=_FAST_COMPILE)
+
+
+def _expected(case: Case, x, w, d, dy):
+    """Oracle forward and vjp in fp32 from the same (rounded) inputs: (y, dx, dw, dd)."""
+
+    def fwd_and_vjp(x, w, d, dy):
+        y, vjp = jax.vjp(functools.partial(oracle, **case.geometry()), x, w, d)
+        return (y, *vjp(dy))
+
+    return jax.jit(fwd_and_vjp, compiler_options=_FAST_COMPILE)(
+        *(a.astype(jnp.float32) for a in (x, w, d, dy))
+    )
+
+
+def _rel_error(got, want, dtype):
+    assert got.shape == want.shape
+    assert got.dtype == jnp.dtype(dtype)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    scale = np.abs(want).max()
+    assert scale > 0
+    return np.abs(got - want).max() / scale
+
+
+def _assert_close(got, want, dtype):
+    err = _rel_error(got, want, dtype)
+    assert err <= TOL[str(jnp.dtype(dtype))], f"relative max error {err:.3g}"
+
+
+def _kwargs(case):
+    return dict(
+        **case.geometry(), precision=HIGHEST, block_sizes=case.block_sizes, interpret=INTERPRET
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_interpret_matches_oracle(case):
+    """Forward and the three backward kernels against the oracle's value and vjp."""
+    x, w, d, dy = _inputs(case)
+    kw = _kwargs(case)
+    got = {
+        "fwd": _jit(mk.modulated_conv2d_fwd, **kw)(x, w, d),
+        "grad_x": _jit(mk.modulated_conv2d_grad_x, input_size=case.hw, **kw)(dy, w, d),
+        "grad_w": _jit(mk.modulated_conv2d_grad_w, kernel_size=(case.k, case.k), **kw)(x, dy, d),
+        "grad_d": _jit(mk.modulated_conv2d_grad_d, batched=not case.shared, **kw)(x, w, dy),
+    }
+    errors = {
+        name: _rel_error(g, want, case.dtype)
+        for (name, g), want in zip(got.items(), _expected(case, x, w, d, dy), strict=True)
+    }
+    bad = {k: f"{v:.3g}" for k, v in errors.items() if not v <= TOL[case.dtype]}
+    assert not bad, f"relative max errors above {TOL[case.dtype]}: {bad}"
+
+
+ONES_CASES = [
+    Case(2, (9, 7), 3, 5, 3, stride=(2, 1), dilation=(1, 2), padding=((1, 0), (2, 1))),
+    Case(1, (10, 8), 6, 4, 5, stride=(2, 2), padding=_pad(2)),
+]
+
+
+@pytest.mark.parametrize("case", ONES_CASES, ids=lambda c: c.id)
+def test_fwd_unmodulated_matches_lax_conv(case):
+    """d == 1 must be lax.conv_general_dilated; also checks the loop oracle on the same case."""
+    x, w, _, _ = _inputs(case)
+    d = jnp.ones((case.n, *case.out_hw, case.k, case.k))
+    want = lax.conv_general_dilated(
+        x, w, case.stride, case.padding, rhs_dilation=case.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST,
+    )  # fmt: skip
+    _assert_close(_jit(oracle, **case.geometry())(x, w, d), want, case.dtype)
+    _assert_close(_jit(mk.modulated_conv2d_fwd, **_kwargs(case))(x, w, d), want, case.dtype)
+
+
+def test_vmap():
+    case = Case(2, (9, 7), 3, 5, 3, stride=(2, 1), padding=_pad(1))
+    xs, ws, ds = [], [], []
+    for seed in range(2):
+        x, w, d, _ = _inputs(case, seed)
+        xs.append(x), ws.append(w), ds.append(d)
+    x, w, d = jnp.stack(xs), jnp.stack(ws), jnp.stack(ds)
+    fwd = functools.partial(mk.modulated_conv2d_fwd, **_kwargs(case))
+    got = jax.jit(jax.vmap(fwd), compiler_options=_FAST_COMPILE)(x, w, d)
+    for i in range(2):
+        _assert_close(got[i], oracle(x[i], w[i], d[i], **case.geometry()), case.dtype)
+
+
+def test_unsupported_reason_and_errors():
+    geo = dict(stride=(1, 1), dilation=(1, 1), padding=_pad(1))
+    common = dict(x_shape=(2, 16, 16, 3), kernel_size=(3, 3), cout=5, **geo)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        assert mk.modulated_unsupported_reason(dtype=dtype, **common) is None
+    assert "float64" in mk.modulated_unsupported_reason(dtype=np.float64, **common)
+    x, w, d = (jnp.ones(s, jnp.int32) for s in ((1, 8, 8, 3), (3, 3, 3, 2), (8, 8, 3, 3)))
+    with pytest.raises(NotImplementedError, match="int32"):
+        mk.modulated_conv2d_fwd(x, w, d, **geo, interpret=INTERPRET)
+    bad = dataclasses.replace(SMALL_BLOCKS, block_m=48)
+    with pytest.raises(ValueError, match="block_m"):
+        mk.modulated_conv2d_fwd(*_inputs(CASES[0])[:3], **{**_kwargs(CASES[0]), "block_sizes": bad})
+
+
+def test_block_size_heuristic_targets_wgmma_on_large_problems():
+    for dtype in (jnp.float32, jnp.bfloat16):
+        bs = mk.modulated_block_sizes(
+            x_shape=(8, 128, 128, 64), kernel_size=(3, 3), cout=64, dtype=dtype,
+            stride=(1, 1), dilation=(1, 1), padding=_pad(1),
+        )  # fmt: skip
+        assert bs.block_m >= 64 and bs.block_m_dx >= 64 and bs.num_warps % 4 == 0
+        for f in dataclasses.fields(bs):
+            if f.name not in ("num_warps", "num_stages", "chunk_dw"):
+                v = getattr(bs, f.name)
+                assert v >= 16 and v & (v - 1) == 0, (f.name, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for CUDA (abstract H100): builds the Triton IR of every kernel configuration.
+# ---------------------------------------------------------------------------------------------
+
+LOWER_CASES = [
+    Case(2, (16, 16), 3, 5, 3, padding=_pad(1)),
+    Case(2, (17, 15), 5, 7, 3, stride=(2, 2), padding=_pad(1), dtype="bfloat16"),
+    Case(1, (16, 16), 64, 64, 3, dilation=(2, 2), padding=_pad(2), shared=True, dtype="float16"),
+    Case(1, (12, 12), 24, 40, 1, stride=(2, 1), dtype="bfloat16"),
+    Case(2, (20, 18), 17, 33, 5, stride=(2, 2), padding=((2, 1), (0, 2))),
+    Case(1, (16, 16), 96, 160, 7, padding=_pad(3), shared=True, dtype="bfloat16"),
+    Case(8, (128, 128), 64, 64, 3, padding=_pad(1), dtype="bfloat16"),
+    Case(2, (10, 9), 20, 18, 3, (1, 2), (2, 1), ((1, 0), (2, 1)), block_sizes=SMALL_BLOCKS),
+]
+
+
+def _lower_all(case, precision):
+    s = jax.ShapeDtypeStruct
+    ho, wo = case.out_hw
+    dt = jnp.dtype(case.dtype)
+    x = s((case.n, *case.hw, case.cin), dt)
+    w = s((case.k, case.k, case.cin, case.cout), dt)
+    dy = s((case.n, ho, wo, case.cout), dt)
+    d = s((ho, wo, case.k, case.k) if case.shared else (case.n, ho, wo, case.k, case.k), dt)
+    kw = dict(**case.geometry(), precision=precision, block_sizes=case.block_sizes)
+    k = (case.k, case.k)
+    return {
+        "svconv_modulated_fwd": lower_for_cuda(
+            functools.partial(mk.modulated_conv2d_fwd, **kw), x, w, d
+        ),
+        "svconv_modulated_grad_x": lower_for_cuda(
+            functools.partial(mk.modulated_conv2d_grad_x, input_size=case.hw, **kw), dy, w, d
+        ),
+        "svconv_modulated_grad_w": lower_for_cuda(
+            functools.partial(mk.modulated_conv2d_grad_w, kernel_size=k, **kw), x, dy, d
+        ),
+        "svconv_modulated_grad_d": lower_for_cuda(
+            functools.partial(mk.modulated_conv2d_grad_d, batched=not case.shared, **kw), x, w, dy
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: c.id)
+def test_lowers_for_cuda(case):
+    # fp32 lowers twice: TF32 tensor cores (the default) and exact IEEE fp32 (HIGHEST).
+    precisions = [None, HIGHEST] if case.dtype == "float32" else [None]
+    for precision in precisions:
+        lowered = _lower_all(case, precision)
+        for name, text in lowered.items():
+            assert triton_kernel_names(text) == [name]
+
+
+def test_vmap_lowers_for_cuda():
+    """vmap adds a grid axis to every kernel (6 axes for grad_w): the launch grid must fold."""
+    case = Case(2, (12, 10), 5, 6, 3, stride=(2, 1), padding=_pad(1))
+    s = jax.ShapeDtypeStruct
+    ho, wo = case.out_hw
+    x = s((3, case.n, *case.hw, case.cin), jnp.bfloat16)
+    w = s((3, case.k, case.k, case.cin, case.cout), jnp.bfloat16)
+    dy = s((3, case.n, ho, wo, case.cout), jnp.bfloat16)
+    d = s((3, case.n, ho, wo, case.k, case.k), jnp.bfloat16)
+    kw, k = case.geometry(), (case.k, case.k)
+    fns = {
+        "svconv_modulated_fwd": (functools.partial(mk.modulated_conv2d_fwd, **kw), (x, w, d)),
+        "svconv_modulated_grad_x": (
+            functools.partial(mk.modulated_conv2d_grad_x, input_size=case.hw, **kw),
+            (dy, w, d),
+        ),
+        "svconv_modulated_grad_w": (
+            functools.partial(mk.modulated_conv2d_grad_w, kernel_size=k, **kw),
+            (x, dy, d),
+        ),
+        "svconv_modulated_grad_d": (
+            functools.partial(mk.modulated_conv2d_grad_d, batched=True, **kw),
+            (x, w, dy),
+        ),
+    }
+    for name, (fn, args) in fns.items():
+        assert triton_kernel_names(lower_for_cuda(jax.vmap(fn), *args)) == [name]
