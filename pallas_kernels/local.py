@@ -1,0 +1,401 @@
+"""Locally connected 2-D convolution (a different kernel at every output pixel) as Pallas (Triton)
+kernels: forward, gradient in x, gradient in w.
+
+    y[b, i, j, o] = sum_{m, n, c} xpad[b, i*sh + m*dh, j*sw + n*dw, c] * w[i, j, m, n, c, o]
+
+x: [N, H, W, Cin], w: [Ho, Wo, kh, kw, Cin, Cout], y: [N, Ho, Wo, Cout]. The work is a tiny matmul
+per pixel whose weights are used by that pixel only, so it is bound by reading (or, for grad_w,
+writing) w once; every program owns one pixel and uses the whole batch as the dot's other side.
+
+* forward: per pixel, `x_patch [N, K] @ w[i, j] [K, Cout]` with K = (m, n, c) flattened: w[i, j] is
+  one contiguous [K, Cout] matrix, and the patch rows are gathered straight from x with index
+  arrays and masks (zero padding, strides, dilation, odd Cin are masked lanes; no padded copy).
+* grad_x: gather form. Input pixel (p, q) sums, over the taps that reach it (for stride > 1 only
+  those of its phase, an arithmetic run of taps), `dy[:, i, j] @ w[i, j, m, n]^T`. No atomics.
+* grad_w: per pixel, `x_patch^T [K, N] @ dy[:, i, j] [N, Cout]`, written once.
+
+Dots accumulate in float32; `precision` is passed to them (DEFAULT/HIGH: TF32 for float32 inputs).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels._common import compiler_params, next_pow2
+from pallas_kernels.pixel import (
+    SUPPORTED_DTYPES,
+    ConvGeometry,
+    contributing_taps,
+    exact_div,
+    out_size,
+)
+
+# ------------------------------------------------------------------------------------------------
+# Tiling config
+# ------------------------------------------------------------------------------------------------
+
+_DOT_MIN = 16  # Triton's smallest dot dimension
+_W_TILE_ELEMENTS = 8192  # w tile per pipeline stage: 16 KiB bf16 / 32 KiB fp32 of shared memory
+# w is streamed (each element used by one program): keep it from evicting x and dy, which
+# neighbouring pixels read again.
+_STREAMED, _REUSED = "evict_first", "evict_last"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBlockSizes:
+    """Work of one program (all powers of 2, >= 16 since each is a dot dimension).
+
+    Attributes:
+      block_batch: images per program (forward: dot M; grad_w: dot K; grad_x: dot M).
+      block_k: forward / grad_w: flattened (m, n, cin) rows of w per step.
+      block_in: grad_x: input channels per program.
+      block_out: output channels per program (forward) or per step (grad_x, grad_w).
+      num_warps, num_stages: Triton launch settings.
+    """
+
+    block_batch: int
+    block_k: int
+    block_in: int
+    block_out: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_batch", "block_k", "block_in", "block_out"):
+            value = getattr(self, name)
+            if value < _DOT_MIN or value & (value - 1):
+                raise ValueError(
+                    f"LocalBlockSizes.{name} must be a power of 2 >= {_DOT_MIN}, got {value}"
+                )
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"LocalBlockSizes.num_warps must be a power of 2: {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"LocalBlockSizes.num_stages must be >= 1, got {self.num_stages}")
+
+
+def local_block_sizes(
+    *, batch: int, cin: int, cout: int, kernel_size: tuple[int, int], dtype
+) -> LocalBlockSizes:
+    """Tiles for the three local-conv kernels on an H100 (memory-bound on w)."""
+
+    def fit(n: int, cap: int) -> int:
+        return min(max(next_pow2(n), _DOT_MIN), cap)
+
+    # The whole batch in one program reads each w tile once; beyond 64 images the batch is split
+    # over neighbouring programs (grid axis 0), which read the same w tile together from L2.
+    block_batch = fit(batch, 64)
+    # All output channels in one program: w[i, j] rows are Cout wide, so a [K, Cout] tile is one
+    # contiguous chunk and the forward reads w exactly once.
+    block_out = fit(cout, 128)
+    # Rows of w per step (forward, grad_w: flattened taps; grad_x: input channels): as many as
+    # keep a stage's w tile within _W_TILE_ELEMENTS; with three stages the loads of two steps
+    # are in flight while one is multiplied.
+    rows = max(_W_TILE_ELEMENTS // block_out, _DOT_MIN)
+    block_k = fit(kernel_size[0] * kernel_size[1] * cin, rows)
+    block_in = fit(cin, rows)
+    del dtype  # Same tiles for every dtype: the dot is never the bottleneck here.
+    return LocalBlockSizes(block_batch, block_k, block_in, block_out, num_warps=4, num_stages=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel bodies
+# ------------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, precision, contract=((1,), (0,))):
+    return lax.dot_general(
+        a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def _patch(x_ref, i, j, kk, g: ConvGeometry):
+    """Input rows, columns, channels and in-bounds mask of flattened taps kk = (m, n, c)."""
+    _, h, w, cin = x_ref.shape
+    m = lax.div(kk, g.kw * cin)
+    n = lax.rem(lax.div(kk, cin), g.kw)
+    r = i * g.sh + m * g.dh - g.pt
+    q = j * g.sw + n * g.dw - g.pl
+    ok = (kk < g.kh * g.kw * cin) & (r >= 0) & (r < h) & (q >= 0) & (q < w)
+    return r, q, lax.rem(kk, cin), ok
+
+
+def _fwd_kernel(x_ref, w_ref, y_ref, *, g: ConvGeometry, bs: LocalBlockSizes, precision):
+    n_img = x_ref.shape[0]
+    _, wo, k_total, cout = w_ref.shape
+    i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
+    imgs = pl.program_id(0) * bs.block_batch + jnp.arange(bs.block_batch)[:, None]  # [B, 1]
+    outs = pl.program_id(1) * bs.block_out + jnp.arange(bs.block_out)[None, :]  # [1, O]
+
+    def step(kb, acc):
+        kk = kb * bs.block_k + jnp.arange(bs.block_k)
+        r, q, c, ok = _patch(x_ref, i, j, kk[None, :], g)
+        xt = plt.load(
+            x_ref.at[imgs, r, q, c], mask=ok & (imgs < n_img), other=0.0, eviction_policy=_REUSED
+        )
+        wmask = (kk[:, None] < k_total) & (outs < cout)
+        wt = plt.load(
+            w_ref.at[i, j, kk[:, None], outs], mask=wmask, other=0.0, eviction_policy=_STREAMED
+        )
+        return acc + _dot(xt, wt, precision)
+
+    acc = jnp.zeros((bs.block_batch, bs.block_out), jnp.float32)
+    acc = lax.fori_loop(0, pl.cdiv(k_total, bs.block_k), step, acc)
+    ok = (imgs < n_img) & (outs < cout)
+    plt.store(y_ref.at[imgs, i, j, outs], acc.astype(y_ref.dtype), mask=ok)
+
+
+def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: ConvGeometry, bs: LocalBlockSizes, precision):
+    n_img, ho, wo, cout = dy_ref.shape
+    _, h, w, cin = dx_ref.shape
+    p, q = lax.div(pl.program_id(2), w), lax.rem(pl.program_id(2), w)
+    imgs = pl.program_id(0) * bs.block_batch + jnp.arange(bs.block_batch)[:, None]  # [B, 1]
+    chans = pl.program_id(1) * bs.block_in + jnp.arange(bs.block_in)[:, None]  # [C, 1]
+    # Only the taps of this pixel's stride phase reach it, each from one source pixel (i, j).
+    m0, m_count, m_step = contributing_taps(lax.rem(p + g.pt, g.sh), g.kh, g.sh, g.dh)
+    n0, n_count, n_step = contributing_taps(lax.rem(q + g.pl, g.sw), g.kw, g.sw, g.dw)
+
+    def tap(m, n, acc):
+        i = exact_div(p + g.pt - m * g.dh, g.sh, -(g.kh - 1) * g.dh)
+        j = exact_div(q + g.pl - n * g.dw, g.sw, -(g.kw - 1) * g.dw)
+        src_ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
+
+        def out_block(ob, acc):
+            outs = ob * bs.block_out + jnp.arange(bs.block_out)[None, :]  # [1, O]
+            dyt = plt.load(
+                dy_ref.at[imgs, i, j, outs],
+                mask=src_ok & (imgs < n_img) & (outs < cout),
+                other=0.0,
+                eviction_policy=_REUSED,
+            )
+            wt = plt.load(
+                w_ref.at[i, j, m, n, chans, outs],
+                mask=src_ok & (chans < cin) & (outs < cout),
+                other=0.0,
+                eviction_policy=_STREAMED,
+            )
+            return acc + _dot(dyt, wt, precision, contract=((1,), (1,)))
+
+        return lax.fori_loop(0, pl.cdiv(cout, bs.block_out), out_block, acc)
+
+    def row(u, acc):
+        m = m0 + u * m_step
+        return lax.fori_loop(0, n_count, lambda t, a: tap(m, n0 + t * n_step, a), acc)
+
+    acc = jnp.zeros((bs.block_batch, bs.block_in), jnp.float32)
+    acc = lax.fori_loop(0, m_count, row, acc)
+    chans_row = chans.T  # [1, C]
+    ok = (imgs < n_img) & (chans_row < cin)
+    plt.store(dx_ref.at[imgs, p, q, chans_row], acc.astype(dx_ref.dtype), mask=ok)
+
+
+def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: ConvGeometry, bs: LocalBlockSizes, precision):
+    n_img, _, wo, cout = dy_ref.shape
+    k_total = dw_ref.shape[2]
+    i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
+    kk = pl.program_id(0) * bs.block_k + jnp.arange(bs.block_k)[:, None]  # [K, 1]
+    outs = pl.program_id(1) * bs.block_out + jnp.arange(bs.block_out)[None, :]  # [1, O]
+    r, q, c, ok = _patch(x_ref, i, j, kk, g)
+
+    def batch_block(bb, acc):
+        imgs = bb * bs.block_batch + jnp.arange(bs.block_batch)
+        xt = plt.load(
+            x_ref.at[imgs[None, :], r, q, c],
+            mask=ok & (imgs < n_img),
+            other=0.0,
+            eviction_policy=_REUSED,
+        )
+        dmask = (imgs[:, None] < n_img) & (outs < cout)
+        dyt = plt.load(
+            dy_ref.at[imgs[:, None], i, j, outs], mask=dmask, other=0.0, eviction_policy=_REUSED
+        )
+        return acc + _dot(xt, dyt, precision)
+
+    acc = jnp.zeros((bs.block_k, bs.block_out), jnp.float32)
+    acc = lax.fori_loop(0, pl.cdiv(n_img, bs.block_batch), batch_block, acc)
+    ok = (kk < k_total) & (outs < cout)
+    plt.store(dw_ref.at[i, j, kk, outs], acc.astype(dw_ref.dtype), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call wrappers
+# ------------------------------------------------------------------------------------------------
+
+
+def local_unsupported_reason(
+    *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
+) -> str | None:
+    """None when the local-conv kernels handle this case, else why not (one line)."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
+    if len(x_shape) != 4:
+        return f"x must be [N, H, W, Cin], got shape {tuple(x_shape)}"
+    if min(*kernel_size, *stride, *dilation, cout) < 1 or min(*padding[0], *padding[1]) < 0:
+        return (
+            f"kernel_size {kernel_size}, stride {stride}, dilation {dilation}, cout {cout} must "
+            f"be >= 1 and padding {padding} >= 0"
+        )
+    ho, wo = (
+        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
+        for a in range(2)
+    )
+    if ho < 1 or wo < 1:
+        return f"empty output ({ho}x{wo}) for x of shape {tuple(x_shape)}"
+    return None
+
+
+def _check(x_shape, kernel_size, cout, dtype, stride, dilation, padding, **grids) -> ConvGeometry:
+    """Raises NotImplementedError for unsupported cases, ValueError when an array in `grids`
+    (name -> its (Ho, Wo)) does not sit on x's output grid; returns the geometry."""
+    reason = local_unsupported_reason(
+        x_shape=x_shape,
+        kernel_size=kernel_size,
+        cout=cout,
+        dtype=dtype,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+    )
+    if reason is not None:
+        raise NotImplementedError(reason)
+    expected = tuple(
+        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
+        for a in range(2)
+    )
+    for name, got in grids.items():
+        if tuple(got) != expected:
+            raise ValueError(
+                f"{name} has an output grid {tuple(got)}, expected (Ho, Wo) = {expected} for an "
+                f"input of shape {tuple(x_shape)} (kernel {kernel_size}, stride {stride}, "
+                f"dilation {dilation}, padding {padding})"
+            )
+    return ConvGeometry(*kernel_size, *stride, *dilation, padding[0][0], padding[1][0])
+
+
+_ANY = pl.BlockSpec(memory_space=pl.ANY)
+
+
+def local_conv2d_fwd(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    precision: lax.Precision | None = None,
+    block_sizes: LocalBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Locally connected convolution (a different kernel at every output pixel).
+
+    x: [N, H, W, Cin], w: [Ho, Wo, kh, kw, Cin, Cout] -> [N, Ho, Wo, Cout].
+    """
+    n, _, _, cin = x.shape
+    ho, wo, kh, kw, _, cout = w.shape
+    g = _check(x.shape, (kh, kw), cout, x.dtype, stride, dilation, padding, w=(ho, wo))
+    bs = block_sizes or local_block_sizes(
+        batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=x.dtype
+    )
+    grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cout, bs.block_out), ho * wo)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, g=g, bs=bs, precision=precision),
+        out_shape=jax.ShapeDtypeStruct((n, ho, wo, cout), x.dtype),
+        grid=grid,
+        in_specs=[_ANY, _ANY],
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="svconv_local_fwd",
+    )(x, w.reshape(ho, wo, kh * kw * cin, cout))
+
+
+def local_conv2d_grad_x(
+    dy: jax.Array,
+    w: jax.Array,
+    *,
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    precision: lax.Precision | None = None,
+    block_sizes: LocalBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Transpose of `local_conv2d_fwd` in x (its gradient with respect to x), in gather form.
+
+    dy: [N, Ho, Wo, Cout], w: [Ho, Wo, kh, kw, Cin, Cout] -> [N, H, W, Cin], (H, W) = input_size.
+    """
+    n = dy.shape[0]
+    ho, wo, kh, kw, cin, cout = w.shape
+    h, w_in = input_size
+    g = _check(
+        (n, h, w_in, cin),
+        (kh, kw),
+        cout,
+        dy.dtype,
+        stride,
+        dilation,
+        padding,
+        w=(ho, wo),
+        dy=dy.shape[1:3],
+    )
+    if dy.shape[3] != cout:
+        raise ValueError(f"dy of shape {dy.shape} does not have Cout = {cout} channels (w)")
+    bs = block_sizes or local_block_sizes(
+        batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=dy.dtype
+    )
+    grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cin, bs.block_in), h * w_in)
+    return pl.pallas_call(
+        functools.partial(_grad_x_kernel, g=g, bs=bs, precision=precision),
+        out_shape=jax.ShapeDtypeStruct((n, h, w_in, cin), dy.dtype),
+        grid=grid,
+        in_specs=[_ANY, _ANY],
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="svconv_local_grad_x",
+    )(dy, w)
+
+
+def local_conv2d_grad_w(
+    x: jax.Array,
+    dy: jax.Array,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    precision: lax.Precision | None = None,
+    block_sizes: LocalBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Transpose of `local_conv2d_fwd` in w (its gradient with respect to w).
+
+    x: [N, H, W, Cin], dy: [N, Ho, Wo, Cout] -> [Ho, Wo, kh, kw, Cin, Cout].
+    """
+    n, _, _, cin = x.shape
+    _, ho, wo, cout = dy.shape
+    kh, kw = kernel_size
+    g = _check(x.shape, kernel_size, cout, x.dtype, stride, dilation, padding, dy=(ho, wo))
+    if dy.shape[0] != n:
+        raise ValueError(f"dy of shape {dy.shape} and x of shape {x.shape} differ in N")
+    bs = block_sizes or local_block_sizes(
+        batch=n, cin=cin, cout=cout, kernel_size=kernel_size, dtype=x.dtype
+    )
+    k_total = kh * kw * cin
+    grid = (pl.cdiv(k_total, bs.block_k), pl.cdiv(cout, bs.block_out), ho * wo)
+    dw = pl.pallas_call(
+        functools.partial(_grad_w_kernel, g=g, bs=bs, precision=precision),
+        out_shape=jax.ShapeDtypeStruct((ho, wo, k_total, cout), x.dtype),
+        grid=grid,
+        in_specs=[_ANY, _ANY],
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="svconv_local_grad_w",
+    )(x, dy)
+    return dw.reshape(ho, wo, kh, kw, cin, cout)

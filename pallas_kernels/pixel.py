@@ -1,0 +1,467 @@
+"""Per-pixel filter kernels (Pallas, Triton backend): gather, its transpose in x, its gradient in k.
+
+Shapes (NHWC): x, v: [N, H, W, C]; k: [N, Ho, Wo, kh, kw, G], channel c in group c // (C // G).
+
+* `pixel_gather(x, k)[b, i, j, c] =
+  sum_{m,n} xpad[b, i*sh + m*dh, j*sw + n*dw, c] * k[b, i, j, m, n, g(c)]`
+* `pixel_scatter(v, k)`: its transpose in x (each source pixel spreads its own filter).
+* `pixel_correlate(x, v)`: its transpose in k (the gradient with respect to k).
+
+Every program owns a tile of output pixels and a block of channels, held as a
+[pixels, groups, channels-of-a-group] array: a per-(pixel, group) filter value then broadcasts over
+the last axis, and the group reduction of `correlate` is a reduction over it. Refs are whole arrays
+addressed with integer index arrays and masks, so zero padding, strides, dilation, ragged tiles and
+odd channel counts are all masked lanes: no padded copy of any input is ever made, and no
+kh*kw-times patch tensor exists.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels._common import compiler_params, next_pow2
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# ------------------------------------------------------------------------------------------------
+# Tiling config
+# ------------------------------------------------------------------------------------------------
+
+_NUM_SMS = 132  # H100 SXM
+_LANE_BYTES = 256  # contiguous bytes of one pixel's channels loaded per program
+_TILE_ELEMENTS = 4096  # fp32 accumulator elements per program
+# The haloed input tiles are read again by every tap and by the neighbouring tiles: ask the cache
+# to keep them. The filters k are read once per tap from lines the next taps share: default.
+_REUSED = "evict_last"
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelBlockSizes:
+    """Work of one program.
+
+    Attributes:
+      block_h, block_w: output pixels per program (for `pixel_scatter`: pixels of one stride phase).
+      block_groups: groups per program.
+      block_channels: channels of one group per program (a group wider than this is split).
+      num_warps, num_stages: Triton launch settings.
+    """
+
+    block_h: int
+    block_w: int
+    block_groups: int
+    block_channels: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_h", "block_w", "block_groups", "block_channels", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"PixelBlockSizes.{name} must be a power of 2, got {value}")
+        if self.num_stages < 1:
+            raise ValueError(f"PixelBlockSizes.num_stages must be >= 1, got {self.num_stages}")
+
+
+def pixel_block_sizes(
+    op: str, *, channels: int, groups: int, out_hw: tuple[int, int], batch: int, dtype
+) -> PixelBlockSizes:
+    """Tiles for `op` in ("gather", "scatter", "correlate") on an H100.
+
+    `out_hw` is the grid of pixels the programs tile (for scatter: one stride phase of the
+    output) and `batch` the number of such grids (for scatter: N * sh * sw).
+    """
+    if op not in ("gather", "scatter", "correlate"):
+        raise ValueError(f"op must be 'gather', 'scatter' or 'correlate', got {op!r}")
+    cpg = channels // groups
+    # The kernels are memory-bound: a group's channels are contiguous in memory, so they get the
+    # lanes first (one wide vector load per pixel), whole groups next.
+    lanes = _LANE_BYTES // jnp.dtype(dtype).itemsize
+    block_channels = min(next_pow2(cpg), lanes)
+    block_groups = min(next_pow2(groups), max(lanes // block_channels, 1))
+    channel_programs = pl.cdiv(groups, block_groups) * pl.cdiv(cpg, block_channels)
+    # correlate keeps every channel block of its groups live (the v tiles); the others one.
+    live = block_groups * block_channels
+    if op == "correlate":
+        live *= pl.cdiv(cpg, block_channels)
+        channel_programs = pl.cdiv(groups, block_groups)
+    # 4096 fp32 accumulator elements is 32 registers a thread at 4 warps, leaving room for the
+    # input tiles of the next tap in flight.
+    pixels = max(_TILE_ELEMENTS // live, 1)
+    h, w = out_hw
+    # Pixels beyond the image are masked lanes: don't make tiles much larger than the image.
+    pixels = min(pixels, next_pow2(h) * next_pow2(w))
+    # At least two programs per SM so that one program's loads overlap another's arithmetic;
+    # below 16 pixels a tile's halo (re-read for every tap) costs more than the idle SMs.
+    while pixels > 16 and batch * pl.cdiv(h * w, pixels) * channel_programs < 2 * _NUM_SMS:
+        pixels //= 2
+    # Square tiles re-read the least halo per tap; the wider side goes along W, where a tile row
+    # is one contiguous run of block_w * C elements.
+    block_w = min(next_pow2(w), next_pow2(math.isqrt(pixels - 1) + 1))
+    block_w = max(block_w, pixels // next_pow2(h))
+    block_h = pixels // block_w
+    # The tap loop has independent loads every iteration: double buffering hides their latency.
+    return PixelBlockSizes(
+        block_h, block_w, block_groups, block_channels, num_warps=4, num_stages=2
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry helpers (also used by local.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def out_size(size: int, k: int, stride: int, dilation: int, pad: tuple[int, int]) -> int:
+    """Output length of a convolution along one axis (lax.conv_general_dilated's)."""
+    return (size + pad[0] + pad[1] - (k - 1) * dilation - 1) // stride + 1
+
+
+def contributing_taps(residue, k: int, stride: int, dilation: int):
+    """Taps t with `t * dilation = residue (mod stride)`, as (first, count, step): the taps of a
+    strided convolution that reach an output position of the given phase. `residue` is a traced
+    int32 in [0, stride); first >= k (and count 0) when no tap does."""
+    step = stride // math.gcd(stride, dilation)
+    first = jnp.int32(k)
+    # Solutions repeat every `step` taps, so the first one (if any) is below `step`.
+    for cand in reversed(range(min(k, step))):
+        hit = lax.rem(cand * dilation - residue + stride, stride) == 0
+        first = jnp.where(hit, cand, first)
+    count = lax.div(k - 1 - first + step, step)
+    return first, count, step
+
+
+def exact_div(num, stride: int, low: int):
+    """`num // stride` for traced int32 `num >= low` known to be a multiple of `stride`."""
+    bias = stride * pl.cdiv(max(-low, 0), stride)
+    return lax.div(num + bias, stride) - bias // stride
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Static geometry: kernel, stride, dilation, and the top/left zero padding."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pt: int
+    pl: int
+
+
+def _tile_pixels(ti, tj, bs: PixelBlockSizes):
+    """Row and column of every pixel of tile (ti, tj), each [P, 1]."""
+    p = jnp.arange(bs.block_h * bs.block_w)[:, None]
+    return ti * bs.block_h + lax.div(p, bs.block_w), tj * bs.block_w + lax.rem(p, bs.block_w)
+
+
+def _block_channels(gb, sb, cpg: int, groups: int, bs: PixelBlockSizes):
+    """Groups [1, TG, 1] and channels [1, TG, TS] of channel block (gb, sb), and which are real."""
+    grp = gb * bs.block_groups + jnp.arange(bs.block_groups)[None, :, None]
+    sub = sb * bs.block_channels + jnp.arange(bs.block_channels)[None, None, :]
+    return grp, grp * cpg + sub, (grp < groups) & (sub < cpg)
+
+
+def _inside(r, c, h: int, w: int):
+    return (r >= 0) & (r < h) & (c >= 0) & (c < w)
+
+
+def _split(pid, inner: int):
+    return lax.div(pid, inner), lax.rem(pid, inner)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel bodies
+# ------------------------------------------------------------------------------------------------
+
+
+def _gather_kernel(
+    x_ref, k_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSizes, n_sub: int, n_th: int
+):
+    _, h, w, c = x_ref.shape
+    _, ho, wo, _, _, groups = k_ref.shape
+    gb, sb = _split(pl.program_id(0), n_sub)
+    b, ti = _split(pl.program_id(2), n_th)
+    rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
+    rows, cols = rows[..., None], cols[..., None]  # [P, 1, 1]
+    grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
+    pix_ok = (rows < ho) & (cols < wo)
+    k_ok = pix_ok & (grp < groups)
+
+    def tap(m, n, acc):
+        r = rows * g.sh + m * g.dh - g.pt
+        q = cols * g.sw + n * g.dw - g.pl
+        xt = plt.load(
+            x_ref.at[b, r, q, chan],
+            mask=_inside(r, q, h, w) & chan_ok,
+            other=0.0,
+            eviction_policy=_REUSED,
+        )
+        kt = plt.load(k_ref.at[b, rows, cols, m, n, grp], mask=k_ok, other=0.0)
+        return acc + xt.astype(jnp.float32) * kt.astype(jnp.float32)
+
+    acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
+    acc = lax.fori_loop(
+        0, g.kh, lambda m, a: lax.fori_loop(0, g.kw, functools.partial(tap, m), a), acc
+    )
+    plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=pix_ok & chan_ok)
+
+
+def _scatter_kernel(
+    v_ref, k_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
+):
+    _, ho, wo, c = v_ref.shape
+    _, h, w, _ = o_ref.shape
+    groups = k_ref.shape[-1]
+    gb, sb = _split(pl.program_id(0), n_sub)
+    phw, tj = _split(pl.program_id(1), n_tw)
+    b, rest = _split(pl.program_id(2), g.sh * n_th)
+    phh, ti = _split(rest, n_th)
+    # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
+    # of that phase reach them, each from source pixel (R + const, Q + const).
+    big_r, big_q = _tile_pixels(ti, tj, bs)
+    big_r, big_q = big_r[..., None], big_q[..., None]
+    rows, cols = big_r * g.sh + phh, big_q * g.sw + phw
+    grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
+    m0, m_count, m_step = contributing_taps(lax.rem(phh + g.pt, g.sh), g.kh, g.sh, g.dh)
+    n0, n_count, n_step = contributing_taps(lax.rem(phw + g.pl, g.sw), g.kw, g.sw, g.dw)
+
+    def tap(m, n, acc):
+        i = big_r + exact_div(phh + g.pt - m * g.dh, g.sh, -(g.kh - 1) * g.dh)
+        j = big_q + exact_div(phw + g.pl - n * g.dw, g.sw, -(g.kw - 1) * g.dw)
+        ok = _inside(i, j, ho, wo)
+        vt = plt.load(
+            v_ref.at[b, i, j, chan], mask=ok & chan_ok, other=0.0, eviction_policy=_REUSED
+        )
+        kt = plt.load(k_ref.at[b, i, j, m, n, grp], mask=ok & (grp < groups), other=0.0)
+        return acc + vt.astype(jnp.float32) * kt.astype(jnp.float32)
+
+    def row(u, acc):
+        m = m0 + u * m_step
+        return lax.fori_loop(0, n_count, lambda t, a: tap(m, n0 + t * n_step, a), acc)
+
+    acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
+    acc = lax.fori_loop(0, m_count, row, acc)
+    ok = (rows < h) & (cols < w) & chan_ok
+    plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=ok)
+
+
+def _correlate_kernel(x_ref, v_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSizes, n_th: int):
+    _, h, w, c = x_ref.shape
+    _, ho, wo, _, _, groups = o_ref.shape
+    cpg = c // groups
+    gb = pl.program_id(0)
+    b, ti = _split(pl.program_id(2), n_th)
+    rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
+    rows3, cols3 = rows[..., None], cols[..., None]
+    pix_ok = (rows3 < ho) & (cols3 < wo)
+    blocks = [
+        _block_channels(gb, sb, cpg, groups, bs) for sb in range(pl.cdiv(cpg, bs.block_channels))
+    ]
+    # v is the same for every tap: read it once.
+    vts = [
+        plt.load(v_ref.at[b, rows3, cols3, chan], mask=pix_ok & ok, other=0.0).astype(jnp.float32)
+        for _, chan, ok in blocks
+    ]
+    grp = blocks[0][0][..., 0]  # [1, TG]
+    out_ok = (rows < ho) & (cols < wo) & (grp < groups)
+
+    def tap(m, n, carry):
+        r = rows3 * g.sh + m * g.dh - g.pt
+        q = cols3 * g.sw + n * g.dw - g.pl
+        acc = jnp.zeros((rows.shape[0], bs.block_groups), jnp.float32)
+        for (_, chan, ok), vt in zip(blocks, vts, strict=True):
+            xt = plt.load(
+                x_ref.at[b, r, q, chan],
+                mask=_inside(r, q, h, w) & ok,
+                other=0.0,
+                eviction_policy=_REUSED,
+            )
+            acc += jnp.sum(xt.astype(jnp.float32) * vt, axis=2)
+        plt.store(o_ref.at[b, rows, cols, m, n, grp], acc.astype(o_ref.dtype), mask=out_ok)
+        return carry
+
+    lax.fori_loop(0, g.kh, lambda m, _: lax.fori_loop(0, g.kw, functools.partial(tap, m), 0), 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call wrappers
+# ------------------------------------------------------------------------------------------------
+
+
+def pixel_unsupported_reason(
+    *, x_shape, kernel_size, groups, dtype, stride, dilation, padding
+) -> str | None:
+    """None when the pixel kernels handle this case, else why not (one line)."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
+    if len(x_shape) != 4:
+        return f"x must be [N, H, W, C], got shape {tuple(x_shape)}"
+    if groups < 1 or x_shape[3] % groups:
+        return f"channels ({x_shape[3]}) must be a multiple of groups ({groups})"
+    if min(*kernel_size, *stride, *dilation) < 1 or min(*padding[0], *padding[1]) < 0:
+        return (
+            f"kernel_size {kernel_size}, stride {stride}, dilation {dilation} must be >= 1 and "
+            f"padding {padding} >= 0"
+        )
+    ho, wo = (
+        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
+        for a in range(2)
+    )
+    if ho < 1 or wo < 1:
+        return f"empty output ({ho}x{wo}) for x of shape {tuple(x_shape)}"
+    return None
+
+
+def _check(x_shape, kernel_size, groups, dtype, stride, dilation, padding, name, pixel_shape):
+    """Raises NotImplementedError for unsupported cases, ValueError when `name` (an array on the
+    output grid, of shape `pixel_shape`) does not match x's [N, Ho, Wo]; returns the geometry."""
+    reason = pixel_unsupported_reason(
+        x_shape=x_shape,
+        kernel_size=kernel_size,
+        groups=groups,
+        dtype=dtype,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+    )
+    if reason is not None:
+        raise NotImplementedError(reason)
+    out_hw = (
+        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
+        for a in range(2)
+    )
+    expected = (x_shape[0], *out_hw)
+    if tuple(pixel_shape[:3]) != expected:
+        raise ValueError(
+            f"{name} of shape {tuple(pixel_shape)} does not match [N, Ho, Wo] = {expected} of an "
+            f"input of shape {tuple(x_shape)} (kernel {kernel_size}, stride {stride}, dilation "
+            f"{dilation}, padding {padding})"
+        )
+    return ConvGeometry(*kernel_size, *stride, *dilation, padding[0][0], padding[1][0])
+
+
+_ANY = pl.BlockSpec(memory_space=pl.ANY)
+
+
+def pixel_gather(
+    x: jax.Array,
+    k: jax.Array,
+    *,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    block_sizes: PixelBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Per-pixel filter.
+
+    x: [N, H, W, C], k: [N, Ho, Wo, kh, kw, G] -> [N, Ho, Wo, C]; channel c uses group
+    c // (C // G). `padding` is ((top, bottom), (left, right)).
+    """
+    n, _, _, c = x.shape
+    _, ho, wo, kh, kw, groups = k.shape
+    g = _check(x.shape, (kh, kw), groups, x.dtype, stride, dilation, padding, "k", k.shape)
+    bs = block_sizes or pixel_block_sizes(
+        "gather", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
+    )
+    n_sub = pl.cdiv(c // groups, bs.block_channels)
+    n_th = pl.cdiv(ho, bs.block_h)
+    grid = (pl.cdiv(groups, bs.block_groups) * n_sub, pl.cdiv(wo, bs.block_w), n * n_th)
+    return pl.pallas_call(
+        functools.partial(_gather_kernel, g=g, bs=bs, n_sub=n_sub, n_th=n_th),
+        out_shape=jax.ShapeDtypeStruct((n, ho, wo, c), x.dtype),
+        grid=grid,
+        in_specs=[_ANY, _ANY],
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="svconv_pixel_gather",
+    )(x, k)
+
+
+def pixel_scatter(
+    v: jax.Array,
+    k: jax.Array,
+    *,
+    input_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    block_sizes: PixelBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Transpose of `pixel_gather` in x: each source pixel spreads its own filter.
+
+    v: [N, Ho, Wo, C], k: [N, Ho, Wo, kh, kw, G] -> [N, H, W, C] with (H, W) = input_size.
+
+    Computed in gather form (each output pixel sums the source pixels that reach it), one program
+    per stride phase of the output, so no atomics and no wasted taps.
+    """
+    n, ho, wo, c = v.shape
+    *_, kh, kw, groups = k.shape
+    h, w = input_size
+    g = _check((n, h, w, c), (kh, kw), groups, v.dtype, stride, dilation, padding, "v", v.shape)
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k of shape {k.shape} and v of shape {v.shape} differ in [N, Ho, Wo]")
+    hq, wq = pl.cdiv(h, g.sh), pl.cdiv(w, g.sw)
+    bs = block_sizes or pixel_block_sizes(
+        "scatter", channels=c, groups=groups, out_hw=(hq, wq), batch=n * g.sh * g.sw, dtype=v.dtype
+    )
+    n_sub = pl.cdiv(c // groups, bs.block_channels)
+    n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
+    grid = (pl.cdiv(groups, bs.block_groups) * n_sub, g.sw * n_tw, n * g.sh * n_th)
+    return pl.pallas_call(
+        functools.partial(_scatter_kernel, g=g, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw),
+        out_shape=jax.ShapeDtypeStruct((n, h, w, c), v.dtype),
+        grid=grid,
+        in_specs=[_ANY, _ANY],
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="svconv_pixel_scatter",
+    )(v, k)
+
+
+def pixel_correlate(
+    x: jax.Array,
+    v: jax.Array,
+    *,
+    kernel_size: tuple[int, int],
+    groups: int,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    block_sizes: PixelBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Transpose of `pixel_gather` in k (its gradient with respect to k).
+
+    x: [N, H, W, C], v: [N, Ho, Wo, C] -> [N, Ho, Wo, kh, kw, G]; a program owns a pixel tile and
+    whole groups, and sums each group's channels in registers.
+    """
+    n, _, _, c = x.shape
+    _, ho, wo, _ = v.shape
+    kh, kw = kernel_size
+    g = _check(x.shape, kernel_size, groups, x.dtype, stride, dilation, padding, "v", v.shape)
+    bs = block_sizes or pixel_block_sizes(
+        "correlate", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
+    )
+    n_th = pl.cdiv(ho, bs.block_h)
+    grid = (pl.cdiv(groups, bs.block_groups), pl.cdiv(wo, bs.block_w), n * n_th)
+    return pl.pallas_call(
+        functools.partial(_correlate_kernel, g=g, bs=bs, n_th=n_th),
+        out_shape=jax.ShapeDtypeStruct((n, ho, wo, kh, kw, groups), x.dtype),
+        grid=grid,
+        in_specs=[_ANY, _ANY],
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="svconv_pixel_correlate",
+    )(x, v)

@@ -1,0 +1,221 @@
+"""Pixel-filter Pallas kernels: interpreter vs an independent oracle, and lowering for CUDA."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.pixel import (
+    PixelBlockSizes,
+    pixel_correlate,
+    pixel_gather,
+    pixel_scatter,
+    pixel_unsupported_reason,
+)
+from tests.conftest import assert_close
+from tests.lowering import lower_for_cuda, triton_kernel_names
+
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+# Max error relative to the largest reference value (output rounding dominates in 16 bits).
+TOL = {F32: 2e-5, BF16: 8e-3, F16: 2e-3}
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pads(p):
+    if isinstance(p, int):
+        return ((p, p), (p, p))
+    return tuple(_pair(a) for a in p)
+
+
+class Case:
+    def __init__(self, n, h, w, c, g, k, s=1, d=1, p=0, dtype=F32, bs=None):
+        self.n, self.h, self.w, self.c, self.g = n, h, w, c, g
+        self.k, self.s, self.d, self.p = _pair(k), _pair(s), _pair(d), _pads(p)
+        self.dtype, self.bs = dtype, bs
+        self.out = tuple(
+            (size + lo + hi - (kk - 1) * dd - 1) // ss + 1
+            for size, kk, ss, dd, (lo, hi) in zip(
+                (h, w), self.k, self.s, self.d, self.p, strict=True
+            )
+        )
+
+    @property
+    def geo(self):
+        return dict(stride=self.s, dilation=self.d, padding=self.p)
+
+    def __repr__(self):
+        def fmt(v):
+            return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
+
+        pads = self.p[0] + self.p[1]
+        p = str(pads[0]) if len(set(pads)) == 1 else "".join(map(str, pads))
+        tiles = "-tiled" if self.bs else ""
+        return (
+            f"N{self.n}-H{self.h}W{self.w}-C{self.c}-G{self.g}-k{fmt(self.k)}-s{fmt(self.s)}"
+            f"-d{fmt(self.d)}-p{p}-{jnp.dtype(self.dtype).name}{tiles}"
+        )
+
+
+CASES = [
+    Case(2, 9, 7, 6, 3, 5, s=2, p=2),
+    Case(1, 8, 8, 3, 1, 1),
+    Case(2, 10, 9, 5, 1, 3, d=2, p=((2, 1), (0, 2))),
+    Case(1, 11, 10, 4, 4, 7, s=(2, 1), p=((3, 2), (1, 4))),
+    Case(1, 12, 12, 3, 1, 15, p=7),
+    Case(1, 9, 9, 9, 3, 3, s=3, d=2, p=1),
+    Case(2, 9, 8, 6, 2, 3, s=2, d=2, p=((1, 0), (2, 1)), dtype=BF16),
+    Case(1, 8, 9, 5, 5, 5, p=((0, 3), (2, 2)), dtype=F16),
+    Case(1, 10, 8, 8, 1, 7, p=3, dtype=BF16),
+    # Several channel sub-blocks per group, several group blocks, ragged pixel tiles.
+    Case(2, 10, 7, 12, 2, 3, s=(1, 2), d=(2, 1), p=1, bs=PixelBlockSizes(2, 4, 1, 4)),
+    Case(1, 9, 11, 6, 3, 5, s=2, p=((2, 0), (1, 3)), dtype=F16, bs=PixelBlockSizes(4, 2, 2, 2)),
+]
+
+
+def _oracle_gather(x, k, case):
+    """XLA's patch extraction and an einsum, in float32 (a test may build patches)."""
+    n, _, _, c = x.shape
+    ho, wo = case.out
+    patches = jax.lax.conv_general_dilated_patches(
+        x,
+        case.k,
+        case.s,
+        case.p,
+        rhs_dilation=case.d,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # [N, Ho, Wo, C * kh * kw], channel-major
+    patches = patches.reshape(n, ho, wo, k.shape[-1], c // k.shape[-1], *case.k)
+    return jnp.einsum("bijgcmn,bijmng->bijgc", patches, k, precision="highest").reshape(
+        n, ho, wo, c
+    )
+
+
+def _loops_gather(x, k, case):
+    """Plain loops over taps on a zero-padded x: checks the oracle's layout assumptions."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = case.k, case.s, case.d, case.out
+    xp = jnp.pad(x, ((0, 0), case.p[0], case.p[1], (0, 0)))
+    kc = jnp.repeat(k, x.shape[-1] // k.shape[-1], axis=-1)
+    y = jnp.zeros((x.shape[0], ho, wo, x.shape[-1]), jnp.float32)
+    for m in range(kh):
+        for n in range(kw):
+            rows = slice(m * dh, m * dh + (ho - 1) * sh + 1, sh)
+            cols = slice(n * dw, n * dw + (wo - 1) * sw + 1, sw)
+            y = y + xp[:, rows, cols, :] * kc[:, :, :, m, n, :]
+    return y
+
+
+def test_oracle_matches_tap_loops():
+    case = Case(2, 9, 8, 6, 3, (3, 2), s=(2, 1), d=(1, 2), p=((1, 2), (0, 1)))
+    x, k, _ = _inputs(case)
+    want = _loops_gather(x, k, case)
+    np.testing.assert_allclose(_oracle_gather(x, k, case), want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(want).min()) > 0 or float(jnp.abs(want).max()) > 1
+
+
+def _inputs(case, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    n, (ho, wo) = case.n, case.out
+    x = jax.random.normal(keys[0], (n, case.h, case.w, case.c), case.dtype)
+    k = jax.random.normal(keys[1], (n, ho, wo, *case.k, case.g), case.dtype)
+    v = jax.random.normal(keys[2], (n, ho, wo, case.c), case.dtype)
+    return x, k, v
+
+
+@functools.cache
+def _expected(case):
+    """Oracle gather, and its vjp in x (= scatter) and in k (= correlate), from float32 copies."""
+
+    @jax.jit
+    def oracle(x, k, v):
+        y, vjp = jax.vjp(lambda a, b: _oracle_gather(a, b, case), x, k)
+        dx, dk = vjp(v)
+        return {"gather": y, "scatter": dx, "correlate": dk}
+
+    return oracle(*(a.astype(F32) for a in _inputs(case)))
+
+
+def _run(op, case, interpret, x, k, v):
+    if op == "gather":
+        return pixel_gather(x, k, **case.geo, block_sizes=case.bs, interpret=interpret)
+    if op == "scatter":
+        return pixel_scatter(
+            v, k, input_size=(case.h, case.w), **case.geo, block_sizes=case.bs, interpret=interpret
+        )
+    return pixel_correlate(
+        x,
+        v,
+        kernel_size=case.k,
+        groups=case.g,
+        **case.geo,
+        block_sizes=case.bs,
+        interpret=interpret,
+    )
+
+
+def _assert_close(got, want, dtype):
+    assert_close(got, want, dtype, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter", "correlate"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_interpret_matches_oracle(op, case):
+    out = _run(op, case, True, *_inputs(case))
+    assert out.dtype == case.dtype
+    _assert_close(out, _expected(case)[op], case.dtype)
+
+
+def test_vmap():
+    case = Case(2, 8, 7, 6, 2, 3, s=(2, 1), p=((1, 2), (0, 1)))
+    xs, ks, vs = (jnp.stack(pair) for pair in zip(_inputs(case, 1), _inputs(case, 2), strict=True))
+    for op in ("gather", "scatter", "correlate"):
+        text = lower_for_cuda(jax.vmap(functools.partial(_run, op, case, False)), xs, ks, vs)
+        assert triton_kernel_names(text) == [f"svconv_pixel_{op}"]
+        got = jax.vmap(functools.partial(_run, op, case, True))(xs, ks, vs)
+        for i in range(2):
+            y, vjp = jax.vjp(lambda a, b: _oracle_gather(a, b, case), xs[i], ks[i])
+            want = {"gather": y, "scatter": vjp(vs[i])[0], "correlate": vjp(vs[i])[1]}[op]
+            _assert_close(got[i], want, F32)
+
+
+def test_unsupported():
+    geo = dict(stride=(1, 1), dilation=(1, 1), padding=((1, 1), (1, 1)))
+    for dtype in (F32, BF16, F16):
+        reason = pixel_unsupported_reason(
+            x_shape=(1, 5, 5, 3), kernel_size=(3, 3), groups=1, dtype=dtype, **geo
+        )
+        assert reason is None
+    reason = pixel_unsupported_reason(
+        x_shape=(1, 5, 5, 3), kernel_size=(3, 3), groups=1, dtype=jnp.int32, **geo
+    )
+    assert "int32" in reason
+    x = jnp.ones((1, 5, 5, 3), jnp.int32)
+    with pytest.raises(NotImplementedError, match="int32"):
+        pixel_gather(x, jnp.ones((1, 5, 5, 3, 3, 1), jnp.int32), **geo, interpret=True)
+    with pytest.raises(ValueError, match="does not match"):  # k for a 4x5 output grid
+        pixel_gather(x.astype(F32), jnp.ones((1, 4, 5, 3, 3, 1)), **geo, interpret=True)
+
+
+LOWER_CASES = [
+    Case(2, 32, 32, 64, 1, 3, p=1, dtype=BF16),
+    Case(2, 32, 32, 64, 4, 7, s=2, p=3, dtype=BF16),
+    Case(1, 64, 64, 3, 1, 15, p=7, dtype=F32),
+    Case(1, 33, 31, 5, 5, 5, d=2, p=((4, 3), (2, 5)), dtype=F16),
+    Case(2, 17, 16, 96, 3, 1, s=(2, 1), dtype=F32),
+    Case(1, 20, 20, 256, 1, 3, s=2, d=2, p=2, dtype=BF16),
+]
+
+
+@pytest.mark.parametrize("case", LOWER_CASES + [c for c in CASES if c.bs], ids=repr)
+def test_lowers_for_cuda(case):
+    x, k, v = (
+        jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.eval_shape(lambda: _inputs(case))
+    )
+    for op in ("gather", "scatter", "correlate"):
+        text = lower_for_cuda(lambda x, k, v, op=op: _run(op, case, False, x, k, v), x, k, v)
+        assert triton_kernel_names(text) == [f"svconv_pixel_{op}"]
