@@ -6,14 +6,15 @@ PY        := $(VENV)/bin/python
 JAX_PIN   ?= jax==0.11.2 jaxlib==0.11.2
 PYTEST_ARGS ?= -n 2
 
-# A working Python >= 3.12: python3.13 / python3.12 on PATH (pyenv shims that fail are skipped),
-# then pyenv's installed versions.
+# A working Python >= 3.12: python3.12 / python3.13 on PATH (pyenv shims that fail are skipped),
+# then pyenv's installed versions, 3.12 first (the version on our GPU machines).
 define FIND_PYTHON
-for c in python3.13 python3.12 python3; do \
+for c in python3.12 python3.13 python3; do \
   if command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
     command -v $$c; exit 0; fi; done; \
 if command -v pyenv >/dev/null 2>&1; then \
-  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9])' | sort -rV); do \
+  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.' | sort -rV) \
+           $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[3-9])\.' | sort -V); do \
     p="$$(pyenv root)/versions/$$v/bin/python3"; \
     if [ -x "$$p" ]; then echo "$$p"; exit 0; fi; done; fi; \
 exit 1
@@ -38,9 +39,25 @@ demo: $(PY)
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[experiments]'
 	$(PY) -m experiments.demo
 
-bench: $(PY)
+# PyTorch baselines: in $(PY) when torch imports there, else in .venv-torch (a CPU build of torch,
+# best effort: without it the table has no torch columns and says why).
+TORCH_PY  ?= python3
+TORCH_PIN ?= torch==2.13.0
+BENCH_ARGS ?=
+
+bench: $(PY) .venv-torch
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[bench]'
-	$(PY) -m experiments.bench
+	$(PY) -m experiments.bench $(BENCH_ARGS)
+
+.PHONY: .venv-torch
+.venv-torch:
+	@if $(PY) -c 'import torch' 2>/dev/null; then echo "torch imports in $(PY)"; \
+	elif .venv-torch/bin/python -c 'import torch' 2>/dev/null; then :; \
+	else echo "creating .venv-torch ($(TORCH_PIN), CPU build) for the PyTorch baselines"; \
+	  rm -rf .venv-torch; \
+	  { $(TORCH_PY) -m venv .venv-torch && .venv-torch/bin/pip install -q $(TORCH_PIN) numpy; } \
+	  || { echo "could not install $(TORCH_PIN) into .venv-torch: benchmarking without torch"; \
+	       rm -rf .venv-torch; }; fi
 
 lint: $(PY)
 	$(PY) -m pip install -q ruff
