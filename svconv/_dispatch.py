@@ -65,6 +65,7 @@ class Spec:
     batched_d: bool = True
     groups: int = 1
     block_sizes: Any = None
+    interpret: bool = False  # Pallas without a GPU: part of the key of the jitted kernel call
 
     @property
     def operands(self) -> tuple[str, ...]:
@@ -98,7 +99,7 @@ def _run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
             kwargs.update(kernel_size=spec.geom.kernel_size, groups=spec.groups)
     if spec.impl == "pallas":
         fn = getattr(_pallas_module(spec.family), name)
-        kwargs.update(block_sizes=spec.block_sizes, interpret=not on_gpu())
+        kwargs.update(block_sizes=spec.block_sizes, interpret=spec.interpret)
     else:
         fn = getattr(xla, name)
     return fn(*(operands[s] for s in order), **kwargs)

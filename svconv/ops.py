@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from svconv import _checks, reference
+from svconv import _checks, _dispatch, reference
 from svconv._dispatch import Spec, apply, choose_impl
 
 PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
@@ -24,7 +24,8 @@ IntOrPair = int | tuple[int, int]
 
 def _run(family: str, target: str, impl: str, geom, operands: dict[str, jax.Array],
          **options: Any) -> jax.Array:
-    spec = Spec(family=family, target=target, geom=geom, impl=impl, **options)
+    spec = Spec(family=family, target=target, geom=geom, impl=impl,
+                interpret=impl == "pallas" and not _dispatch.on_gpu(), **options)
     return apply(spec, *(operands[s] for s in spec.operands))
 
 

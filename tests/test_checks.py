@@ -27,7 +27,8 @@ splat = svconv.pixel_splat2d
 BAD = [
     ("x-rank", mod, (X[0], W, D), ValueError, r"`x` .* shape \(9, 10, 3\)"),
     ("w-rank", mod, (X, W[0], D), ValueError, r"`w` .* shape \(3, 3, 4\)"),
-    ("channels", mod, (X, jnp.ones((3, 3, 5, 4)), D), ValueError, r"\(3, 3, 5, 4\).*\(2, 9, 10, 3\)"),
+    ("channels", mod, (X, jnp.ones((3, 3, 5, 4)), D), ValueError,
+     r"\(3, 3, 5, 4\).*\(2, 9, 10, 3\)"),
     ("d-shape", mod, (X, W, jnp.ones((2, 9, 11, 3, 3))), ValueError,
      r"`d` of shape \(2, 9, 11, 3, 3\) where \(2, 9, 10, 3, 3\) was expected"),
     ("d-shared-shape", mod, (X, W, jnp.ones((9, 10, 3, 2))), ValueError,

@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 
 import svconv
-from tests.conftest import Case, assert_close, rands, random_cases
+from tests.conftest import Case, assert_close, random_cases, rands
 
 IMPLS = ["xla", "pallas"]
 # The Pallas interpreter is slow on CPU: it gets a subset of the geometries.
