@@ -32,7 +32,7 @@ $(PY):
 venv: $(PY)
 
 test: $(PY)
-	$(PY) -m pip install -q $(JAX_PIN) -e '.[test]'
+	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,experiments]'
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(PY)

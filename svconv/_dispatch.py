@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from svconv import xla
+from svconv import sharding, xla
 from svconv._checks import Geometry
 
 logger = logging.getLogger("svconv")
@@ -80,9 +80,7 @@ def _pallas_module(family: str):
     return importlib.import_module(f"pallas_kernels.{_PALLAS_MODULES[family]}")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
-    # Jitted so that eager calls compile each tap loop once instead of dispatching it op by op.
+def _kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     operands = dict(zip(spec.operands, operands, strict=True))
     name, order = _KERNELS[(spec.family, spec.target)]
     kwargs: dict[str, Any] = spec.geom.kwargs()
@@ -103,6 +101,16 @@ def _run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     else:
         fn = getattr(xla, name)
     return fn(*(operands[s] for s in order), **kwargs)
+
+
+_partitioned_kernel = sharding.partitioned(_kernel)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
+    # Jitted so that eager calls compile each tap loop once instead of dispatching it op by op;
+    # partitioned so that operands sharded over a mesh stay sharded (svconv.sharding).
+    return _partitioned_kernel(spec, *operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

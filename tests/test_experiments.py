@@ -7,11 +7,9 @@ import math
 
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("skimage")
-pytest.importorskip("tqdm")
-
-EXPERIMENTS = ["learn_modulated_kernel", "gaussian_blur", "kpn_denoiser", "local_vs_conv"]
+# `make test` installs the experiments' dependencies: these tests must run, not skip.
+EXPERIMENTS = ["learn_modulated_kernel", "gaussian_blur", "kpn_denoiser", "local_vs_conv",
+               "data_parallel"]
 
 
 def _numbers(value):

@@ -1,0 +1,201 @@
+"""Multi-device checks of the partitioning rule (``svconv.sharding``) on 8 CPU devices.
+
+Run as ``python -m tests.sharding_checks [NAME ...]`` (``tests/test_sharding.py`` does): the
+device count is an XLA flag fixed when JAX starts its backend, and the rest of the suite runs on
+one device, so these checks live in their own process. Each check jits an op and its gradient
+with respect to every array argument on sharded inputs and compares with one device: the
+numbers, the output shardings, and the collectives in the compiled HLO (no all-gather or
+all-to-all of anything; height sharding moves only halo rows with collective-permutes). Prints
+one JSON line per check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import traceback
+
+DEVICES = 8
+DEVICE_FLAG = f"--xla_force_host_platform_device_count={DEVICES}"
+MARK = "SHARDING_CHECK "
+
+
+def xla_flags(current: str | None) -> str:
+    """``current`` XLA flags with the 8-device flag added."""
+    current = current or ""
+    return current if DEVICE_FLAG in current else f"{current} {DEVICE_FLAG}".strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    op: str  # modulated, modulated_shared, local, pixel, splat
+    impl: str  # xla or pallas
+    mode: str  # batch: 8-way batch; height: 2-way batch x 4-way height
+    stride: int = 1
+    dilation: int = 1
+    padding: str = "SAME"
+    kernel: int = 3
+    split: bool = True  # False: the geometry does not split, height is replicated (gathered)
+    explicit: bool = False  # Explicit mesh axes (jax.make_mesh's default) instead of Auto
+
+    @property
+    def name(self) -> str:
+        extra = ""
+        if (self.stride, self.dilation, self.padding, self.kernel) != (1, 1, "SAME", 3):
+            extra = f"-k{self.kernel}s{self.stride}d{self.dilation}{self.padding}"
+        return (f"{self.op}-{self.impl}-{self.mode}{extra}"
+                f"{'-explicit' if self.explicit else ''}")
+
+
+OPS = ("modulated", "modulated_shared", "local", "pixel", "splat")
+CHECKS = (
+    *(Check("modulated", impl, "batch") for impl in ("xla", "pallas")),
+    *(Check(op, impl, "height") for impl in ("xla", "pallas") for op in OPS),
+    Check("modulated", "xla", "height", stride=2),
+    Check("pixel", "xla", "height", kernel=2),  # halo only below
+    Check("pixel", "xla", "height", kernel=1, stride=2),  # no halo; the last row is cropped
+    Check("pixel", "pallas", "height", dilation=2),
+    Check("modulated", "xla", "height", explicit=True),
+    Check("local", "xla", "height", padding="VALID", split=False),
+    Check("pixel", "xla", "height", dilation=5, split=False),  # halo of 5 rows > 4-row shards
+)
+NAMES = tuple(c.name for c in CHECKS)
+
+N, H, W, CIN, COUT, GROUPS = 8, 16, 6, 2, 3, 2
+
+
+def _setup(check: Check):
+    """The op as a function of its arrays, the arrays, and their PartitionSpecs."""
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import svconv
+
+    k = check.kernel
+    geo = {"stride": check.stride, "padding": check.padding, "dilation": check.dilation,
+           "impl": check.impl}
+    span = (k - 1) * check.dilation + 1
+    ho = H // check.stride if check.padding == "SAME" else (H - span) // check.stride + 1
+    wo = W // check.stride if check.padding == "SAME" else (W - span) // check.stride + 1
+    image = P("data") if check.mode == "batch" else P("data", "rows")
+    rows = P("rows") if check.mode == "height" and check.split else P()
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    match check.op:
+        case "modulated":
+            return (lambda x, w, d: svconv.modulated_conv2d(x, w, d, **geo),
+                    [normal(N, H, W, CIN), normal(k, k, CIN, COUT), normal(N, ho, wo, k, k)],
+                    [image, P(), image])
+        case "modulated_shared":
+            return (lambda x, w, d: svconv.modulated_conv2d(x, w, d, **geo),
+                    [normal(N, H, W, CIN), normal(k, k, CIN, COUT), normal(ho, wo, k, k)],
+                    [image, P(), rows])
+        case "local":
+            return (lambda x, w: svconv.local_conv2d(x, w, **geo),
+                    [normal(N, H, W, CIN), normal(ho, wo, k, k, CIN, COUT)], [image, rows])
+        case "pixel":
+            return (lambda x, f: svconv.pixel_filter2d(x, f, **geo),
+                    [normal(N, H, W, 2 * GROUPS), normal(N, ho, wo, k, k, GROUPS)],
+                    [image, image])
+        case "splat":
+            return (lambda x, f: svconv.pixel_splat2d(x, f, **geo),
+                    [normal(N, H, W, 2 * GROUPS), normal(N, H, W, k, k, GROUPS)],
+                    [image, image])
+    raise ValueError(check.op)
+
+
+def _collectives(text: str) -> dict[str, list[list[int]]]:
+    """Result shapes of every collective in compiled HLO text, by kind."""
+    found: dict[str, list[list[int]]] = {}
+    pattern = (r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? "
+               r"(all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(")
+    for dims, kind in re.findall(pattern, text):
+        found.setdefault(kind, []).append([int(v) for v in dims.split(",") if v])
+    return found
+
+
+def run_check(check: Check) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+
+    fn, arrays, specs = _setup(check)
+    shape, names = ((DEVICES,), ("data",)) if check.mode == "batch" else ((2, 4), ("data", "rows"))
+    axis_type = AxisType.Explicit if check.explicit else AxisType.Auto
+    mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
+
+    def forward_and_grad(*args):
+        # The gradient of sum(sin(y)) with respect to every array argument, and y.
+        y, vjp = jax.vjp(fn, *args)
+        return y, vjp(jnp.cos(y))
+
+    expected = jax.jit(forward_and_grad)(*arrays)
+    sharded = [jax.device_put(a, NamedSharding(mesh, s))
+               for a, s in zip(arrays, specs, strict=True)]
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(forward_and_grad).lower(*sharded).compile()
+        got = compiled(*sharded)
+
+    pairs = [("output", got[0], expected[0]),
+             *((f"grad {i}", a, b)
+               for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True)))]
+    for what, a, b in pairs:
+        scale = max(1.0, float(np.max(np.abs(b))))
+        err = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
+        assert err < 2e-5, f"{what}: relative error {err:.3g} against one device"
+
+    coll = _collectives(compiled.as_text())
+    if not check.split:
+        # The documented fallback: height is gathered (this also proves the HLO scan works).
+        assert "all-gather" in coll, f"no all-gather in the fallback: {coll}"
+        return
+    y_sharding = got[0].sharding
+    assert y_sharding.is_equivalent_to(sharded[0].sharding, 4), (
+        f"output sharded as {y_sharding}, input as {sharded[0].sharding}")
+    for i, (g, a) in enumerate(zip(got[1], sharded, strict=True)):
+        assert g.sharding.is_equivalent_to(a.sharding, a.ndim), (
+            f"grad {i} sharded as {g.sharding.spec}, its input as {a.sharding.spec}")
+    halo = (check.kernel - 1) * check.dilation
+    for kind in ("all-gather", "all-to-all"):
+        assert kind not in coll, f"{kind} of shapes {coll[kind]}"
+    permutes = coll.get("collective-permute", [])
+    if check.mode == "height" and halo:
+        assert permutes, "no halo exchange"
+    for dims in permutes:
+        assert len(dims) == 4 and dims[1] <= halo, f"collective-permute of {dims}"
+
+
+def main(names: list[str]) -> int:
+    import jax
+
+    if jax.device_count() < DEVICES:
+        print(f"needs {DEVICES} devices: run with XLA_FLAGS={DEVICE_FLAG}", file=sys.stderr)
+        return 2
+    failed = 0
+    for check in CHECKS:
+        if names and check.name not in names:
+            continue
+        start = time.perf_counter()
+        try:
+            run_check(check)
+            result = {"name": check.name, "ok": True}
+        except Exception:  # noqa: BLE001 - every failure is reported, then the next check runs
+            failed += 1
+            result = {"name": check.name, "ok": False, "error": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        print(MARK + json.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    # Before anything starts JAX's backend (jax itself is imported lazily above).
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS"))
+    sys.exit(main(sys.argv[1:]))
