@@ -15,6 +15,8 @@ are the patch-tensor formulations, kept for the benchmark that justifies this ch
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -101,10 +103,55 @@ def _batched_d(d):
     return d if d.ndim == 5 else d[None]
 
 
+def _by_row_blocks(fn, x, row_arrays, *, out_rows, kernel_h, stride_h, dilation_h, padding,
+                   block_bytes=1 << 19):
+    """``fn`` over blocks of output rows, so that each block's per-tap temporaries stay in cache.
+
+    XLA's CPU backend runs a tap loop as separate GEMMs and elementwise passes over image-sized
+    temporaries; on blocks of a few rows the same loop is memory-light (measured 1.6x faster on
+    the modulated forward). ``fn(x_block, *row_blocks, padding=...)`` computes the op on an input
+    block padded in width only; ``row_arrays`` are ``(array, axis)`` pairs indexed by output row
+    (``d``, ``k``, local ``w``). Results are concatenated along axis 1 (output rows).
+    """
+    (pt, pb), (pl, pr) = padding
+    row_bytes = x.shape[0] * (x.shape[2] + pl + pr) * x.shape[3] * x.dtype.itemsize * stride_h
+    rows = 1 << max(0, (block_bytes // max(row_bytes, 1)).bit_length() - 1)
+    if rows >= out_rows:
+        return fn(x, *(a for a, _ in row_arrays), padding=padding)
+    blocks = -(-out_rows // rows)
+    span = (rows - 1) * stride_h + (kernel_h - 1) * dilation_h + 1
+    needed = (blocks * rows - 1) * stride_h + (kernel_h - 1) * dilation_h + 1
+    xr = lax.pad(x, jnp.zeros((), x.dtype),
+                 ((0, 0, 0), (pt, needed - x.shape[1] - pt, 0), (0, 0, 0), (0, 0, 0)))
+    padded = []
+    for a, axis in row_arrays:
+        cfg = [(0, 0, 0)] * a.ndim
+        cfg[axis] = (0, blocks * rows - out_rows, 0)
+        padded.append((lax.pad(a, jnp.zeros((), a.dtype), cfg), axis))
+
+    def block(i):
+        xb = lax.dynamic_slice_in_dim(xr, i * rows * stride_h, span, axis=1)
+        parts = [lax.dynamic_slice_in_dim(a, i * rows, rows, axis=axis) for a, axis in padded]
+        return fn(xb, *parts, padding=((0, 0), (pl, pr)))
+
+    ys = lax.map(block, jnp.arange(blocks))  # [blocks, N, rows, ...]
+    ys = jnp.moveaxis(ys, 0, 1)
+    return ys.reshape(ys.shape[0], blocks * rows, *ys.shape[3:])[:, :out_rows]
+
+
 # ----------------------------------------------------------------------------- modulated conv
 
 
 def modulated_conv2d_fwd(x, w, d, *, stride, dilation, padding, precision=None):
+    d = _batched_d(d)
+    fn = functools.partial(_modulated_fwd_taps, w=w, stride=stride, dilation=dilation,
+                           precision=precision)
+    return _by_row_blocks(lambda xb, db, padding: fn(xb, d=db, padding=padding), x, [(d, 1)],
+                          out_rows=d.shape[1], kernel_h=w.shape[0], stride_h=stride[0],
+                          dilation_h=dilation[0], padding=padding)
+
+
+def _modulated_fwd_taps(x, w, d, *, stride, dilation, padding, precision):
     kernel_size = w.shape[:2]
     out_size = _out_size(x.shape[1:3], kernel_size, stride, dilation, padding)
     xp, d = _pad(x, padding), _batched_d(d)

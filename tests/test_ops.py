@@ -92,6 +92,24 @@ def test_modulated_is_linear_in_d():
     assert_close(y, expected)
 
 
+@pytest.mark.parametrize("shared_d", [False, True], ids=["d-batched", "d-shared"])
+@pytest.mark.parametrize("case", [Case(2, 37, 700, 16, 8, (3, 3), 1, 1, "SAME"),
+                                  Case(1, 29, 900, 12, 4, (3, 2), (2, 1), 2, ((2, 0), (1, 1)))],
+                         ids=lambda c: c.id)
+def test_modulated_xla_forward_in_row_blocks(case, shared_d):
+    # Wide images: the XLA forward runs over blocks of a few output rows (a ragged last block).
+    geom = case.geom()
+    row_bytes = case.n * (case.w + 2) * case.cin * 4 * geom.stride[0]
+    assert row_bytes * 4 < (1 << 19) < row_bytes * geom.out_size[0]
+    d_shape = (*geom.out_size, *case.k) if shared_d else (case.n, *geom.out_size, *case.k)
+    x, w, d = rands(16, (case.n, case.h, case.w, case.cin), (*case.k, case.cin, case.cout),
+                    d_shape)
+    y = jax.jit(functools.partial(svconv.modulated_conv2d, **case.kw(), impl="xla"))(x, w, d)
+    want = jax.jit(functools.partial(svconv.modulated_conv2d, **case.kw(), impl="reference"))(
+        x, w, d)
+    assert_close(y, want)
+
+
 # ---------------------------------------------------------------------------------- local
 
 
