@@ -35,26 +35,24 @@ def _out_size(in_size, kernel_size, stride, dilation, padding):
                                            strict=True))
 
 
-def _tap(xp, m, n, out_size, stride, dilation):
-    """Slice of the padded input read by tap ``(m, n)``: ``[..., Ho, Wo, C]``."""
+def _tap(xp, m, n, out_size, stride, dilation, axes=(-3, -2)):
+    """Slice of the padded input read by tap ``(m, n)``: its ``axes`` (height, width; by
+    default ``[..., H, W, C]``) become ``(Ho, Wo)``."""
     (ho, wo), (sh, sw), (dh, dw) = out_size, stride, dilation
-    lead = xp.ndim - 3
-    start = (0,) * lead + (m * dh, n * dw, 0)
-    limit = xp.shape[:lead] + (m * dh + (ho - 1) * sh + 1, n * dw + (wo - 1) * sw + 1,
-                               xp.shape[-1])
-    return lax.slice(xp, start, limit, (1,) * lead + (sh, sw, 1))
+    start, limit, step = [0] * xp.ndim, list(xp.shape), [1] * xp.ndim
+    for axis, first, count, s in zip(axes, (m * dh, n * dw), (ho, wo), (sh, sw), strict=True):
+        start[axis], limit[axis], step[axis] = first, first + (count - 1) * s + 1, s
+    return lax.slice(xp, start, limit, step)
 
 
-def _untap(v, m, n, in_size, stride, dilation, padding):
-    """Transpose of ``_tap`` composed with the padding: places ``v [..., Ho, Wo, C]`` where tap
-    ``(m, n)`` read it, in the unpadded input frame ``[..., H, W, C]`` (negative pads crop)."""
-    (h, w), (sh, sw), (dh, dw) = in_size, stride, dilation
-    ho, wo = v.shape[-3:-1]
-    (pt, _), (pl, _) = padding
-    top, left = m * dh - pt, n * dw - pl
-    bottom = h - top - (ho - 1) * sh - 1
-    right = w - left - (wo - 1) * sw - 1
-    cfg = ((0, 0, 0),) * (v.ndim - 3) + ((top, bottom, sh - 1), (left, right, sw - 1), (0, 0, 0))
+def _untap(v, m, n, in_size, stride, dilation, padding, axes=(-3, -2)):
+    """Transpose of ``_tap`` composed with the padding: places ``v`` (``(Ho, Wo)`` on ``axes``)
+    where tap ``(m, n)`` read it, in the unpadded input frame ``(H, W)`` (negative pads crop)."""
+    cfg = [(0, 0, 0)] * v.ndim
+    for axis, size, first, s, (lo, _) in zip(axes, in_size, (m * dilation[0], n * dilation[1]),
+                                            stride, padding, strict=True):
+        count = v.shape[axis]
+        cfg[axis] = (first - lo, size - (first - lo) - (count - 1) * s - 1, s - 1)
     return lax.pad(v, jnp.zeros((), v.dtype), cfg)
 
 
@@ -226,35 +224,52 @@ def modulated_conv2d_patches(x, w, d, *, stride, dilation, padding, precision=No
 # ------------------------------------------------------------------------------- local conv
 
 
+# Local conv is one small GEMM per output pixel: written as an explicit batched dot over pixels
+# in a pixel-major layout (``[Ho*Wo, N, C] x [Ho*Wo, C, O]``), measured 2.2x faster on CPU than
+# the same contraction as an einsum over NHWC.
+_PIXEL_MAJOR = (1, 2, 0, 3)  # [N, H, W, C] -> [H, W, N, C]
+_NHWC = (2, 0, 1, 3)  # back
+
+
+def _pixel_dot(a, b, contract, precision):
+    """Batched over the leading (pixel) axis; contracts ``a``'s and ``b``'s ``contract`` axes."""
+    return lax.dot_general(a, b, ((contract[0], contract[1]), ((0,), (0,))),
+                           precision=precision, preferred_element_type=_F32)
+
+
 def local_conv2d_fwd(x, w, *, stride, dilation, padding, precision=None):
-    kernel_size = w.shape[2:4]
-    xp, out_size = _pad(x, padding), w.shape[:2]
+    ho, wo, kh, kw, cin, cout = w.shape
+    xp = _pad(x, padding).transpose(_PIXEL_MAJOR)
+    w = w.reshape(ho * wo, kh, kw, cin, cout)
     y = 0.0
-    for m, n in _taps(kernel_size):
-        xs = _tap(xp, m, n, out_size, stride, dilation)
-        y = y + jnp.einsum("bhwc,hwco->bhwo", xs, w[:, :, m, n], precision=precision,
-                           preferred_element_type=_F32)
-    return y.astype(x.dtype)
+    for m, n in _taps((kh, kw)):
+        xs = _tap(xp, m, n, (ho, wo), stride, dilation, axes=(0, 1)).reshape(ho * wo, -1, cin)
+        y = y + _pixel_dot(xs, w[:, m, n], ((2,), (1,)), precision)
+    return y.reshape(ho, wo, -1, cout).transpose(_NHWC).astype(x.dtype)
 
 
 def local_conv2d_grad_x(dy, w, *, input_size, stride, dilation, padding, precision=None):
+    ho, wo, kh, kw, cin, cout = w.shape
+    dyt = dy.transpose(_PIXEL_MAJOR).reshape(ho * wo, -1, cout)
+    w = w.reshape(ho * wo, kh, kw, cin, cout)
     dx = 0.0
-    for m, n in _taps(w.shape[2:4]):
-        u = jnp.einsum("bhwo,hwco->bhwc", dy, w[:, :, m, n], precision=precision,
-                       preferred_element_type=_F32)
-        dx = dx + _untap(u, m, n, input_size, stride, dilation, padding)
-    return dx.astype(dy.dtype)
+    for m, n in _taps((kh, kw)):
+        u = _pixel_dot(dyt, w[:, m, n], ((2,), (2,)), precision).reshape(ho, wo, -1, cin)
+        dx = dx + _untap(u, m, n, input_size, stride, dilation, padding, axes=(0, 1))
+    return dx.transpose(_NHWC).astype(dy.dtype)
 
 
 def local_conv2d_grad_w(x, dy, *, kernel_size, stride, dilation, padding, precision=None):
-    xp, out_size = _pad(x, padding), dy.shape[1:3]
-    taps = [
-        jnp.einsum("bhwc,bhwo->hwco", _tap(xp, m, n, out_size, stride, dilation), dy,
-                   precision=precision, preferred_element_type=_F32)
-        for m, n in _taps(kernel_size)
-    ]
-    dw = jnp.stack(taps, axis=2)  # [Ho, Wo, kh*kw, Cin, Cout]
-    return dw.reshape(*out_size, *kernel_size, *dw.shape[3:]).astype(x.dtype)
+    ho, wo, cout = dy.shape[1], dy.shape[2], dy.shape[3]
+    xp = _pad(x, padding).transpose(_PIXEL_MAJOR)
+    dyt = dy.transpose(_PIXEL_MAJOR).reshape(ho * wo, -1, cout)
+    taps = []
+    for m, n in _taps(kernel_size):
+        xs = _tap(xp, m, n, (ho, wo), stride, dilation, axes=(0, 1)).reshape(ho * wo, -1,
+                                                                             x.shape[3])
+        taps.append(_pixel_dot(xs, dyt, ((1,), (1,)), precision))  # [Ho*Wo, Cin, Cout]
+    dw = jnp.stack(taps, axis=1)
+    return dw.reshape(ho, wo, *kernel_size, x.shape[3], cout).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------ per-pixel filters
@@ -265,14 +280,6 @@ def _grouped(x, groups):
     return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
 
 
-def _tap_grouped(xp, m, n, out_size, stride, dilation):
-    """``_tap`` for a grouped ``[N, H, W, G, C/G]`` array."""
-    lead = xp.shape[:3]
-    flat = xp.reshape(*lead, -1)
-    xs = _tap(flat, m, n, out_size, stride, dilation)
-    return xs.reshape(*xs.shape[:3], *xp.shape[3:])
-
-
 def pixel_gather(x, k, *, stride, dilation, padding):
     """``y[b,i,j,c] = sum_{m,n} x[b,pos(i,m),pos(j,n),c] * k[b,i,j,m,n,g(c)]``."""
     kernel_size, groups = k.shape[3:5], k.shape[5]
@@ -280,7 +287,7 @@ def pixel_gather(x, k, *, stride, dilation, padding):
     out_size = k.shape[1:3]
     y = 0.0
     for m, n in _taps(kernel_size):
-        xs = _tap_grouped(xp, m, n, out_size, stride, dilation)
+        xs = _tap(xp, m, n, out_size, stride, dilation, axes=(1, 2))
         y = y + xs.astype(_F32) * k[:, :, :, m, n, :, None].astype(_F32)
     return y.reshape(*y.shape[:3], -1).astype(x.dtype)
 
