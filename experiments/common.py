@@ -33,11 +33,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Images whose files ship inside the scikit-image wheel; other ``skimage.data`` images are
 # fetched with pooch on first use, which the experiments must never do.
-BUNDLED_IMAGES = frozenset({
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
-    "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
-    "text",
-})
+BUNDLED_IMAGES = frozenset(
+    {
+        "astronaut",
+        "brick",
+        "camera",
+        "cell",
+        "chelsea",
+        "clock",
+        "coffee",
+        "coins",
+        "grass",
+        "gravel",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "moon",
+        "page",
+        "retina",
+        "rocket",
+        "text",
+    }
+)
 
 # One train / held-out split for every experiment. Held-out images are never used for training.
 TRAIN_RGB = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina")
@@ -55,8 +71,9 @@ DEFAULT_MAX_SIDE = 384
 
 
 @functools.cache
-def load_image(name: str, *, gray: bool = False, max_side: int | None = DEFAULT_MAX_SIDE
-               ) -> np.ndarray:
+def load_image(
+    name: str, *, gray: bool = False, max_side: int | None = DEFAULT_MAX_SIDE
+) -> np.ndarray:
     """A bundled scikit-image image as float32 in ``[0, 1]`` (cached, so read-only).
 
     Args:
@@ -67,8 +84,9 @@ def load_image(name: str, *, gray: bool = False, max_side: int | None = DEFAULT_
         keeps the original size.
     """
     if name not in BUNDLED_IMAGES:
-        raise ValueError(f"{name!r} is not one of the images bundled with scikit-image: "
-                         f"{sorted(BUNDLED_IMAGES)}")
+        raise ValueError(
+            f"{name!r} is not one of the images bundled with scikit-image: {sorted(BUNDLED_IMAGES)}"
+        )
     img = util.img_as_float32(getattr(data, name)())
     if img.ndim == 2:
         img = img[..., None] if gray else np.repeat(img[..., None], 3, axis=-1)
@@ -87,8 +105,14 @@ def load_images(names: Sequence[str], **kwargs: Any) -> list[np.ndarray]:
     return [load_image(n, **kwargs) for n in names]
 
 
-def sample_patches(rng: np.random.Generator, images: Sequence[np.ndarray], count: int,
-                   size: int, *, flip: bool = True) -> np.ndarray:
+def sample_patches(
+    rng: np.random.Generator,
+    images: Sequence[np.ndarray],
+    count: int,
+    size: int,
+    *,
+    flip: bool = True,
+) -> np.ndarray:
     """``count`` random ``size x size`` crops ``[count, size, size, channels]``.
 
     Each crop picks an image with probability proportional to its area (so every pixel is
@@ -101,7 +125,7 @@ def sample_patches(rng: np.random.Generator, images: Sequence[np.ndarray], count
         im = images[i]
         top = rng.integers(0, im.shape[0] - size + 1)
         left = rng.integers(0, im.shape[1] - size + 1)
-        crop = im[top:top + size, left:left + size]
+        crop = im[top : top + size, left : left + size]
         out[k] = crop[:, ::-1] if flip and rng.random() < 0.5 else crop
     return out
 
@@ -109,8 +133,11 @@ def sample_patches(rng: np.random.Generator, images: Sequence[np.ndarray], count
 def grid_patches(image: np.ndarray, size: int, limit: int | None = None) -> np.ndarray:
     """Non-overlapping ``size x size`` tiles of one image, row-major: a fixed evaluation set."""
     rows, cols = image.shape[0] // size, image.shape[1] // size
-    tiles = [image[r * size:(r + 1) * size, c * size:(c + 1) * size]
-             for r in range(rows) for c in range(cols)]
+    tiles = [
+        image[r * size : (r + 1) * size, c * size : (c + 1) * size]
+        for r in range(rows)
+        for c in range(cols)
+    ]
     return np.stack(tiles[:limit])
 
 
@@ -121,7 +148,7 @@ def detailed_window(image: np.ndarray, size: int) -> tuple[slice, slice]:
     energy = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1))
     summed = ndimage.uniform_filter(energy, size, mode="constant")
     half = size // 2
-    inner = summed[half:image.shape[0] - size + half + 1, half:image.shape[1] - size + half + 1]
+    inner = summed[half : image.shape[0] - size + half + 1, half : image.shape[1] - size + half + 1]
     i, j = np.unravel_index(np.argmax(inner), inner.shape)
     return slice(i, i + size), slice(j, j + size)
 
@@ -183,9 +210,16 @@ def _train_step(loss_fn: Callable[[Any, Any], jax.Array], learning_rate: float, 
     return optimizer, step
 
 
-def train(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
-          sample_batch: Callable[[np.random.Generator], Any], *, steps: int,
-          learning_rate: float, seed: int, desc: str) -> tuple[Any, np.ndarray]:
+def train(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    sample_batch: Callable[[np.random.Generator], Any],
+    *,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    desc: str,
+) -> tuple[Any, np.ndarray]:
     """Minimise ``loss_fn(params, batch)`` with Adam and a cosine-decayed learning rate.
 
     Args:
@@ -245,8 +279,13 @@ def show_image(ax: plt.Axes, image: np.ndarray | jax.Array, title: str, **kwargs
     return handle
 
 
-def plot_losses(ax: plt.Axes, curves: dict[str, np.ndarray], *, smooth: int = 10,
-                reference: dict[str, float] | None = None) -> None:
+def plot_losses(
+    ax: plt.Axes,
+    curves: dict[str, np.ndarray],
+    *,
+    smooth: int = 10,
+    reference: dict[str, float] | None = None,
+) -> None:
     """Training-loss curves on a log scale (a running mean over ``smooth`` steps), with
     optional horizontal reference levels."""
     for label, losses in curves.items():
@@ -291,9 +330,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def finish(name: str, out_dir: Path, *, quick: bool, steps: int, started: float,
-           config: dict[str, Any], metrics: dict[str, Any], summary: list[str],
-           figures: Sequence[Path]) -> dict[str, Any]:
+def finish(
+    name: str,
+    out_dir: Path,
+    *,
+    quick: bool,
+    steps: int,
+    started: float,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    summary: list[str],
+    figures: Sequence[Path],
+) -> dict[str, Any]:
     """Write ``results.json`` into ``out_dir`` and return the same record.
 
     Args:
@@ -325,8 +373,7 @@ def finish(name: str, out_dir: Path, *, quick: bool, steps: int, started: float,
 def print_summary(record: dict[str, Any], out_dir: Path | None = None) -> None:
     """A one-screen summary of an experiment's record."""
     mode = "quick" if record["quick"] else "full"
-    print(f"== {record['experiment']} ({mode}, {record['steps']} steps, "
-          f"{record['seconds']:.0f} s)")
+    print(f"== {record['experiment']} ({mode}, {record['steps']} steps, {record['seconds']:.0f} s)")
     for line in record["summary"]:
         print(f"   {line}")
     if out_dir is not None:
@@ -339,15 +386,20 @@ def print_summary(record: dict[str, Any], out_dir: Path | None = None) -> None:
 def main(run: Callable[..., dict[str, Any]], name: str, description: str) -> None:
     """The command line shared by the experiments:
     ``python -m experiments.<name> [--quick] [--steps N] [--out DIR] [--seed S]``."""
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
-                                     description=description)
-    parser.add_argument("--quick", action="store_true",
-                        help="small, fast settings (written to out/<name>/ by default)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per model (default: the mode's own)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: out/<name>/ quick, "
-                             "experiments/results/<name>/ full)")
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small, fast settings (written to out/<name>/ by default)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps per model (default: the mode's own)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: out/<name>/ quick, experiments/results/<name>/ full)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
     out = output_dir(name, quick=args.quick, out_dir=args.out)

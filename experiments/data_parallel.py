@@ -52,8 +52,12 @@ class Denoiser(nn.Module):
         filtered = svconv.KernelPredictionFilter(kernel_size=self.kernel)(x, guide)
         d = nn.sigmoid(nn.Conv(9, (3, 3), name="modulation")(guide))
         d = d.reshape(*d.shape[:3], 3, 3)
-        refine = svconv.ModulatedConv(features=x.shape[-1], kernel_size=3, use_bias=False,
-                                      kernel_init=nn.initializers.zeros_init())
+        refine = svconv.ModulatedConv(
+            features=x.shape[-1],
+            kernel_size=3,
+            use_bias=False,
+            kernel_init=nn.initializers.zeros_init(),
+        )
         return filtered + refine(filtered, d)
 
 
@@ -95,8 +99,9 @@ def _train(model: Denoiser, params, batches: np.ndarray, mesh, spec) -> tuple:
     return params, losses, _collectives(compiled.as_text())
 
 
-def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = None,
-        seed: int = 0) -> dict:
+def run(
+    *, quick: bool, steps: int | None = None, out_dir: str | Path | None = None, seed: int = 0
+) -> dict:
     """Train on one device, data parallel and spatially parallel; write the loss figure and
     ``results.json``; returns the record."""
     started = time.perf_counter()
@@ -117,15 +122,21 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
     runs = {
         "one device": (None, None),
         f"data parallel ({devices} devices)": (
-            jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,)), P("data")),
+            jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,)),
+            P("data"),
+        ),
         f"batch x height ({devices // rows} x {rows})": (
-            jax.make_mesh((devices // rows, rows), ("data", "rows"),
-                          axis_types=(AxisType.Auto,) * 2), P("data", "rows")),
+            jax.make_mesh(
+                (devices // rows, rows), ("data", "rows"), axis_types=(AxisType.Auto,) * 2
+            ),
+            P("data", "rows"),
+        ),
     }
     trained, curves, collectives = {}, {}, {}
     for label, (mesh, spec) in runs.items():
-        trained[label], curves[label], collectives[label] = _train(model, params, batches,
-                                                                   mesh, spec)
+        trained[label], curves[label], collectives[label] = _train(
+            model, params, batches, mesh, spec
+        )
     single, parallel, spatial = runs
     scale = np.abs(curves[single])
 
@@ -133,8 +144,9 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
         return float(np.max(np.abs(curves[label] - curves[single]) / scale))
 
     def param_gap(label: str) -> float:
-        diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), trained[label],
-                             trained[single])
+        diffs = jax.tree.map(
+            lambda a, b: float(jnp.max(jnp.abs(a - b))), trained[label], trained[single]
+        )
         return max(jax.tree.leaves(diffs))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -166,11 +178,26 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
         f"{spatial}: largest relative loss gap {loss_gap(spatial):.1e}, parameter gap "
         f"{param_gap(spatial):.1e}; collectives {collectives[spatial]}",
     ]
-    config = {"frame": size, "batch": batch, "noise_std": NOISE, "learning_rate": LEARNING_RATE,
-              "meshes": list(runs), "backend": jax.default_backend(),
-              "train_images": common.TRAIN_RGB}
-    return common.finish(NAME, out, quick=quick, steps=steps, started=started, config=config,
-                         metrics=metrics, summary=summary, figures=figures)
+    config = {
+        "frame": size,
+        "batch": batch,
+        "noise_std": NOISE,
+        "learning_rate": LEARNING_RATE,
+        "meshes": list(runs),
+        "backend": jax.default_backend(),
+        "train_images": common.TRAIN_RGB,
+    }
+    return common.finish(
+        NAME,
+        out,
+        quick=quick,
+        steps=steps,
+        started=started,
+        config=config,
+        metrics=metrics,
+        summary=summary,
+        figures=figures,
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ EXPERIMENTS = (learn_modulated_kernel, gaussian_blur, kpn_denoiser, local_vs_con
 
 def main() -> None:
     """Run the experiments one after another and print where their outputs are."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.demo",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -30,8 +31,10 @@ def main() -> None:
     print()
     for record, out in done:
         common.print_summary(record, out)
-    print(f"\nall {len(done)} experiments in {time.perf_counter() - started:.0f} s; full-size "
-          "runs: python -m experiments.<name> (figures in experiments/results/<name>/)")
+    print(
+        f"\nall {len(done)} experiments in {time.perf_counter() - started:.0f} s; full-size "
+        "runs: python -m experiments.<name> (figures in experiments/results/<name>/)"
+    )
 
 
 if __name__ == "__main__":

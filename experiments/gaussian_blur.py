@@ -66,8 +66,9 @@ def _loss_fn(raw, batch, *, kernel):
     return common.mse(intensity_blur(sharp, _from_raw(raw), kernel), blurred)
 
 
-def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = None,
-        seed: int = 0) -> dict:
+def run(
+    *, quick: bool, steps: int | None = None, out_dir: str | Path | None = None, seed: int = 0
+) -> dict:
     """Blur the showcase image, recover the law, write figures and ``results.json``."""
     started = time.perf_counter()
     out = common.output_dir(NAME, quick=quick, out_dir=out_dir)
@@ -90,18 +91,31 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
         noise = NOISE * rng.standard_normal(sharp.shape, dtype=np.float32)
         return sharp, blur(sharp, true_law) + noise
 
-    raw, losses = common.train(functools.partial(_loss_fn, kernel=kernel), _to_raw(INITIAL_LAW),
-                               sample_batch, steps=steps, learning_rate=LEARNING_RATE, seed=seed,
-                               desc="recover sigma law")
+    raw, losses = common.train(
+        functools.partial(_loss_fn, kernel=kernel),
+        _to_raw(INITIAL_LAW),
+        sample_batch,
+        steps=steps,
+        learning_rate=LEARNING_RATE,
+        seed=seed,
+        desc="recover sigma law",
+    )
     learned = {k: float(v) for k, v in _from_raw(raw).items()}
     errors = {k: abs(learned[k] - TRUE_LAW[k]) / abs(TRUE_LAW[k]) for k in TRUE_LAW}
     intensities = np.linspace(0, 1, 201)
-    curve_error = float(np.max(np.abs(
-        np.asarray(sigma_law(intensities, learned)) - np.asarray(sigma_law(intensities, true_law))
-    )))
+    curve_error = float(
+        np.max(
+            np.abs(
+                np.asarray(sigma_law(intensities, learned))
+                - np.asarray(sigma_law(intensities, true_law))
+            )
+        )
+    )
 
-    figures = [_plot_showcase(out, showcase[0], shown[0], true_law),
-               _plot_recovery(out, losses, learned, intensities)]
+    figures = [
+        _plot_showcase(out, showcase[0], shown[0], true_law),
+        _plot_recovery(out, losses, learned, intensities),
+    ]
     metrics = {
         "true": TRUE_LAW,
         "initial": INITIAL_LAW,
@@ -117,10 +131,26 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
         f"largest relative parameter error {max(errors.values()):.3%}; sigma(I) off by at most "
         f"{curve_error:.4f} px; loss {losses[0]:.1e} -> {common.final_loss(losses):.1e}",
     ]
-    config = {"kernel": kernel, "patch": size, "batch": batch, "learning_rate": LEARNING_RATE,
-              "noise_std": NOISE, "showcase_image": SHOWCASE, "train_images": names}
-    return common.finish(NAME, out, quick=quick, steps=steps, started=started, config=config,
-                         metrics=metrics, summary=summary, figures=figures)
+    config = {
+        "kernel": kernel,
+        "patch": size,
+        "batch": batch,
+        "learning_rate": LEARNING_RATE,
+        "noise_std": NOISE,
+        "showcase_image": SHOWCASE,
+        "train_images": names,
+    }
+    return common.finish(
+        NAME,
+        out,
+        quick=quick,
+        steps=steps,
+        started=started,
+        config=config,
+        metrics=metrics,
+        summary=summary,
+        figures=figures,
+    )
 
 
 def _plot_showcase(out: Path, sharp: jax.Array, blurred: jax.Array, law) -> Path:
@@ -133,25 +163,45 @@ def _plot_showcase(out: Path, sharp: jax.Array, blurred: jax.Array, law) -> Path
     for r, region in enumerate([(slice(None), slice(None)), (rows, cols)]):
         zoom = " (zoom)" if r else ""
         common.show_image(axes[r, 0], sharp[region], "input" + zoom)
-        handle = common.show_image(axes[r, 1], sigma[region], "sigma(intensity) [px]" + zoom,
-                                   cmap="viridis", vmin=0, vmax=TRUE_LAW["s_max"])
+        handle = common.show_image(
+            axes[r, 1],
+            sigma[region],
+            "sigma(intensity) [px]" + zoom,
+            cmap="viridis",
+            vmin=0,
+            vmax=TRUE_LAW["s_max"],
+        )
         fig.colorbar(handle, ax=axes[r, 1], fraction=0.046)
         common.show_image(axes[r, 2], blurred[region], "output: per-pixel Gaussian" + zoom)
-    axes[0, 0].add_patch(plt.Rectangle((cols.start, rows.start), cols.stop - cols.start,
-                                       rows.stop - rows.start, fill=False, edgecolor="yellow"))
-    fig.suptitle("Intensity-dependent blur: gaussian_kernels(sigma(I)) + pixel_filter2d "
-                 "(dark pixels sharp, bright ones blurred)", fontsize=10)
+    axes[0, 0].add_patch(
+        plt.Rectangle(
+            (cols.start, rows.start),
+            cols.stop - cols.start,
+            rows.stop - rows.start,
+            fill=False,
+            edgecolor="yellow",
+        )
+    )
+    fig.suptitle(
+        "Intensity-dependent blur: gaussian_kernels(sigma(I)) + pixel_filter2d "
+        "(dark pixels sharp, bright ones blurred)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return common.save_figure(fig, out, "blur.png")
 
 
-def _plot_recovery(out: Path, losses: np.ndarray, learned: dict[str, float],
-                   intensities: np.ndarray) -> Path:
+def _plot_recovery(
+    out: Path, losses: np.ndarray, learned: dict[str, float], intensities: np.ndarray
+) -> Path:
     """The loss, and the law before, after and true."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     common.plot_losses(axes[0], {"recovery loss": losses}, reference={"noise floor": NOISE**2})
-    for label, law, style in [("true", TRUE_LAW, "k-"), ("initial guess", INITIAL_LAW, "C1:"),
-                              ("recovered", learned, "C0--")]:
+    for label, law, style in [
+        ("true", TRUE_LAW, "k-"),
+        ("initial guess", INITIAL_LAW, "C1:"),
+        ("recovered", learned, "C0--"),
+    ]:
         text = ", ".join(f"{k}={v:.3g}" for k, v in law.items())
         axes[1].plot(intensities, sigma_law(intensities, law), style, label=f"{label}: {text}")
     axes[1].set_xlabel("pixel intensity I")

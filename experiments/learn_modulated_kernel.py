@@ -72,8 +72,9 @@ def hidden_kernel(kernel: int) -> np.ndarray:
     return w[..., None].astype(np.float32)
 
 
-def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = None,
-        seed: int = 0) -> dict:
+def run(
+    *, quick: bool, steps: int | None = None, out_dir: str | Path | None = None, seed: int = 0
+) -> dict:
     """Train the three models, write the figures and ``results.json``; returns the record."""
     started = time.perf_counter()
     out = common.output_dir(NAME, quick=quick, out_dir=out_dir)
@@ -116,8 +117,14 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
     y_eval = observe(x_eval)
     for label, (apply, params, charts) in models.items():
         params, curves[label] = common.train(
-            _loss_fn(apply), params, functools.partial(sample_batch, charts=charts), steps=steps,
-            learning_rate=LEARNING_RATE, seed=seed, desc=label)
+            _loss_fn(apply),
+            params,
+            functools.partial(sample_batch, charts=charts),
+            steps=steps,
+            learning_rate=LEARNING_RATE,
+            seed=seed,
+            desc=label,
+        )
         learned[label] = np.asarray(params["params"]["kernel"])
         heldout_mse[label] = float(_loss_fn(apply)(params, (x_eval, y_eval)))
 
@@ -145,17 +152,34 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
         f"held-out photo MSE (noise-free targets): ModulatedConv {heldout_mse[mod]:.1e}, "
         f"photos only {heldout_mse[photos]:.1e}, nn.Conv {heldout_mse[plain_label]:.1e}",
     ]
-    config = {"frame": size, "batch": batch, "kernel": kernel, "noise_std": NOISE,
-              "learning_rate": LEARNING_RATE, "noise_chart_fraction": 0.5,
-              "train_images": common.TRAIN_RGB, "heldout_images": common.HELD_OUT_RGB}
-    return common.finish(NAME, out, quick=quick, steps=steps, started=started, config=config,
-                         metrics=metrics, summary=summary, figures=figures)
+    config = {
+        "frame": size,
+        "batch": batch,
+        "kernel": kernel,
+        "noise_std": NOISE,
+        "learning_rate": LEARNING_RATE,
+        "noise_chart_fraction": 0.5,
+        "train_images": common.TRAIN_RGB,
+        "heldout_images": common.HELD_OUT_RGB,
+    }
+    return common.finish(
+        NAME,
+        out,
+        quick=quick,
+        steps=steps,
+        started=started,
+        config=config,
+        metrics=metrics,
+        summary=summary,
+        figures=figures,
+    )
 
 
 @functools.cache
 def _loss_fn(apply):
     """Jitted MSE of ``apply(params, x)`` against ``y``; one function object per model
     structure, so the two ModulatedConv runs share their compilations."""
+
     @jax.jit
     def loss_fn(params, batch):
         x, y = batch
@@ -164,8 +188,9 @@ def _loss_fn(apply):
     return loss_fn
 
 
-def _plot_kernels(out: Path, w_true: np.ndarray, learned: dict[str, np.ndarray],
-                  errors: dict[str, float]) -> Path:
+def _plot_kernels(
+    out: Path, w_true: np.ndarray, learned: dict[str, np.ndarray], errors: dict[str, float]
+) -> Path:
     """True vs learned kernels, one column per input channel, on one colour scale."""
     rows = {"hidden w": w_true, **learned}
     limit = float(np.abs(w_true).max())
@@ -181,16 +206,20 @@ def _plot_kernels(out: Path, w_true: np.ndarray, learned: dict[str, np.ndarray],
         axes[r, 0].set_ylabel(label + err, fontsize=9)
     fig.colorbar(handle, ax=axes, shrink=0.6)
     size = w_true.shape[0]
-    fig.suptitle(f"{size}x{size} kernel (RGB -> 1) recovered through a known lens modulation d",
-                 fontsize=10)
+    fig.suptitle(
+        f"{size}x{size} kernel (RGB -> 1) recovered through a known lens modulation d", fontsize=10
+    )
     return common.save_figure(fig, out, "kernels.png")
 
 
 def _plot_modulation_and_loss(out: Path, d: np.ndarray, curves: dict[str, np.ndarray]) -> Path:
     """The modulation (total gain map and per-tap patterns at three pixels) and the losses."""
     size = d.shape[0]
-    spots = {"centre": (size // 2, size // 2), "edge (right)": (size // 2, size - 1),
-             "corner (top left)": (0, 0)}
+    spots = {
+        "centre": (size // 2, size // 2),
+        "edge (right)": (size // 2, size - 1),
+        "corner (top left)": (0, 0),
+    }
     fig = plt.figure(figsize=(12, 3.2))
     grid = fig.add_gridspec(1, 6, width_ratios=[1.25, 1, 1, 1, 0.15, 2.2], wspace=0.35)
     ax = fig.add_subplot(grid[0])
@@ -205,8 +234,7 @@ def _plot_modulation_and_loss(out: Path, d: np.ndarray, curves: dict[str, np.nda
         ax.imshow(d[i, j], cmap="magma", vmin=0, vmax=1)
         ax.set_title(f"d at {label}", fontsize=9)
         ax.set_axis_off()
-    common.plot_losses(fig.add_subplot(grid[5]), curves,
-                       reference={"noise floor": NOISE**2})
+    common.plot_losses(fig.add_subplot(grid[5]), curves, reference={"noise floor": NOISE**2})
     return common.save_figure(fig, out, "modulation_and_loss.png")
 
 

@@ -44,18 +44,19 @@ def sigma_map(size: int) -> np.ndarray:
     return (SIGMA_CENTRE + (SIGMA_CORNER - SIGMA_CENTRE) * r2).astype(np.float32)
 
 
-def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = None,
-        seed: int = 0) -> dict:
+def run(
+    *, quick: bool, steps: int | None = None, out_dir: str | Path | None = None, seed: int = 0
+) -> dict:
     """Train both models, evaluate, write figures and ``results.json``; returns the record."""
     started = time.perf_counter()
     out = common.output_dir(NAME, quick=quick, out_dir=out_dir)
     # Quick runs use 5x5 kernels: compiling svconv's XLA path costs time per tap.
     size, batch, kernel = (32, 16, 5) if quick else (40, 32, 9)
     steps = steps if steps is not None else (800 if quick else 3000)
-    train_images = common.load_images(common.TRAIN_RGB + common.TRAIN_GRAY, gray=True,
-                                      max_side=192)
-    test_images = common.load_images(common.HELD_OUT_RGB + common.HELD_OUT_GRAY, gray=True,
-                                     max_side=192)
+    train_images = common.load_images(common.TRAIN_RGB + common.TRAIN_GRAY, gray=True, max_side=192)
+    test_images = common.load_images(
+        common.HELD_OUT_RGB + common.HELD_OUT_GRAY, gray=True, max_side=192
+    )
 
     sigma = sigma_map(size)
     psf = jnp.asarray(svconv.gaussian_kernels(jnp.asarray(sigma), kernel))
@@ -73,7 +74,7 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
     def crop_pair(rng: np.random.Generator, images, count: int, flip: bool = True):
         wide = common.sample_patches(rng, images, count, size + 2 * margin, flip=flip)
         noise = NOISE * rng.standard_normal((count, size, size, 1), dtype=np.float32)
-        sharp = wide[:, margin:margin + size, margin:margin + size]
+        sharp = wide[:, margin : margin + size, margin : margin + size]
         return np.asarray(blur(wide)) + noise, sharp
 
     def sample_batch(rng: np.random.Generator):
@@ -82,48 +83,67 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
     # Fixed evaluation sets: frames from the training photos and from the held-out ones.
     eval_rng = np.random.default_rng(seed + 1)
     eval_count = 64 if quick else 256
-    sets = {split: crop_pair(eval_rng, imgs, eval_count, flip=False)
-            for split, imgs in [("train", train_images), ("heldout", test_images)]}
+    sets = {
+        split: crop_pair(eval_rng, imgs, eval_count, flip=False)
+        for split, imgs in [("train", train_images), ("heldout", test_images)]
+    }
 
     models = {
         "nn.Conv (shared kernel)": nn.Conv(1, (kernel, kernel), kernel_init=common.delta_init),
-        "svconv.LocalConv (per-pixel kernel)": svconv.LocalConv(1, kernel,
-                                                                kernel_init=common.delta_init),
+        "svconv.LocalConv (per-pixel kernel)": svconv.LocalConv(
+            1, kernel, kernel_init=common.delta_init
+        ),
     }
     key = jax.random.key(seed)
     frame = jnp.zeros((1, size, size, 1))
     trained, curves, losses = {}, {}, {}
     for label, model in models.items():
+
         def loss_fn(p, data, model=model):
             blurred, sharp = data
             return common.mse(model.apply(p, blurred), sharp)
 
         trained[label], curves[label] = common.train(
-            loss_fn, model.init(key, frame), sample_batch, steps=steps,
-            learning_rate=LEARNING_RATE, seed=seed, desc=label)
-        losses[label] = {split: float(jax.jit(loss_fn)(trained[label], data))
-                         for split, data in sets.items()}
+            loss_fn,
+            model.init(key, frame),
+            sample_batch,
+            steps=steps,
+            learning_rate=LEARNING_RATE,
+            seed=seed,
+            desc=label,
+        )
+        losses[label] = {
+            split: float(jax.jit(loss_fn)(trained[label], data)) for split, data in sets.items()
+        }
     losses["blurred input (identity)"] = {
-        split: float(common.mse(blurred, sharp)) for split, (blurred, sharp) in sets.items()}
+        split: float(common.mse(blurred, sharp)) for split, (blurred, sharp) in sets.items()
+    }
 
     conv_label, local_label = list(models)
     heldout_blurred, heldout_sharp = sets["heldout"]
-    restored = {label: np.asarray(jax.jit(model.apply)(trained[label], heldout_blurred))
-                for label, model in models.items()}
+    restored = {
+        label: np.asarray(jax.jit(model.apply)(trained[label], heldout_blurred))
+        for label, model in models.items()
+    }
     # Examples: the most detailed frame of each of three held-out photos.
-    wide = np.stack([im[common.detailed_window(im, size + 2 * margin)]
-                     for im in test_images[:3]])
+    wide = np.stack([im[common.detailed_window(im, size + 2 * margin)] for im in test_images[:3]])
     example_blurred = np.asarray(blur(wide)) + NOISE * eval_rng.standard_normal(
-        (len(wide), size, size, 1), dtype=np.float32)
-    example_sharp = wide[:, margin:margin + size, margin:margin + size]
+        (len(wide), size, size, 1), dtype=np.float32
+    )
+    example_sharp = wide[:, margin : margin + size, margin : margin + size]
     examples = {"blurred input": example_blurred}
-    examples.update({label: np.asarray(jax.jit(model.apply)(trained[label], example_blurred))
-                     for label, model in models.items()})
+    examples.update(
+        {
+            label: np.asarray(jax.jit(model.apply)(trained[label], example_blurred))
+            for label, model in models.items()
+        }
+    )
     examples["sharp"] = example_sharp
     figures = [
         _plot_examples(out, examples, sigma),
-        _plot_errors_and_kernels(out, heldout_blurred, heldout_sharp, restored, trained,
-                                 curves, losses),
+        _plot_errors_and_kernels(
+            out, heldout_blurred, heldout_sharp, restored, trained, curves, losses
+        ),
     ]
     metrics = {
         "mse": losses,
@@ -139,13 +159,29 @@ def run(*, quick: bool, steps: int | None = None, out_dir: str | Path | None = N
         f"(LocalConv / nn.Conv held-out: "
         f"{losses[local_label]['heldout'] / losses[conv_label]['heldout']:.2f}x)",
     ]
-    config = {"frame": size, "batch": batch, "kernel": kernel, "sigma_centre": SIGMA_CENTRE,
-              "sigma_corner": SIGMA_CORNER, "noise_std": NOISE, "learning_rate": LEARNING_RATE,
-              "eval_frames": eval_count,
-              "train_images": common.TRAIN_RGB + common.TRAIN_GRAY,
-              "heldout_images": common.HELD_OUT_RGB + common.HELD_OUT_GRAY}
-    return common.finish(NAME, out, quick=quick, steps=steps, started=started, config=config,
-                         metrics=metrics, summary=summary, figures=figures)
+    config = {
+        "frame": size,
+        "batch": batch,
+        "kernel": kernel,
+        "sigma_centre": SIGMA_CENTRE,
+        "sigma_corner": SIGMA_CORNER,
+        "noise_std": NOISE,
+        "learning_rate": LEARNING_RATE,
+        "eval_frames": eval_count,
+        "train_images": common.TRAIN_RGB + common.TRAIN_GRAY,
+        "heldout_images": common.HELD_OUT_RGB + common.HELD_OUT_GRAY,
+    }
+    return common.finish(
+        NAME,
+        out,
+        quick=quick,
+        steps=steps,
+        started=started,
+        config=config,
+        metrics=metrics,
+        summary=summary,
+        figures=figures,
+    )
 
 
 def _plot_examples(out: Path, examples: dict[str, np.ndarray], sigma: np.ndarray) -> Path:
@@ -155,38 +191,53 @@ def _plot_examples(out: Path, examples: dict[str, np.ndarray], sigma: np.ndarray
     fig, axes = plt.subplots(len(sharp), columns, figsize=(2.6 * columns, 2.7 * len(sharp)))
     for r in range(len(sharp)):
         for c, (label, frames) in enumerate(examples.items()):
-            err = "" if label == "sharp" else (
-                f"\nMSE {np.mean(np.square(frames[r] - sharp[r])):.1e}")
-            common.show_image(axes[r, c], frames[r], label.split(" (")[0] + err,
-                              interpolation="nearest")
+            err = (
+                ""
+                if label == "sharp"
+                else (f"\nMSE {np.mean(np.square(frames[r] - sharp[r])):.1e}")
+            )
+            common.show_image(
+                axes[r, c], frames[r], label.split(" (")[0] + err, interpolation="nearest"
+            )
         if r == 0:
             handle = common.show_image(axes[r, -1], sigma, "blur sigma [px]", cmap="viridis")
             fig.colorbar(handle, ax=axes[r, -1], fraction=0.046)
         else:
             axes[r, -1].set_axis_off()
-    fig.suptitle("Held-out photos: undoing a blur that widens towards the corners",
-                 fontsize=10)
+    fig.suptitle("Held-out photos: undoing a blur that widens towards the corners", fontsize=10)
     fig.tight_layout()
     return common.save_figure(fig, out, "examples.png")
 
 
-def _plot_errors_and_kernels(out: Path, blurred: np.ndarray, sharp: np.ndarray,
-                             restored: dict[str, np.ndarray], trained: dict,
-                             curves: dict[str, np.ndarray], losses: dict) -> Path:
+def _plot_errors_and_kernels(
+    out: Path,
+    blurred: np.ndarray,
+    sharp: np.ndarray,
+    restored: dict[str, np.ndarray],
+    trained: dict,
+    curves: dict[str, np.ndarray],
+    losses: dict,
+) -> Path:
     """Where each model errs (held-out MSE per pixel position), the learned kernels at the
     centre and a corner, and the training curves."""
     size = sharp.shape[1]
     error_maps = {"blurred input": np.mean(np.square(blurred - sharp), axis=(0, 3))}
-    error_maps.update({label.split(" (")[0]: np.mean(np.square(frames - sharp), axis=(0, 3))
-                       for label, frames in restored.items()})
+    error_maps.update(
+        {
+            label.split(" (")[0]: np.mean(np.square(frames - sharp), axis=(0, 3))
+            for label, frames in restored.items()
+        }
+    )
     vmax = float(max(m.max() for m in error_maps.values()))
     conv_label, local_label = list(restored)
     conv_kernel = np.asarray(trained[conv_label]["params"]["kernel"])[..., 0, 0]
     local_kernel = np.asarray(trained[local_label]["params"]["kernel"])[..., 0, 0]
     centre, corner = size // 2, 2
-    kernels = {"nn.Conv kernel (everywhere)": conv_kernel,
-               "LocalConv kernel, centre": local_kernel[centre, centre],
-               "LocalConv kernel, near corner": local_kernel[corner, corner]}
+    kernels = {
+        "nn.Conv kernel (everywhere)": conv_kernel,
+        "LocalConv kernel, centre": local_kernel[centre, centre],
+        "LocalConv kernel, near corner": local_kernel[corner, corner],
+    }
     # The centre taps (~1) would swamp the colour scale; the sharpening lives off-centre.
     off_centre = [np.delete(k.ravel(), k.size // 2) for k in kernels.values()]
     klim = float(max(np.abs(k).max() for k in off_centre))
@@ -195,13 +246,15 @@ def _plot_errors_and_kernels(out: Path, blurred: np.ndarray, sharp: np.ndarray,
     grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 1, 1.7])
     maps = [fig.add_subplot(grid[0, c]) for c in range(3)]
     for ax, (label, emap) in zip(maps, error_maps.items(), strict=True):
-        handle = common.show_image(ax, emap, f"held-out MSE per position:\n{label}",
-                                   cmap="magma", vmin=0, vmax=vmax)
+        handle = common.show_image(
+            ax, emap, f"held-out MSE per position:\n{label}", cmap="magma", vmin=0, vmax=vmax
+        )
     fig.colorbar(handle, ax=maps, shrink=0.8)
     ax = fig.add_subplot(grid[0, 3])
     curves = {label.split(" (")[0]: c for label, c in curves.items()}
-    common.plot_losses(ax, curves, reference={
-        "blurred input": losses["blurred input (identity)"]["train"]})
+    common.plot_losses(
+        ax, curves, reference={"blurred input": losses["blurred input (identity)"]["train"]}
+    )
     panels = [fig.add_subplot(grid[1, c]) for c in range(3)]
     for ax, (label, kernel) in zip(panels, kernels.items(), strict=True):
         handle = common.show_image(ax, kernel, label, cmap="RdBu_r", vmin=-klim, vmax=klim)
@@ -210,8 +263,12 @@ def _plot_errors_and_kernels(out: Path, blurred: np.ndarray, sharp: np.ndarray,
     names = ["blurred input (identity)", conv_label, local_label]
     x = np.arange(len(names))
     for k, split in enumerate(["train", "heldout"]):
-        ax.bar(x + (k - 0.5) * 0.38, [losses[n][split] for n in names], width=0.38,
-               label={"train": "training photos", "heldout": "held-out photos"}[split])
+        ax.bar(
+            x + (k - 0.5) * 0.38,
+            [losses[n][split] for n in names],
+            width=0.38,
+            label={"train": "training photos", "heldout": "held-out photos"}[split],
+        )
     ax.set_xticks(x, [n.split(" (")[0] for n in names], fontsize=8)
     ax.set_ylabel("MSE (fixed evaluation frames)")
     ax.legend(fontsize=8)

@@ -63,8 +63,9 @@ def pair(name: str, value: Any, *, minimum: int = 1) -> Pair:
     return out
 
 
-def padding_pairs(padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair,
-                  dilation: Pair) -> Padding:
+def padding_pairs(
+    padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair, dilation: Pair
+) -> Padding:
     """``"SAME"``/``"VALID"``/int/``((top, bottom), (left, right))`` -> explicit pads.
 
     Strings follow ``lax.conv_general_dilated`` exactly (including ``"SAME_LOWER"``).
@@ -74,17 +75,20 @@ def padding_pairs(padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair,
         if name not in ("SAME", "VALID", "SAME_LOWER"):
             raise ValueError(
                 f"`padding` must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
-                f"got {padding!r}")
+                f"got {padding!r}"
+            )
         effective = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True))
         pads = lax.padtype_to_pads(in_size, effective, stride, name)
         return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
     if isinstance(padding, Sequence):
         ok = len(padding) == 2 and all(
-            isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in padding)
+            isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in padding
+        )
         if not ok:
             raise ValueError(
                 "`padding` must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
-                f"got {padding!r}")
+                f"got {padding!r}"
+            )
         out = tuple((_int("padding", lo), _int("padding", hi)) for lo, hi in padding)
     else:
         p = _int("padding", padding)
@@ -94,25 +98,34 @@ def padding_pairs(padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair,
     return out  # type: ignore[return-value]
 
 
-def geometry(*, in_size: Pair, kernel_size: Pair, stride: Any, padding: Any,
-             dilation: Any) -> Geometry:
+def geometry(
+    *, in_size: Pair, kernel_size: Pair, stride: Any, padding: Any, dilation: Any
+) -> Geometry:
     """Normalise stride/dilation/padding and compute the output size, as lax does."""
     stride = pair("stride", stride)
     dilation = pair("dilation", dilation)
     pads = padding_pairs(padding, in_size, kernel_size, stride, dilation)
     out = []
     for axis, (size, k, s, d, (lo, hi)) in enumerate(
-            zip(in_size, kernel_size, stride, dilation, pads, strict=True)):
+        zip(in_size, kernel_size, stride, dilation, pads, strict=True)
+    ):
         span = (k - 1) * d + 1
         padded = size + lo + hi
         if padded < span:
             dim = "height" if axis == 0 else "width"
             raise ValueError(
                 f"kernel {dim} {k} with dilation {d} spans {span} pixels, more than the padded "
-                f"input {dim} {padded} (input {size}, padding {(lo, hi)})")
+                f"input {dim} {padded} (input {size}, padding {(lo, hi)})"
+            )
         out.append((padded - span) // s + 1)
-    return Geometry(in_size=tuple(in_size), out_size=tuple(out), kernel_size=tuple(kernel_size),
-                    stride=stride, dilation=dilation, padding=pads)
+    return Geometry(
+        in_size=tuple(in_size),
+        out_size=tuple(out),
+        kernel_size=tuple(kernel_size),
+        stride=stride,
+        dilation=dilation,
+        padding=pads,
+    )
 
 
 def float_array(name: str, value: Any) -> jax.Array:
@@ -125,27 +138,31 @@ def float_array(name: str, value: Any) -> jax.Array:
         shape = tuple(np.shape(value))
         raise TypeError(
             f"`{name}` must have a floating dtype (float32, bfloat16, float16, ...), got "
-            f"{np.dtype(dtype).name} of shape {shape}")
+            f"{np.dtype(dtype).name} of shape {shape}"
+        )
     return jnp.asarray(value)
 
 
 def rank(name: str, value: jax.Array, ranks: Sequence[int], layout: str) -> None:
     if value.ndim not in ranks:
         raise ValueError(
-            f"`{name}` must be {layout}, got rank {value.ndim} with shape {tuple(value.shape)}")
+            f"`{name}` must be {layout}, got rank {value.ndim} with shape {tuple(value.shape)}"
+        )
 
 
 def shape(name: str, value: jax.Array, expected: tuple[int, ...], layout: str) -> None:
     if tuple(value.shape) != tuple(expected):
         raise ValueError(
             f"`{name}` of shape {tuple(value.shape)} where {tuple(expected)} was expected "
-            f"({layout})")
+            f"({layout})"
+        )
 
 
 def impl(value: Any) -> str:
     if value not in IMPLS:
         raise ValueError(
-            f"`impl` must be one of None, 'auto', 'pallas', 'xla', 'reference'; got {value!r}")
+            f"`impl` must be one of None, 'auto', 'pallas', 'xla', 'reference'; got {value!r}"
+        )
     return "auto" if value is None else value
 
 

@@ -67,14 +67,25 @@ class ModulatedConv(nn.Module):
         """``x [batch, height, width, in]``, ``d [batch, out_h, out_w, kh, kw]`` or shared
         ``[out_h, out_w, kh, kw]`` -> ``[batch, out_h, out_w, features]``."""
         kh, kw = _kernel_size(self.kernel_size)
-        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        kernel = self.param(
+            "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         x, kernel, d, bias = promote_dtype(x, kernel, d, bias, dtype=self.dtype)
-        y = modulated_conv2d(x, kernel, d, stride=self.strides, padding=self.padding,
-                             dilation=self.kernel_dilation, precision=self.precision,
-                             impl=self.impl)
+        y = modulated_conv2d(
+            x,
+            kernel,
+            d,
+            stride=self.strides,
+            padding=self.padding,
+            dilation=self.kernel_dilation,
+            precision=self.precision,
+            impl=self.impl,
+        )
         return y if bias is None else y + bias
 
 
@@ -115,16 +126,34 @@ class LocalConv(nn.Module):
         """``x [batch, height, width, in]`` -> ``[batch, out_h, out_w, features]``."""
         _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
         kh, kw = _kernel_size(self.kernel_size)
-        geom = _checks.geometry(in_size=x.shape[1:3], kernel_size=(kh, kw), stride=self.strides,
-                                padding=self.padding, dilation=self.kernel_dilation)
-        kernel = self.param("kernel", self.kernel_init,
-                            (*geom.out_size, kh, kw, x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (*geom.out_size, self.features),
-                           self.param_dtype) if self.use_bias else None)
+        geom = _checks.geometry(
+            in_size=x.shape[1:3],
+            kernel_size=(kh, kw),
+            stride=self.strides,
+            padding=self.padding,
+            dilation=self.kernel_dilation,
+        )
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*geom.out_size, kh, kw, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (*geom.out_size, self.features), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = local_conv2d(x, kernel, stride=self.strides, padding=self.padding,
-                         dilation=self.kernel_dilation, precision=self.precision, impl=self.impl)
+        y = local_conv2d(
+            x,
+            kernel,
+            stride=self.strides,
+            padding=self.padding,
+            dilation=self.kernel_dilation,
+            precision=self.precision,
+            impl=self.impl,
+        )
         return y if bias is None else y + bias
 
 
@@ -135,8 +164,10 @@ def from_conv_local_kernel(kernel: jax.Array, kernel_size: int | Sequence[int]) 
     kh, kw = _kernel_size(kernel_size)
     ho, wo, k, f = kernel.shape
     if k % (kh * kw):
-        raise ValueError(f"`kernel` of shape {tuple(kernel.shape)} does not hold "
-                         f"{kh}x{kw} taps per input channel")
+        raise ValueError(
+            f"`kernel` of shape {tuple(kernel.shape)} does not hold "
+            f"{kh}x{kw} taps per input channel"
+        )
     return kernel.reshape(ho, wo, k // (kh * kw), kh, kw, f).transpose(0, 1, 3, 4, 2, 5)
 
 
@@ -183,8 +214,9 @@ class KernelPredictionFilter(nn.Module):
     impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, guide: jax.Array | None = None, *,
-                 return_kernels: bool = False):
+    def __call__(
+        self, x: jax.Array, guide: jax.Array | None = None, *, return_kernels: bool = False
+    ):
         """``x [batch, h, w, channels]``, ``guide [batch, h, w, features]`` (default ``x``) ->
         the filtered ``x`` (and the kernels ``[batch, h, w, kh, kw, groups]`` when asked)."""
         guide = x if guide is None else guide
@@ -192,16 +224,29 @@ class KernelPredictionFilter(nn.Module):
         if tuple(guide.shape[:3]) != tuple(x.shape[:3]):
             raise ValueError(
                 f"`guide` of shape {tuple(guide.shape)} must match `x` of shape "
-                f"{tuple(x.shape)} in batch, height and width")
+                f"{tuple(x.shape)} in batch, height and width"
+            )
         kh, kw = _kernel_size(self.kernel_size)
-        logits = nn.Conv(kh * kw * self.groups, _kernel_size(self.predictor_kernel_size),
-                         padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-                         precision=self.precision, kernel_init=self.kernel_init,
-                         bias_init=self.bias_init, name="predictor")(guide)
+        logits = nn.Conv(
+            kh * kw * self.groups,
+            _kernel_size(self.predictor_kernel_size),
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            name="predictor",
+        )(guide)
         logits = logits.reshape(*logits.shape[:3], kh * kw, self.groups) / self.temperature
         kernels = jax.nn.softmax(logits.astype(jnp.float32), axis=3)
         kernels = kernels.reshape(*logits.shape[:3], kh, kw, self.groups)
         dtype = self.dtype or x.dtype
-        y = pixel_filter2d(x.astype(dtype), kernels.astype(dtype), padding="SAME",
-                           dilation=self.kernel_dilation, impl=self.impl)
+        y = pixel_filter2d(
+            x.astype(dtype),
+            kernels.astype(dtype),
+            padding="SAME",
+            dilation=self.kernel_dilation,
+            impl=self.impl,
+        )
         return (y, kernels) if return_kernels else y

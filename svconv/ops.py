@@ -22,10 +22,17 @@ PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
 IntOrPair = int | tuple[int, int]
 
 
-def _run(family: str, target: str, impl: str, geom, operands: dict[str, jax.Array],
-         **options: Any) -> jax.Array:
-    spec = Spec(family=family, target=target, geom=geom, impl=impl,
-                interpret=impl == "pallas" and not _dispatch.on_gpu(), **options)
+def _run(
+    family: str, target: str, impl: str, geom, operands: dict[str, jax.Array], **options: Any
+) -> jax.Array:
+    spec = Spec(
+        family=family,
+        target=target,
+        geom=geom,
+        impl=impl,
+        interpret=impl == "pallas" and not _dispatch.on_gpu(),
+        **options,
+    )
     return apply(spec, *(operands[s] for s in spec.operands))
 
 
@@ -72,25 +79,54 @@ def modulated_conv2d(
     if cin != x.shape[3]:
         raise ValueError(
             f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
-            f"{tuple(x.shape)} has {x.shape[3]}")
-    geom = _checks.geometry(in_size=x.shape[1:3], kernel_size=(kh, kw), stride=stride,
-                            padding=padding, dilation=dilation)
-    _checks.rank("d", d, (4, 5), "[batch, out_height, out_width, kh, kw] or [out_height, "
-                 "out_width, kh, kw]")
+            f"{tuple(x.shape)} has {x.shape[3]}"
+        )
+    geom = _checks.geometry(
+        in_size=x.shape[1:3],
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    _checks.rank(
+        "d", d, (4, 5), "[batch, out_height, out_width, kh, kw] or [out_height, out_width, kh, kw]"
+    )
     expected = (*geom.out_size, kh, kw)
     if d.ndim == 5:
         expected = (x.shape[0], *expected)
-    _checks.shape("d", d, expected, "[batch, out_height, out_width, kh, kw]" if d.ndim == 5
-                  else "[out_height, out_width, kh, kw]")
+    _checks.shape(
+        "d",
+        d,
+        expected,
+        "[batch, out_height, out_width, kh, kw]"
+        if d.ndim == 5
+        else "[out_height, out_width, kh, kw]",
+    )
     precision = _checks.precision(precision)
     dtype = _checks.common_dtype(x=x, w=w, d=d)
     x, w, d = x.astype(dtype), w.astype(dtype), d.astype(dtype)
-    impl = choose_impl(impl, "modulated_conv2d", "modulated", x_shape=tuple(x.shape),
-                       kernel_size=(kh, kw), cout=cout, dtype=dtype, **geom.kwargs())
+    impl = choose_impl(
+        impl,
+        "modulated_conv2d",
+        "modulated",
+        x_shape=tuple(x.shape),
+        kernel_size=(kh, kw),
+        cout=cout,
+        dtype=dtype,
+        **geom.kwargs(),
+    )
     if impl == "reference":
         return reference.modulated_conv2d(x, w, d, geom)
-    return _run("modulated", "y", impl, geom, {"x": x, "w": w, "d": d}, precision=precision,
-                batched_d=d.ndim == 5, block_sizes=block_sizes)
+    return _run(
+        "modulated",
+        "y",
+        impl,
+        geom,
+        {"x": x, "w": w, "d": d},
+        precision=precision,
+        batched_d=d.ndim == 5,
+        block_sizes=block_sizes,
+    )
 
 
 def local_conv2d(
@@ -128,33 +164,54 @@ def local_conv2d(
     if cin != x.shape[3]:
         raise ValueError(
             f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
-            f"{tuple(x.shape)} has {x.shape[3]}")
-    geom = _checks.geometry(in_size=x.shape[1:3], kernel_size=(kh, kw), stride=stride,
-                            padding=padding, dilation=dilation)
-    _checks.shape("w", w, (*geom.out_size, kh, kw, cin, cout),
-                  "[out_height, out_width, kh, kw, in_channels, out_channels]")
+            f"{tuple(x.shape)} has {x.shape[3]}"
+        )
+    geom = _checks.geometry(
+        in_size=x.shape[1:3],
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    _checks.shape(
+        "w",
+        w,
+        (*geom.out_size, kh, kw, cin, cout),
+        "[out_height, out_width, kh, kw, in_channels, out_channels]",
+    )
     precision = _checks.precision(precision)
     dtype = _checks.common_dtype(x=x, w=w)
     x, w = x.astype(dtype), w.astype(dtype)
-    impl = choose_impl(impl, "local_conv2d", "local", x_shape=tuple(x.shape),
-                       kernel_size=(kh, kw), cout=cout, dtype=dtype, **geom.kwargs())
+    impl = choose_impl(
+        impl,
+        "local_conv2d",
+        "local",
+        x_shape=tuple(x.shape),
+        kernel_size=(kh, kw),
+        cout=cout,
+        dtype=dtype,
+        **geom.kwargs(),
+    )
     if impl == "reference":
         return reference.local_conv2d(x, w, geom)
-    return _run("local", "y", impl, geom, {"x": x, "w": w}, precision=precision,
-                block_sizes=block_sizes)
+    return _run(
+        "local", "y", impl, geom, {"x": x, "w": w}, precision=precision, block_sizes=block_sizes
+    )
 
 
 def _pixel_kernels(name: str, k: jax.Array, channels: int) -> tuple[jax.Array, int]:
     """Check the rank/groups of per-pixel kernels; returns them with a groups axis."""
-    _checks.rank(name, k, (5, 6), "[batch, height, width, kh, kw] or [batch, height, width, "
-                 "kh, kw, groups]")
+    _checks.rank(
+        name, k, (5, 6), "[batch, height, width, kh, kw] or [batch, height, width, kh, kw, groups]"
+    )
     if k.ndim == 5:
         return k[..., None], 1
     groups = k.shape[5]
     if groups < 1 or channels % groups:
         raise ValueError(
             f"`{name}` of shape {tuple(k.shape)} has {groups} groups, which does not divide the "
-            f"{channels} channels of `x`")
+            f"{channels} channels of `x`"
+        )
     return k, groups
 
 
@@ -189,18 +246,34 @@ def pixel_filter2d(
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     k6, groups = _pixel_kernels("k", k, x.shape[3])
     kh, kw = k6.shape[3:5]
-    geom = _checks.geometry(in_size=x.shape[1:3], kernel_size=(kh, kw), stride=stride,
-                            padding=padding, dilation=dilation)
-    _checks.shape("k", k, (x.shape[0], *geom.out_size, *k.shape[3:]),
-                  "[batch, out_height, out_width, kh, kw(, groups)]")
+    geom = _checks.geometry(
+        in_size=x.shape[1:3],
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    _checks.shape(
+        "k",
+        k,
+        (x.shape[0], *geom.out_size, *k.shape[3:]),
+        "[batch, out_height, out_width, kh, kw(, groups)]",
+    )
     dtype = _checks.common_dtype(x=x, k=k)
     x, k6 = x.astype(dtype), k6.astype(dtype)
-    impl = choose_impl(impl, "pixel_filter2d", "pixel", x_shape=tuple(x.shape),
-                       kernel_size=(kh, kw), groups=groups, dtype=dtype, **geom.kwargs())
+    impl = choose_impl(
+        impl,
+        "pixel_filter2d",
+        "pixel",
+        x_shape=tuple(x.shape),
+        kernel_size=(kh, kw),
+        groups=groups,
+        dtype=dtype,
+        **geom.kwargs(),
+    )
     if impl == "reference":
         return reference.pixel_filter2d(x, k6, geom)
-    return _run("pixel", "y", impl, geom, {"x": x, "k": k6}, groups=groups,
-                block_sizes=block_sizes)
+    return _run("pixel", "y", impl, geom, {"x": x, "k": k6}, groups=groups, block_sizes=block_sizes)
 
 
 def _splat_output_size(source_size, kernel_size, stride, dilation, padding):
@@ -211,8 +284,10 @@ def _splat_output_size(source_size, kernel_size, stride, dilation, padding):
     pads = _checks.padding_pairs(padding, (1, 1), kernel_size, stride, dilation)
     return tuple(
         (s - 1) * st + (k - 1) * dl + 1 - lo - hi
-        for s, k, st, dl, (lo, hi) in zip(source_size, kernel_size, stride, dilation, pads,
-                                          strict=True))
+        for s, k, st, dl, (lo, hi) in zip(
+            source_size, kernel_size, stride, dilation, pads, strict=True
+        )
+    )
 
 
 def pixel_splat2d(
@@ -259,21 +334,35 @@ def pixel_splat2d(
     if min(size) < 1:
         raise ValueError(
             f"pixel_splat2d: the output size {size} is empty for `x` of shape {tuple(x.shape)}, "
-            f"kernel {(kh, kw)} and padding {padding!r}; pass `output_size`")
-    geom = _checks.geometry(in_size=size, kernel_size=(kh, kw), stride=stride_pair,
-                            padding=padding, dilation=dilation_pair)
+            f"kernel {(kh, kw)} and padding {padding!r}; pass `output_size`"
+        )
+    geom = _checks.geometry(
+        in_size=size,
+        kernel_size=(kh, kw),
+        stride=stride_pair,
+        padding=padding,
+        dilation=dilation_pair,
+    )
     if geom.out_size != tuple(x.shape[1:3]):
         raise ValueError(
             f"`output_size` {size}: a pixel_filter2d of that size gives {geom.out_size} pixels, "
-            f"not the {tuple(x.shape[1:3])} of `x` of shape {tuple(x.shape)}")
+            f"not the {tuple(x.shape[1:3])} of `x` of shape {tuple(x.shape)}"
+        )
     dtype = _checks.common_dtype(x=x, k=k)
     x, k6 = x.astype(dtype), k6.astype(dtype)
-    impl = choose_impl(impl, "pixel_splat2d", "pixel", x_shape=(x.shape[0], *size, x.shape[3]),
-                       kernel_size=(kh, kw), groups=groups, dtype=dtype, **geom.kwargs())
+    impl = choose_impl(
+        impl,
+        "pixel_splat2d",
+        "pixel",
+        x_shape=(x.shape[0], *size, x.shape[3]),
+        kernel_size=(kh, kw),
+        groups=groups,
+        dtype=dtype,
+        **geom.kwargs(),
+    )
     if impl == "reference":
         return reference.pixel_splat2d(x, k6, geom)
-    return _run("pixel", "x", impl, geom, {"y": x, "k": k6}, groups=groups,
-                block_sizes=block_sizes)
+    return _run("pixel", "x", impl, geom, {"y": x, "k": k6}, groups=groups, block_sizes=block_sizes)
 
 
 def gaussian_kernels(sigma: jax.Array, size: IntOrPair) -> jax.Array:

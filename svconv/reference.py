@@ -88,5 +88,5 @@ def pixel_splat2d(x, k, geom: Geometry) -> jax.Array:
         rows = sh * jnp.arange(ho) + m * dh
         cols = sw * jnp.arange(wo) + n * dw
         y = y.at[:, rows[:, None], cols[None, :], :].add(x * k[:, :, :, m, n, :])
-    y = y[:, pt:pt + h, pl:pl + w, :]
+    y = y[:, pt : pt + h, pl : pl + w, :]
     return y.astype(dtype)

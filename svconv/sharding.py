@@ -94,8 +94,10 @@ def sharding_rule(spec: Any, mesh: Any, operand_types: Any, result_types: Any) -
 
     rule = ", ".join(term(s) for s in spec.operands) + " -> " + term(spec.target)
     # Shardy wants the reduction factors in order of first appearance.
-    operands, result = (part.replace("(", " ").replace(")", " ").replace(",", " ").split()
-                        for part in rule.split("->"))
+    operands, result = (
+        part.replace("(", " ").replace(")", " ").replace(",", " ").split()
+        for part in rule.split("->")
+    )
     reductions = tuple(dict.fromkeys(f for f in operands if f not in result))
     options: dict[str, Any] = dict(sizes)
     if reductions:
@@ -145,15 +147,19 @@ def height_split(geom: Geometry, axes: tuple[str, ...], shards: int) -> Halo | N
     below = (kh - 1) * dh + 1 - sh - pt
     if pt > block_in or abs(below) > block_in:
         return None
-    return Halo(axes=axes, shards=shards, block_in=block_in, block_out=block_out, top=pt,
-                 below=below)
+    return Halo(
+        axes=axes, shards=shards, block_in=block_in, block_out=block_out, top=pt, below=below
+    )
 
 
 def _local_geometry(geom: Geometry, halo: Halo) -> Geometry:
     """The geometry one shard runs: its extended input rows, no height padding."""
     return dataclasses.replace(
-        geom, in_size=(halo.block_in + halo.top + halo.below, geom.in_size[1]),
-        out_size=(halo.block_out, geom.out_size[1]), padding=((0, 0), geom.padding[1]))
+        geom,
+        in_size=(halo.block_in + halo.top + halo.below, geom.in_size[1]),
+        out_size=(halo.block_out, geom.out_size[1]),
+        padding=((0, 0), geom.padding[1]),
+    )
 
 
 def _name(axes: tuple[str, ...]) -> str | tuple[str, ...]:
@@ -170,8 +176,9 @@ def halo_extend(x: jax.Array, halo: Halo, axis: int = 1) -> jax.Array:
     """``x``'s own rows with ``top`` rows of the shard above and ``below`` of the shard below."""
     parts = []
     if halo.top:
-        parts.append(_shift(lax.slice_in_dim(x, halo.block_in - halo.top, halo.block_in,
-                                             axis=axis), halo, 1))
+        parts.append(
+            _shift(lax.slice_in_dim(x, halo.block_in - halo.top, halo.block_in, axis=axis), halo, 1)
+        )
     parts.append(x)
     if halo.below > 0:
         parts.append(_shift(lax.slice_in_dim(x, 0, halo.below, axis=axis), halo, -1))
@@ -194,8 +201,9 @@ def halo_fold(v: jax.Array, halo: Halo, axis: int = 1) -> jax.Array:
         recv = _shift(lax.slice_in_dim(v, 0, top, axis=axis), halo, -1)
         own = _add_rows(own, recv, block - top, axis)
     if halo.below > 0:
-        recv = _shift(lax.slice_in_dim(v, top + block, top + block + halo.below, axis=axis),
-                      halo, 1)
+        recv = _shift(
+            lax.slice_in_dim(v, top + block, top + block + halo.below, axis=axis), halo, 1
+        )
         own = _add_rows(own, recv, 0, axis)
     return own
 
@@ -233,8 +241,9 @@ def _plan(spec: Any, mesh: Any, arg_shapes: tuple, result_shape: Any):
     return batch, halo
 
 
-def _sharding(spec: Any, mesh: Any, slot: str, batch: tuple[str, ...],
-              halo: Halo | None) -> NamedSharding:
+def _sharding(
+    spec: Any, mesh: Any, slot: str, batch: tuple[str, ...], halo: Halo | None
+) -> NamedSharding:
     entries = []
     for name in slot_dims(spec, slot):
         if name == "b" and batch:
@@ -246,8 +255,9 @@ def _sharding(spec: Any, mesh: Any, slot: str, batch: tuple[str, ...],
     return NamedSharding(mesh, P(*entries))
 
 
-def _lowering(kernel: Callable[..., jax.Array], spec: Any, mesh: Any, arg_shapes: tuple,
-              result_shape: Any):
+def _lowering(
+    kernel: Callable[..., jax.Array], spec: Any, mesh: Any, arg_shapes: tuple, result_shape: Any
+):
     """The per-shard function of one call and the shardings it takes and gives."""
     batch, halo = _plan(spec, mesh, arg_shapes, result_shape)
     arg_shardings = tuple(_sharding(spec, mesh, s, batch, halo) for s in spec.operands)
@@ -256,13 +266,16 @@ def _lowering(kernel: Callable[..., jax.Array], spec: Any, mesh: Any, arg_shapes
     reduce_axes = () if "b" in target_dims else batch
     if halo is not None and "ho" not in target_dims and "h" not in target_dims:
         reduce_axes += halo.axes
-    local_spec = spec if halo is None else dataclasses.replace(
-        spec, geom=_local_geometry(spec.geom, halo))
+    local_spec = (
+        spec if halo is None else dataclasses.replace(spec, geom=_local_geometry(spec.geom, halo))
+    )
 
     def lower(*operands):
         if halo is not None:
-            operands = tuple(halo_extend(v, halo) if s == "x" else v
-                             for s, v in zip(spec.operands, operands, strict=True))
+            operands = tuple(
+                halo_extend(v, halo) if s == "x" else v
+                for s, v in zip(spec.operands, operands, strict=True)
+            )
         out = kernel(local_spec, *operands)
         if halo is not None and spec.target == "x":
             out = halo_fold(out, halo)
@@ -284,18 +297,28 @@ def _explicit_mesh(operands: tuple[jax.Array, ...]) -> Any:
     return None
 
 
-def _shard_explicit(kernel: Callable[..., jax.Array], spec: Any, mesh: Any,
-                    operands: tuple[jax.Array, ...]) -> jax.Array:
+def _shard_explicit(
+    kernel: Callable[..., jax.Array], spec: Any, mesh: Any, operands: tuple[jax.Array, ...]
+) -> jax.Array:
     """With ``Explicit`` mesh axes the shardings are known while tracing: the same per-shard
     function runs under ``shard_map``."""
-    shapes = tuple(jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                        sharding=NamedSharding(mesh, jax.typeof(v).sharding.spec))
-                   for v in operands)
+    shapes = tuple(
+        jax.ShapeDtypeStruct(
+            v.shape, v.dtype, sharding=NamedSharding(mesh, jax.typeof(v).sharding.spec)
+        )
+        for v in operands
+    )
     lower, result_sharding, arg_shardings = _lowering(kernel, spec, mesh, shapes, None)
-    operands = tuple(jax.sharding.reshard(v, s)
-                     for v, s in zip(operands, arg_shardings, strict=True))
-    return jax.shard_map(lower, mesh=mesh, in_specs=tuple(s.spec for s in arg_shardings),
-                         out_specs=result_sharding.spec, check_vma=False)(*operands)
+    operands = tuple(
+        jax.sharding.reshard(v, s) for v, s in zip(operands, arg_shardings, strict=True)
+    )
+    return jax.shard_map(
+        lower,
+        mesh=mesh,
+        in_specs=tuple(s.spec for s in arg_shardings),
+        out_specs=result_sharding.spec,
+        check_vma=False,
+    )(*operands)
 
 
 def partitioned(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -303,8 +326,9 @@ def partitioned(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     over a device mesh as the module docstring describes."""
 
     def partition(spec, mesh, arg_shapes, result_shape):
-        lower, result_sharding, arg_shardings = _lowering(kernel, spec, mesh, arg_shapes,
-                                                          result_shape)
+        lower, result_sharding, arg_shardings = _lowering(
+            kernel, spec, mesh, arg_shapes, result_shape
+        )
         return mesh, lower, result_sharding, arg_shardings
 
     cp = custom_partitioning(kernel, static_argnums=(0,))

@@ -31,8 +31,10 @@ def _pad(x, padding):
 def _out_size(in_size, kernel_size, stride, dilation, padding):
     return tuple(
         (size + lo + hi - (k - 1) * d - 1) // s + 1
-        for size, k, s, d, (lo, hi) in zip(in_size, kernel_size, stride, dilation, padding,
-                                           strict=True))
+        for size, k, s, d, (lo, hi) in zip(
+            in_size, kernel_size, stride, dilation, padding, strict=True
+        )
+    )
 
 
 def _tap(xp, m, n, out_size, stride, dilation, axes=(-3, -2)):
@@ -49,8 +51,9 @@ def _untap(v, m, n, in_size, stride, dilation, padding, axes=(-3, -2)):
     """Transpose of ``_tap`` composed with the padding: places ``v`` (``(Ho, Wo)`` on ``axes``)
     where tap ``(m, n)`` read it, in the unpadded input frame ``(H, W)`` (negative pads crop)."""
     cfg = [(0, 0, 0)] * v.ndim
-    for axis, size, first, s, (lo, _) in zip(axes, in_size, (m * dilation[0], n * dilation[1]),
-                                            stride, padding, strict=True):
+    for axis, size, first, s, (lo, _) in zip(
+        axes, in_size, (m * dilation[0], n * dilation[1]), stride, padding, strict=True
+    ):
         count = v.shape[axis]
         cfg[axis] = (first - lo, size - (first - lo) - (count - 1) * s - 1, s - 1)
     return lax.pad(v, jnp.zeros((), v.dtype), cfg)
@@ -67,8 +70,10 @@ def _tap_at(xp, t, kernel_size, out_size, stride, dilation):
     m, n = t // kernel_size[1], t % kernel_size[1]
     lead = xp.ndim - 3
     window = lax.dynamic_slice(
-        xp, (0,) * lead + (m * dh, n * dw, 0),
-        xp.shape[:lead] + ((ho - 1) * sh + 1, (wo - 1) * sw + 1, xp.shape[-1]))
+        xp,
+        (0,) * lead + (m * dh, n * dw, 0),
+        xp.shape[:lead] + ((ho - 1) * sh + 1, (wo - 1) * sw + 1, xp.shape[-1]),
+    )
     if (sh, sw) == (1, 1):
         return window
     return lax.slice(window, (0,) * xp.ndim, window.shape, (1,) * lead + (sh, sw, 1))
@@ -93,16 +98,18 @@ def _per_tap(fn, kernel_size, shape):
 
 def _dot(a, b, precision):
     """``[..., K] x [K, N] -> [..., N]`` accumulated in float32."""
-    return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=_F32)
+    return lax.dot_general(
+        a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision, preferred_element_type=_F32
+    )
 
 
 def _batched_d(d):
     return d if d.ndim == 5 else d[None]
 
 
-def _by_row_blocks(fn, x, row_arrays, *, out_rows, kernel_h, stride_h, dilation_h, padding,
-                   block_bytes=1 << 19):
+def _by_row_blocks(
+    fn, x, row_arrays, *, out_rows, kernel_h, stride_h, dilation_h, padding, block_bytes=1 << 19
+):
     """``fn`` over blocks of output rows, so that each block's per-tap temporaries stay in cache.
 
     XLA's CPU backend runs a tap loop as separate GEMMs and elementwise passes over image-sized
@@ -119,8 +126,11 @@ def _by_row_blocks(fn, x, row_arrays, *, out_rows, kernel_h, stride_h, dilation_
     blocks = -(-out_rows // rows)
     span = (rows - 1) * stride_h + (kernel_h - 1) * dilation_h + 1
     needed = (blocks * rows - 1) * stride_h + (kernel_h - 1) * dilation_h + 1
-    xr = lax.pad(x, jnp.zeros((), x.dtype),
-                 ((0, 0, 0), (pt, needed - x.shape[1] - pt, 0), (0, 0, 0), (0, 0, 0)))
+    xr = lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        ((0, 0, 0), (pt, needed - x.shape[1] - pt, 0), (0, 0, 0), (0, 0, 0)),
+    )
     padded = []
     for a, axis in row_arrays:
         cfg = [(0, 0, 0)] * a.ndim
@@ -142,11 +152,19 @@ def _by_row_blocks(fn, x, row_arrays, *, out_rows, kernel_h, stride_h, dilation_
 
 def modulated_conv2d_fwd(x, w, d, *, stride, dilation, padding, precision=None):
     d = _batched_d(d)
-    fn = functools.partial(_modulated_fwd_taps, w=w, stride=stride, dilation=dilation,
-                           precision=precision)
-    return _by_row_blocks(lambda xb, db, padding: fn(xb, d=db, padding=padding), x, [(d, 1)],
-                          out_rows=d.shape[1], kernel_h=w.shape[0], stride_h=stride[0],
-                          dilation_h=dilation[0], padding=padding)
+    fn = functools.partial(
+        _modulated_fwd_taps, w=w, stride=stride, dilation=dilation, precision=precision
+    )
+    return _by_row_blocks(
+        lambda xb, db, padding: fn(xb, d=db, padding=padding),
+        x,
+        [(d, 1)],
+        out_rows=d.shape[1],
+        kernel_h=w.shape[0],
+        stride_h=stride[0],
+        dilation_h=dilation[0],
+        padding=padding,
+    )
 
 
 def _modulated_fwd_taps(x, w, d, *, stride, dilation, padding, precision):
@@ -177,12 +195,21 @@ def modulated_conv2d_grad_x(dy, w, d, *, input_size, stride, dilation, padding, 
 def modulated_conv2d_grad_w(x, dy, d, *, kernel_size, stride, dilation, padding, precision=None):
     xp, d = _pad(x, padding), _batched_d(d)
     out_size = dy.shape[1:3]
-    dy2 = dy.reshape(-1, dy.shape[-1])  # a plain 2-D GEMM is faster on CPU than a 3-axis contraction
+    dy2 = dy.reshape(
+        -1, dy.shape[-1]
+    )  # a plain 2-D GEMM is faster on CPU than a 3-axis contraction
     taps = []
     for m, n in _taps(kernel_size):
         xs = _tap(xp, m, n, out_size, stride, dilation) * d[..., m, n, None]
-        taps.append(lax.dot_general(xs.reshape(-1, xs.shape[-1]), dy2, (((0,), (0,)), ((), ())),
-                                    precision=precision, preferred_element_type=_F32))
+        taps.append(
+            lax.dot_general(
+                xs.reshape(-1, xs.shape[-1]),
+                dy2,
+                (((0,), (0,)), ((), ())),
+                precision=precision,
+                preferred_element_type=_F32,
+            )
+        )
     kh, kw = kernel_size
     return jnp.stack(taps).reshape(kh, kw, *taps[0].shape).astype(x.dtype)
 
@@ -211,13 +238,24 @@ def modulated_conv2d_patches(x, w, d, *, stride, dilation, padding, precision=No
     """Patch-tensor formulation (``conv_general_dilated_patches`` + einsum), for comparison."""
     kh, kw, cin, cout = w.shape
     patches = lax.conv_general_dilated_patches(
-        x, (kh, kw), stride, padding, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+        x,
+        (kh, kw),
+        stride,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
     n, ho, wo, _ = patches.shape
     patches = patches.reshape(n, ho, wo, cin, kh * kw)  # features are ordered (c, m, n)
     d = jnp.broadcast_to(_batched_d(d), (n, ho, wo, kh, kw)).reshape(n, ho, wo, 1, kh * kw)
-    y = jnp.einsum("bhwct,tco->bhwo", patches * d, w.reshape(kh * kw, cin, cout),
-                   precision=precision, preferred_element_type=_F32)
+    y = jnp.einsum(
+        "bhwct,tco->bhwo",
+        patches * d,
+        w.reshape(kh * kw, cin, cout),
+        precision=precision,
+        preferred_element_type=_F32,
+    )
     return y.astype(x.dtype)
 
 
@@ -233,8 +271,13 @@ _NHWC = (2, 0, 1, 3)  # back
 
 def _pixel_dot(a, b, contract, precision):
     """Batched over the leading (pixel) axis; contracts ``a``'s and ``b``'s ``contract`` axes."""
-    return lax.dot_general(a, b, ((contract[0], contract[1]), ((0,), (0,))),
-                           precision=precision, preferred_element_type=_F32)
+    return lax.dot_general(
+        a,
+        b,
+        ((contract[0], contract[1]), ((0,), (0,))),
+        precision=precision,
+        preferred_element_type=_F32,
+    )
 
 
 def local_conv2d_fwd(x, w, *, stride, dilation, padding, precision=None):
@@ -265,8 +308,9 @@ def local_conv2d_grad_w(x, dy, *, kernel_size, stride, dilation, padding, precis
     dyt = dy.transpose(_PIXEL_MAJOR).reshape(ho * wo, -1, cout)
     taps = []
     for m, n in _taps(kernel_size):
-        xs = _tap(xp, m, n, (ho, wo), stride, dilation, axes=(0, 1)).reshape(ho * wo, -1,
-                                                                             x.shape[3])
+        xs = _tap(xp, m, n, (ho, wo), stride, dilation, axes=(0, 1)).reshape(
+            ho * wo, -1, x.shape[3]
+        )
         taps.append(_pixel_dot(xs, dyt, ((1,), (1,)), precision))  # [Ho*Wo, Cin, Cout]
     dw = jnp.stack(taps, axis=1)
     return dw.reshape(ho, wo, *kernel_size, x.shape[3], cout).astype(x.dtype)
@@ -320,11 +364,20 @@ def pixel_gather_patches(x, k, *, stride, dilation, padding):
     """Patch-tensor formulation of :func:`pixel_gather`, for comparison."""
     kh, kw, groups = k.shape[3:]
     patches = lax.conv_general_dilated_patches(
-        x, (kh, kw), stride, padding, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+        x,
+        (kh, kw),
+        stride,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
     n, ho, wo, _ = patches.shape
     patches = patches.reshape(n, ho, wo, groups, x.shape[-1] // groups, kh * kw)
-    y = jnp.einsum("bhwgct,bhwtg->bhwgc", patches, k.reshape(n, ho, wo, kh * kw, groups),
-                   preferred_element_type=_F32)
+    y = jnp.einsum(
+        "bhwgct,bhwtg->bhwgc",
+        patches,
+        k.reshape(n, ho, wo, kh * kw, groups),
+        preferred_element_type=_F32,
+    )
     return y.reshape(n, ho, wo, -1).astype(x.dtype)
-

@@ -7,8 +7,9 @@ import os
 
 # The suite is dominated by XLA compile time of many small tap loops; LLVM's heavy optimisation
 # buys nothing at these sizes. Set before the CPU backend starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +41,20 @@ class Case:
             if isinstance(v, str | int):
                 return str(v)
             return "x".join(fmt(e) if not isinstance(e, int) else str(e) for e in v)
-        return (f"N{self.n}-H{self.h}W{self.w}-c{self.cin}o{self.cout}-k{fmt(self.k)}"
-                f"-s{fmt(self.stride)}-d{fmt(self.dilation)}-p{fmt(self.padding)}")
+
+        return (
+            f"N{self.n}-H{self.h}W{self.w}-c{self.cin}o{self.cout}-k{fmt(self.k)}"
+            f"-s{fmt(self.stride)}-d{fmt(self.dilation)}-p{fmt(self.padding)}"
+        )
 
     def geom(self) -> _checks.Geometry:
-        return _checks.geometry(in_size=(self.h, self.w), kernel_size=self.k, stride=self.stride,
-                                padding=self.padding, dilation=self.dilation)
+        return _checks.geometry(
+            in_size=(self.h, self.w),
+            kernel_size=self.k,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
 
     def kw(self) -> dict:
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
@@ -60,13 +69,26 @@ def random_cases(seed: int, count: int, max_k: int = 7) -> list[Case]:
         k = (int(rng.integers(1, max_k + 1)), int(rng.integers(1, max_k + 1)))
         stride = [1, 2, (2, 1), (1, 3)][rng.integers(4)]
         dilation = [1, 1, 2, (1, 2)][rng.integers(4)]
-        padding = ["SAME", "VALID", int(rng.integers(0, 3)),
-                   ((int(rng.integers(0, 3)), int(rng.integers(0, 3))),
-                    (int(rng.integers(0, 3)), int(rng.integers(0, 3))))][rng.integers(4)]
-        case = Case(n=int(rng.integers(1, 3)), h=int(rng.integers(5, 13)),
-                    w=int(rng.integers(5, 13)), cin=int(rng.integers(1, 6)),
-                    cout=int(rng.integers(1, 6)), k=k, stride=stride, dilation=dilation,
-                    padding=padding)
+        padding = [
+            "SAME",
+            "VALID",
+            int(rng.integers(0, 3)),
+            (
+                (int(rng.integers(0, 3)), int(rng.integers(0, 3))),
+                (int(rng.integers(0, 3)), int(rng.integers(0, 3))),
+            ),
+        ][rng.integers(4)]
+        case = Case(
+            n=int(rng.integers(1, 3)),
+            h=int(rng.integers(5, 13)),
+            w=int(rng.integers(5, 13)),
+            cin=int(rng.integers(1, 6)),
+            cout=int(rng.integers(1, 6)),
+            k=k,
+            stride=stride,
+            dilation=dilation,
+            padding=padding,
+        )
         try:
             case.geom()
         except ValueError:  # kernel larger than the padded input: drawn again

@@ -47,8 +47,7 @@ class Check:
         extra = ""
         if (self.stride, self.dilation, self.padding, self.kernel) != (1, 1, "SAME", 3):
             extra = f"-k{self.kernel}s{self.stride}d{self.dilation}{self.padding}"
-        return (f"{self.op}-{self.impl}-{self.mode}{extra}"
-                f"{'-explicit' if self.explicit else ''}")
+        return f"{self.op}-{self.impl}-{self.mode}{extra}{'-explicit' if self.explicit else ''}"
 
 
 OPS = ("modulated", "modulated_shared", "local", "pixel", "splat")
@@ -76,8 +75,12 @@ def _setup(check: Check):
     import svconv
 
     k = check.kernel
-    geo = {"stride": check.stride, "padding": check.padding, "dilation": check.dilation,
-           "impl": check.impl}
+    geo = {
+        "stride": check.stride,
+        "padding": check.padding,
+        "dilation": check.dilation,
+        "impl": check.impl,
+    }
     span = (k - 1) * check.dilation + 1
     ho = H // check.stride if check.padding == "SAME" else (H - span) // check.stride + 1
     wo = W // check.stride if check.padding == "SAME" else (W - span) // check.stride + 1
@@ -90,32 +93,45 @@ def _setup(check: Check):
 
     match check.op:
         case "modulated":
-            return (lambda x, w, d: svconv.modulated_conv2d(x, w, d, **geo),
-                    [normal(N, H, W, CIN), normal(k, k, CIN, COUT), normal(N, ho, wo, k, k)],
-                    [image, P(), image])
+            return (
+                lambda x, w, d: svconv.modulated_conv2d(x, w, d, **geo),
+                [normal(N, H, W, CIN), normal(k, k, CIN, COUT), normal(N, ho, wo, k, k)],
+                [image, P(), image],
+            )
         case "modulated_shared":
-            return (lambda x, w, d: svconv.modulated_conv2d(x, w, d, **geo),
-                    [normal(N, H, W, CIN), normal(k, k, CIN, COUT), normal(ho, wo, k, k)],
-                    [image, P(), rows])
+            return (
+                lambda x, w, d: svconv.modulated_conv2d(x, w, d, **geo),
+                [normal(N, H, W, CIN), normal(k, k, CIN, COUT), normal(ho, wo, k, k)],
+                [image, P(), rows],
+            )
         case "local":
-            return (lambda x, w: svconv.local_conv2d(x, w, **geo),
-                    [normal(N, H, W, CIN), normal(ho, wo, k, k, CIN, COUT)], [image, rows])
+            return (
+                lambda x, w: svconv.local_conv2d(x, w, **geo),
+                [normal(N, H, W, CIN), normal(ho, wo, k, k, CIN, COUT)],
+                [image, rows],
+            )
         case "pixel":
-            return (lambda x, f: svconv.pixel_filter2d(x, f, **geo),
-                    [normal(N, H, W, 2 * GROUPS), normal(N, ho, wo, k, k, GROUPS)],
-                    [image, image])
+            return (
+                lambda x, f: svconv.pixel_filter2d(x, f, **geo),
+                [normal(N, H, W, 2 * GROUPS), normal(N, ho, wo, k, k, GROUPS)],
+                [image, image],
+            )
         case "splat":
-            return (lambda x, f: svconv.pixel_splat2d(x, f, **geo),
-                    [normal(N, H, W, 2 * GROUPS), normal(N, H, W, k, k, GROUPS)],
-                    [image, image])
+            return (
+                lambda x, f: svconv.pixel_splat2d(x, f, **geo),
+                [normal(N, H, W, 2 * GROUPS), normal(N, H, W, k, k, GROUPS)],
+                [image, image],
+            )
     raise ValueError(check.op)
 
 
 def _collectives(text: str) -> dict[str, list[list[int]]]:
     """Result shapes of every collective in compiled HLO text, by kind."""
     found: dict[str, list[list[int]]] = {}
-    pattern = (r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? "
-               r"(all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\(")
+    pattern = (
+        r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? "
+        r"(all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\("
+    )
     for dims, kind in re.findall(pattern, text):
         found.setdefault(kind, []).append([int(v) for v in dims.split(",") if v])
     return found
@@ -138,15 +154,17 @@ def run_check(check: Check) -> None:
         return y, vjp(jnp.cos(y))
 
     expected = jax.jit(forward_and_grad)(*arrays)
-    sharded = [jax.device_put(a, NamedSharding(mesh, s))
-               for a, s in zip(arrays, specs, strict=True)]
+    sharded = [
+        jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(arrays, specs, strict=True)
+    ]
     with jax.set_mesh(mesh):
         compiled = jax.jit(forward_and_grad).lower(*sharded).compile()
         got = compiled(*sharded)
 
-    pairs = [("output", got[0], expected[0]),
-             *((f"grad {i}", a, b)
-               for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True)))]
+    pairs = [
+        ("output", got[0], expected[0]),
+        *((f"grad {i}", a, b) for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True))),
+    ]
     for what, a, b in pairs:
         scale = max(1.0, float(np.max(np.abs(b))))
         err = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
@@ -159,10 +177,12 @@ def run_check(check: Check) -> None:
         return
     y_sharding = got[0].sharding
     assert y_sharding.is_equivalent_to(sharded[0].sharding, 4), (
-        f"output sharded as {y_sharding}, input as {sharded[0].sharding}")
+        f"output sharded as {y_sharding}, input as {sharded[0].sharding}"
+    )
     for i, (g, a) in enumerate(zip(got[1], sharded, strict=True)):
         assert g.sharding.is_equivalent_to(a.sharding, a.ndim), (
-            f"grad {i} sharded as {g.sharding.spec}, its input as {a.sharding.spec}")
+            f"grad {i} sharded as {g.sharding.spec}, its input as {a.sharding.spec}"
+        )
     halo = (check.kernel - 1) * check.dilation
     for kind in ("all-gather", "all-to-all"):
         assert kind not in coll, f"{kind} of shapes {coll[kind]}"

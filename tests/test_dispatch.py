@@ -40,20 +40,33 @@ def test_unsupported_pallas_case_raises_and_auto_falls_back(monkeypatch, caplog)
 def _grad_all(fn, n_args):
     def loss(*args):
         return jnp.sum(fn(*args) ** 2)
+
     return jax.grad(loss, argnums=tuple(range(n_args)))
 
 
 LOWERING_CASES = {
-    "modulated": (functools.partial(svconv.modulated_conv2d, stride=2, dilation=1,
-                                    padding="SAME", impl="pallas"),
-                  [(2, 16, 16, 5), (3, 3, 5, 7), (2, 8, 8, 3, 3)],
-                  {"svconv_modulated"}),
-    "local": (functools.partial(svconv.local_conv2d, dilation=2, impl="pallas"),
-              [(2, 16, 16, 5), (16, 16, 3, 3, 5, 7)], {"svconv_local"}),
-    "filter": (functools.partial(svconv.pixel_filter2d, impl="pallas"),
-               [(2, 16, 16, 6), (2, 16, 16, 7, 7, 3)], {"svconv_pixel"}),
-    "splat": (functools.partial(svconv.pixel_splat2d, stride=2, impl="pallas"),
-              [(2, 8, 8, 6), (2, 8, 8, 5, 5)], {"svconv_pixel"}),
+    "modulated": (
+        functools.partial(
+            svconv.modulated_conv2d, stride=2, dilation=1, padding="SAME", impl="pallas"
+        ),
+        [(2, 16, 16, 5), (3, 3, 5, 7), (2, 8, 8, 3, 3)],
+        {"svconv_modulated"},
+    ),
+    "local": (
+        functools.partial(svconv.local_conv2d, dilation=2, impl="pallas"),
+        [(2, 16, 16, 5), (16, 16, 3, 3, 5, 7)],
+        {"svconv_local"},
+    ),
+    "filter": (
+        functools.partial(svconv.pixel_filter2d, impl="pallas"),
+        [(2, 16, 16, 6), (2, 16, 16, 7, 7, 3)],
+        {"svconv_pixel"},
+    ),
+    "splat": (
+        functools.partial(svconv.pixel_splat2d, stride=2, impl="pallas"),
+        [(2, 8, 8, 6), (2, 8, 8, 5, 5)],
+        {"svconv_pixel"},
+    ),
 }
 
 

@@ -8,8 +8,13 @@ import math
 import pytest
 
 # `make test` installs the experiments' dependencies: these tests must run, not skip.
-EXPERIMENTS = ["learn_modulated_kernel", "gaussian_blur", "kpn_denoiser", "local_vs_conv",
-               "data_parallel"]
+EXPERIMENTS = [
+    "learn_modulated_kernel",
+    "gaussian_blur",
+    "kpn_denoiser",
+    "local_vs_conv",
+    "data_parallel",
+]
 
 
 def _numbers(value):

@@ -28,8 +28,9 @@ def test_zero_sigma_is_the_identity_filter_without_nan():
     delta = jnp.zeros((5, 5)).at[2, 2].set(1.0)
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(k[i]), np.asarray(delta))
-    grad = jax.grad(lambda s: jnp.sum(svconv.gaussian_kernels(s, 5) * jnp.arange(25.0).reshape(
-        5, 5)))(sigma)
+    grad = jax.grad(
+        lambda s: jnp.sum(svconv.gaussian_kernels(s, 5) * jnp.arange(25.0).reshape(5, 5))
+    )(sigma)
     assert bool(jnp.all(jnp.isfinite(grad)))
     # Filtering with zero sigma leaves the image unchanged.
     (x,) = rands(41, (1, 6, 7, 2))

@@ -14,18 +14,21 @@ from svconv import layers
 from tests.conftest import assert_close, rands
 
 
-@pytest.mark.parametrize("strides,padding,dilation", [(1, "SAME", 1), (2, "VALID", 1),
-                                                      ((1, 2), ((1, 0), (2, 1)), 2)])
+@pytest.mark.parametrize(
+    "strides,padding,dilation", [(1, "SAME", 1), (2, "VALID", 1), ((1, 2), ((1, 0), (2, 1)), 2)]
+)
 def test_modulated_conv_with_unit_d_is_flax_conv(strides, padding, dilation):
     (x,) = rands(31, (2, 9, 8, 3))
     conv = nn.Conv(5, (3, 3), strides=strides, padding=padding, kernel_dilation=dilation)
     params = conv.init(jax.random.key(0), x)
     want = conv.apply(params, x)
     ones = jnp.ones((*want.shape[1:3], 3, 3))
-    mconv = svconv.ModulatedConv(5, (3, 3), strides=strides, padding=padding,
-                                 kernel_dilation=dilation)
+    mconv = svconv.ModulatedConv(
+        5, (3, 3), strides=strides, padding=padding, kernel_dilation=dilation
+    )
     assert jax.tree.map(jnp.shape, mconv.init(jax.random.key(0), x, ones)) == jax.tree.map(
-        jnp.shape, params)
+        jnp.shape, params
+    )
     assert_close(mconv.apply(params, x, ones), want)
 
 
@@ -45,15 +48,18 @@ def test_local_conv_is_flax_conv_local(strides, padding):
     (x,) = rands(33, (2, 8, 7, 3))
     flax_layer = nn.ConvLocal(4, (3, 3), strides=strides, padding=padding)
     flax_params = flax_layer.init(jax.random.key(0), x)["params"]
-    flax_params = {**flax_params,
-                   "bias": jax.random.normal(jax.random.key(3), flax_params["bias"].shape)}
+    flax_params = {
+        **flax_params,
+        "bias": jax.random.normal(jax.random.key(3), flax_params["bias"].shape),
+    }
     ours = svconv.LocalConv(4, (3, 3), strides=strides, padding=padding)
-    params = {"kernel": svconv.from_conv_local_kernel(flax_params["kernel"], (3, 3)),
-              "bias": flax_params["bias"]}
+    params = {
+        "kernel": svconv.from_conv_local_kernel(flax_params["kernel"], (3, 3)),
+        "bias": flax_params["bias"],
+    }
     shapes = jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)["params"])
     assert shapes == jax.tree.map(jnp.shape, params)
-    assert_close(ours.apply({"params": params}, x),
-                 flax_layer.apply({"params": flax_params}, x))
+    assert_close(ours.apply({"params": params}, x), flax_layer.apply({"params": flax_params}, x))
 
 
 def test_kernel_prediction_filter_kernels_are_normalised():

@@ -23,7 +23,7 @@ PALLAS_CASES = CASES[:6]
 def _params():
     out = []
     for impl in IMPLS:
-        for case in (PALLAS_CASES if impl == "pallas" else CASES):
+        for case in PALLAS_CASES if impl == "pallas" else CASES:
             out.append(pytest.param(impl, case, id=f"{impl}-{case.id}"))
     return out
 
@@ -49,8 +49,14 @@ def _check_vjp(f, g, args, seed, dtype=jnp.float32, what=""):
 def _oracle_conv(x, w, case: Case):
     geom = case.geom()
     return lax.conv_general_dilated(
-        x, w, geom.stride, geom.padding, rhs_dilation=geom.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+        x,
+        w,
+        geom.stride,
+        geom.padding,
+        rhs_dilation=geom.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
 
 
 # ------------------------------------------------------------------------------ modulated
@@ -59,8 +65,13 @@ def _oracle_conv(x, w, case: Case):
 @pytest.mark.parametrize("impl,case", _params())
 def test_modulated_matches_reference(impl, case):
     geom = case.geom()
-    x, w, d, ds = rands(1, (case.n, case.h, case.w, case.cin), (*case.k, case.cin, case.cout),
-                        (case.n, *geom.out_size, *case.k), (*geom.out_size, *case.k))
+    x, w, d, ds = rands(
+        1,
+        (case.n, case.h, case.w, case.cin),
+        (*case.k, case.cin, case.cout),
+        (case.n, *geom.out_size, *case.k),
+        (*geom.out_size, *case.k),
+    )
     for dd in (d, ds):  # per-batch and batch-shared modulation
         f = functools.partial(svconv.modulated_conv2d, **case.kw(), impl=impl)
         g = functools.partial(svconv.modulated_conv2d, **case.kw(), impl="reference")
@@ -74,8 +85,9 @@ def test_modulated_with_unit_d_is_lax_conv(impl, case):
     x, w = rands(3, (case.n, case.h, case.w, case.cin), (*case.k, case.cin, case.cout))
     ones = jnp.ones((*geom.out_size, *case.k))
     f = functools.partial(svconv.modulated_conv2d, **case.kw(), impl=impl)
-    _check_vjp(lambda x, w: f(x, w, ones), lambda x, w: _oracle_conv(x, w, case), (x, w), seed=4,
-               what=impl)
+    _check_vjp(
+        lambda x, w: f(x, w, ones), lambda x, w: _oracle_conv(x, w, case), (x, w), seed=4, what=impl
+    )
 
 
 def test_modulated_is_linear_in_d():
@@ -93,20 +105,25 @@ def test_modulated_is_linear_in_d():
 
 
 @pytest.mark.parametrize("shared_d", [False, True], ids=["d-batched", "d-shared"])
-@pytest.mark.parametrize("case", [Case(2, 37, 700, 16, 8, (3, 3), 1, 1, "SAME"),
-                                  Case(1, 29, 900, 12, 4, (3, 2), (2, 1), 2, ((2, 0), (1, 1)))],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(2, 37, 700, 16, 8, (3, 3), 1, 1, "SAME"),
+        Case(1, 29, 900, 12, 4, (3, 2), (2, 1), 2, ((2, 0), (1, 1))),
+    ],
+    ids=lambda c: c.id,
+)
 def test_modulated_xla_forward_in_row_blocks(case, shared_d):
     # Wide images: the XLA forward runs over blocks of a few output rows (a ragged last block).
     geom = case.geom()
     row_bytes = case.n * (case.w + 2) * case.cin * 4 * geom.stride[0]
     assert row_bytes * 4 < (1 << 19) < row_bytes * geom.out_size[0]
     d_shape = (*geom.out_size, *case.k) if shared_d else (case.n, *geom.out_size, *case.k)
-    x, w, d = rands(16, (case.n, case.h, case.w, case.cin), (*case.k, case.cin, case.cout),
-                    d_shape)
+    x, w, d = rands(16, (case.n, case.h, case.w, case.cin), (*case.k, case.cin, case.cout), d_shape)
     y = jax.jit(functools.partial(svconv.modulated_conv2d, **case.kw(), impl="xla"))(x, w, d)
     want = jax.jit(functools.partial(svconv.modulated_conv2d, **case.kw(), impl="reference"))(
-        x, w, d)
+        x, w, d
+    )
     assert_close(y, want)
 
 
@@ -119,15 +136,23 @@ def _oracle_local(x, w, case: Case):
     # lax's local kernel flattens the patch features in (in, kh, kw) order.
     rhs = w.transpose(0, 1, 4, 2, 3, 5).reshape(ho, wo, cin * kh * kw, cout)
     return lax.conv_general_dilated_local(
-        x, rhs, geom.stride, geom.padding, geom.kernel_size, rhs_dilation=geom.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+        x,
+        rhs,
+        geom.stride,
+        geom.padding,
+        geom.kernel_size,
+        rhs_dilation=geom.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
 
 
 @pytest.mark.parametrize("impl,case", _params())
 def test_local_matches_reference_and_lax(impl, case):
     geom = case.geom()
-    x, w = rands(6, (case.n, case.h, case.w, case.cin),
-                 (*geom.out_size, *case.k, case.cin, case.cout))
+    x, w = rands(
+        6, (case.n, case.h, case.w, case.cin), (*geom.out_size, *case.k, case.cin, case.cout)
+    )
     f = functools.partial(svconv.local_conv2d, **case.kw(), impl=impl)
     g = functools.partial(svconv.local_conv2d, **case.kw(), impl="reference")
     _check_vjp(f, g, (x, w), seed=7, what=impl)
@@ -145,8 +170,12 @@ def _groups_for(channels: int) -> int:
 def test_pixel_filter_matches_reference(impl, case):
     geom = case.geom()
     groups = _groups_for(case.cin)
-    x, k5, k6 = rands(9, (case.n, case.h, case.w, case.cin), (case.n, *geom.out_size, *case.k),
-                      (case.n, *geom.out_size, *case.k, groups))
+    x, k5, k6 = rands(
+        9,
+        (case.n, case.h, case.w, case.cin),
+        (case.n, *geom.out_size, *case.k),
+        (case.n, *geom.out_size, *case.k, groups),
+    )
     for k in (k5, k6):
         f = functools.partial(svconv.pixel_filter2d, **case.kw(), impl=impl)
         g = functools.partial(svconv.pixel_filter2d, **case.kw(), impl="reference")
@@ -162,9 +191,15 @@ def test_pixel_filter_oracles(impl, case):
     # 1. The same filter at every pixel is a depthwise convolution.
     k = jnp.broadcast_to(kernel, (case.n, *geom.out_size, *case.k))
     depthwise = lax.conv_general_dilated(
-        x, jnp.broadcast_to(kernel[:, :, None, None], (*case.k, 1, case.cin)), geom.stride,
-        geom.padding, rhs_dilation=geom.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=case.cin, precision=lax.Precision.HIGHEST)
+        x,
+        jnp.broadcast_to(kernel[:, :, None, None], (*case.k, 1, case.cin)),
+        geom.stride,
+        geom.padding,
+        rhs_dilation=geom.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=case.cin,
+        precision=lax.Precision.HIGHEST,
+    )
     assert_close(f(x, k), depthwise, what="depthwise")
     # 2. For one image, per-pixel filters are a local conv with diagonal channel weights.
     (k1,) = rands(12, (1, *geom.out_size, *case.k))
@@ -177,16 +212,21 @@ def test_pixel_filter_oracles(impl, case):
 def test_splat_is_the_transpose_of_filter(impl, case):
     geom = case.geom()
     groups = _groups_for(case.cin)
-    x, k, v = rands(13, (case.n, case.h, case.w, case.cin),
-                    (case.n, *geom.out_size, *case.k, groups),
-                    (case.n, *geom.out_size, case.cin))
+    x, k, v = rands(
+        13,
+        (case.n, case.h, case.w, case.cin),
+        (case.n, *geom.out_size, *case.k, groups),
+        (case.n, *geom.out_size, case.cin),
+    )
     _, vjp = jax.vjp(lambda x: svconv.pixel_filter2d(x, k, **case.kw(), impl="reference"), x)
     splat = svconv.pixel_splat2d(v, k, **case.kw(), output_size=(case.h, case.w), impl=impl)
     assert_close(splat, vjp(v)[0], what="splat vs vjp of filter")
-    f = functools.partial(svconv.pixel_splat2d, **case.kw(), output_size=(case.h, case.w),
-                          impl=impl)
-    g = functools.partial(svconv.pixel_splat2d, **case.kw(), output_size=(case.h, case.w),
-                          impl="reference")
+    f = functools.partial(
+        svconv.pixel_splat2d, **case.kw(), output_size=(case.h, case.w), impl=impl
+    )
+    g = functools.partial(
+        svconv.pixel_splat2d, **case.kw(), output_size=(case.h, case.w), impl="reference"
+    )
     _check_vjp(f, g, (v, k), seed=14, what=f"{impl} splat")
 
 

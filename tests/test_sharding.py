@@ -18,19 +18,30 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def results(request) -> dict[str, dict]:
-    selected = [item.callspec.params["name"] for item in request.session.items
-                if item.originalname == "test_sharding" and hasattr(item, "callspec")]
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_sharding" and hasattr(item, "callspec")
+    ]
     env = {**os.environ, "XLA_FLAGS": sharding_checks.xla_flags(os.environ.get("XLA_FLAGS"))}
-    proc = subprocess.run([sys.executable, "-m", "tests.sharding_checks", *selected],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.sharding_checks", *selected],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     found = {}
     for line in proc.stdout.splitlines():
         if line.startswith(sharding_checks.MARK):
-            record = json.loads(line[len(sharding_checks.MARK):])
+            record = json.loads(line[len(sharding_checks.MARK) :])
             found[record["name"]] = record
     if not found:
-        pytest.fail(f"the sharding checks did not run (exit {proc.returncode}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"the sharding checks did not run (exit {proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return found
 
 

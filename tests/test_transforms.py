@@ -22,14 +22,22 @@ def _ops(impl):
     kw = {**CASE.kw(), "impl": impl}
     n, (ho, wo) = CASE.n, GEOM.out_size
     x, w, d, wl, k, v = rands(
-        21, (n, CASE.h, CASE.w, CASE.cin), (*CASE.k, CASE.cin, CASE.cout), (n, ho, wo, *CASE.k),
-        (ho, wo, *CASE.k, CASE.cin, CASE.cout), (n, ho, wo, *CASE.k, 3), (n, ho, wo, CASE.cin))
+        21,
+        (n, CASE.h, CASE.w, CASE.cin),
+        (*CASE.k, CASE.cin, CASE.cout),
+        (n, ho, wo, *CASE.k),
+        (ho, wo, *CASE.k, CASE.cin, CASE.cout),
+        (n, ho, wo, *CASE.k, 3),
+        (n, ho, wo, CASE.cin),
+    )
     return {
         "modulated": (functools.partial(svconv.modulated_conv2d, **kw), (x, w, d)),
         "local": (functools.partial(svconv.local_conv2d, **kw), (x, wl)),
         "filter": (functools.partial(svconv.pixel_filter2d, **kw), (x, k)),
-        "splat": (functools.partial(svconv.pixel_splat2d, **kw, output_size=(CASE.h, CASE.w)),
-                  (v, k)),
+        "splat": (
+            functools.partial(svconv.pixel_splat2d, **kw, output_size=(CASE.h, CASE.w)),
+            (v, k),
+        ),
     }
 
 
@@ -64,6 +72,7 @@ def test_grad_of_grad(impl, name):
         def loss(*a):
             grads = jax.grad(lambda *b: jnp.sum(fn(*b) * ct), argnums=tuple(range(len(a))))(*a)
             return sum(jnp.sum(jnp.sin(g)) for g in grads)
+
         return jax.grad(loss, argnums=tuple(range(len(args))))
 
     for got, want in zip(inner(f)(*args), inner(ref)(*args), strict=True):
