@@ -130,7 +130,14 @@ def _apply_bwd(spec: Spec, operands: tuple[jax.Array, ...], g: jax.Array):
     grads = []
     for name in spec.operands:
         sub = dataclasses.replace(spec, target=name)
-        grads.append(apply(sub, *(slots[s] for s in sub.operands)).astype(slots[name].dtype))
+        grad = apply(sub, *(slots[s] for s in sub.operands)).astype(slots[name].dtype)
+        # Under Explicit mesh axes a cotangent must carry its primal's sharding type; the
+        # partitioning rule can leave it sharded differently (e.g. a batch-shared `d` sharded
+        # over an axis that also splits the batch).
+        want = jax.typeof(slots[name]).sharding
+        if jax.typeof(grad).sharding != want:
+            grad = jax.sharding.reshard(grad, want)
+        grads.append(grad)
     return tuple(grads)
 
 

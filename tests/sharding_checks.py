@@ -34,7 +34,7 @@ def xla_flags(current: str | None) -> str:
 class Check:
     op: str  # modulated, modulated_shared, local, pixel, splat
     impl: str  # xla or pallas
-    mode: str  # batch: 8-way batch; height: 2-way batch x 4-way height
+    mode: str  # batch: 8-way batch; height: 2-way batch x 4-way height; cross: see CHECKS
     stride: int = 1
     dilation: int = 1
     padding: str = "SAME"
@@ -61,6 +61,9 @@ CHECKS = (
     Check("modulated", "xla", "height", explicit=True),
     Check("local", "xla", "height", padding="VALID", split=False),
     Check("pixel", "xla", "height", dilation=5, split=False),  # halo of 5 rows > 4-row shards
+    # A batch-shared d split over the axis that also splits the batch of x: d is gathered, and
+    # its Explicit-typed gradient must come back with d's sharding.
+    Check("modulated_shared", "xla", "cross", explicit=True, split=False),
 )
 NAMES = tuple(c.name for c in CHECKS)
 
@@ -84,8 +87,10 @@ def _setup(check: Check):
     span = (k - 1) * check.dilation + 1
     ho = H // check.stride if check.padding == "SAME" else (H - span) // check.stride + 1
     wo = W // check.stride if check.padding == "SAME" else (W - span) // check.stride + 1
-    image = P("data") if check.mode == "batch" else P("data", "rows")
+    image = P("data") if check.mode in ("batch", "cross") else P("data", "rows")
     rows = P("rows") if check.mode == "height" and check.split else P()
+    if check.mode == "cross":
+        rows = P("data")
     rng = np.random.default_rng(0)
 
     def normal(*shape):
@@ -144,7 +149,8 @@ def run_check(check: Check) -> None:
     from jax.sharding import AxisType, NamedSharding
 
     fn, arrays, specs = _setup(check)
-    shape, names = ((DEVICES,), ("data",)) if check.mode == "batch" else ((2, 4), ("data", "rows"))
+    one_axis = check.mode in ("batch", "cross")
+    shape, names = ((DEVICES,), ("data",)) if one_axis else ((2, 4), ("data", "rows"))
     axis_type = AxisType.Explicit if check.explicit else AxisType.Auto
     mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
