@@ -36,6 +36,26 @@ def _run(
     return apply(spec, *(operands[s] for s in spec.operands))
 
 
+def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation):
+    """Checks shared by the ops with weights ``w [..., kh, kw, in_channels, out_channels]``:
+    ranks, matching input channels; returns the geometry."""
+    _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
+    _checks.rank("w", w, (w_rank,), layout)
+    kh, kw, cin, _ = w.shape[-4:]
+    if cin != x.shape[3]:
+        raise ValueError(
+            f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
+            f"{tuple(x.shape)} has {x.shape[3]}"
+        )
+    return _checks.geometry(
+        in_size=x.shape[1:3],
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+
+
 def modulated_conv2d(
     x: jax.Array,
     w: jax.Array,
@@ -73,21 +93,10 @@ def modulated_conv2d(
     w = _checks.float_array("w", w)
     d = _checks.float_array("d", d)
     impl = _checks.impl(impl)
-    _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
-    _checks.rank("w", w, (4,), "[kh, kw, in_channels, out_channels]")
-    kh, kw, cin, cout = w.shape
-    if cin != x.shape[3]:
-        raise ValueError(
-            f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
-            f"{tuple(x.shape)} has {x.shape[3]}"
-        )
-    geom = _checks.geometry(
-        in_size=x.shape[1:3],
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
+    geom = _weight_geometry(
+        x, w, 4, "[kh, kw, in_channels, out_channels]", stride, padding, dilation
     )
+    (kh, kw), cout = geom.kernel_size, w.shape[-1]
     _checks.rank(
         "d", d, (4, 5), "[batch, out_height, out_width, kh, kw] or [out_height, out_width, kh, kw]"
     )
@@ -158,27 +167,10 @@ def local_conv2d(
     x = _checks.float_array("x", x)
     w = _checks.float_array("w", w)
     impl = _checks.impl(impl)
-    _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
-    _checks.rank("w", w, (6,), "[out_height, out_width, kh, kw, in_channels, out_channels]")
-    kh, kw, cin, cout = w.shape[2:]
-    if cin != x.shape[3]:
-        raise ValueError(
-            f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
-            f"{tuple(x.shape)} has {x.shape[3]}"
-        )
-    geom = _checks.geometry(
-        in_size=x.shape[1:3],
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-    )
-    _checks.shape(
-        "w",
-        w,
-        (*geom.out_size, kh, kw, cin, cout),
-        "[out_height, out_width, kh, kw, in_channels, out_channels]",
-    )
+    layout = "[out_height, out_width, kh, kw, in_channels, out_channels]"
+    geom = _weight_geometry(x, w, 6, layout, stride, padding, dilation)
+    (kh, kw), cin, cout = geom.kernel_size, w.shape[-2], w.shape[-1]
+    _checks.shape("w", w, (*geom.out_size, kh, kw, cin, cout), layout)
     precision = _checks.precision(precision)
     dtype = _checks.common_dtype(x=x, w=w)
     x, w = x.astype(dtype), w.astype(dtype)
