@@ -14,6 +14,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
@@ -174,3 +176,50 @@ def from_out_flat(yf: jax.Array, g: FlatGeometry, channels: int) -> jax.Array:
     (ho, wo), wq = g.out_size, g.phase_size[1]
     y = yf[:, : ho * wq].reshape(yf.shape[0], ho, wq, yf.shape[-1])
     return y[:, :, :wo, :channels]
+
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry helpers of the masked-gather kernels (pixel.py, local.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def out_size(size: int, k: int, stride: int, dilation: int, pad: tuple[int, int]) -> int:
+    """Output length of a convolution along one axis (lax.conv_general_dilated's)."""
+    return (size + pad[0] + pad[1] - (k - 1) * dilation - 1) // stride + 1
+
+
+def contributing_taps(residue, k: int, stride: int, dilation: int):
+    """Taps t with `t * dilation = residue (mod stride)`, as (first, count, step): the taps of a
+    strided convolution that reach an output position of the given phase. `residue` is a traced
+    int32 in [0, stride); first >= k (and count 0) when no tap does."""
+    step = stride // math.gcd(stride, dilation)
+    first = jnp.int32(k)
+    # Solutions repeat every `step` taps, so the first one (if any) is below `step`.
+    for cand in reversed(range(min(k, step))):
+        hit = lax.rem(cand * dilation - residue + stride, stride) == 0
+        first = jnp.where(hit, cand, first)
+    count = lax.div(k - 1 - first + step, step)
+    return first, count, step
+
+
+def exact_div(num, stride: int, low: int):
+    """`num // stride` for traced int32 `num >= low` known to be a multiple of `stride`."""
+    bias = stride * pl.cdiv(max(-low, 0), stride)
+    return lax.div(num + bias, stride) - bias // stride
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Static geometry: kernel, stride, dilation, and the top/left zero padding."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pt: int
+    pl: int

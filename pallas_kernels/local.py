@@ -26,12 +26,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import compiler_params, next_pow2
-from pallas_kernels.pixel import (
+from pallas_kernels._common import (
     SUPPORTED_DTYPES,
     ConvGeometry,
+    compiler_params,
     contributing_taps,
     exact_div,
+    next_pow2,
     out_size,
 )
 

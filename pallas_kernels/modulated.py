@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
+    SUPPORTED_DTYPES,
     FlatGeometry,
     cdiv,
     channel_block,
@@ -43,7 +44,6 @@ from pallas_kernels._common import (
     to_phases,
 )
 
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _H100_SMS = 132
 _F32 = jnp.float32
 
@@ -152,7 +152,7 @@ def modulated_unsupported_reason(
     *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
 ) -> str | None:
     """None when the kernels handle this case, else a one-line reason."""
-    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in _DTYPES]:
+    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
         return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
     if len(x_shape) != 4:
         return f"x must be [N, H, W, Cin], got shape {tuple(x_shape)}"

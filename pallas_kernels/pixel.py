@@ -25,9 +25,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import compiler_params, next_pow2
-
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+from pallas_kernels._common import (
+    SUPPORTED_DTYPES,
+    ConvGeometry,
+    compiler_params,
+    contributing_taps,
+    exact_div,
+    next_pow2,
+    out_size,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Tiling config
@@ -109,50 +115,6 @@ def pixel_block_sizes(
     return PixelBlockSizes(
         block_h, block_w, block_groups, block_channels, num_warps=4, num_stages=2
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Geometry helpers (also used by local.py)
-# ------------------------------------------------------------------------------------------------
-
-
-def out_size(size: int, k: int, stride: int, dilation: int, pad: tuple[int, int]) -> int:
-    """Output length of a convolution along one axis (lax.conv_general_dilated's)."""
-    return (size + pad[0] + pad[1] - (k - 1) * dilation - 1) // stride + 1
-
-
-def contributing_taps(residue, k: int, stride: int, dilation: int):
-    """Taps t with `t * dilation = residue (mod stride)`, as (first, count, step): the taps of a
-    strided convolution that reach an output position of the given phase. `residue` is a traced
-    int32 in [0, stride); first >= k (and count 0) when no tap does."""
-    step = stride // math.gcd(stride, dilation)
-    first = jnp.int32(k)
-    # Solutions repeat every `step` taps, so the first one (if any) is below `step`.
-    for cand in reversed(range(min(k, step))):
-        hit = lax.rem(cand * dilation - residue + stride, stride) == 0
-        first = jnp.where(hit, cand, first)
-    count = lax.div(k - 1 - first + step, step)
-    return first, count, step
-
-
-def exact_div(num, stride: int, low: int):
-    """`num // stride` for traced int32 `num >= low` known to be a multiple of `stride`."""
-    bias = stride * pl.cdiv(max(-low, 0), stride)
-    return lax.div(num + bias, stride) - bias // stride
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-    """Static geometry: kernel, stride, dilation, and the top/left zero padding."""
-
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pt: int
-    pl: int
 
 
 def _tile_pixels(ti, tj, bs: PixelBlockSizes):
