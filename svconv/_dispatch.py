@@ -135,8 +135,8 @@ def _apply_bwd(spec: Spec, operands: tuple[jax.Array, ...], g: jax.Array):
         # partitioning rule can leave it sharded differently (e.g. a batch-shared `d` sharded
         # over an axis that also splits the batch).
         want = jax.typeof(slots[name]).sharding
-        if jax.typeof(grad).sharding != want:
-            grad = jax.sharding.reshard(grad, want)
+        if want.mesh.axis_names and jax.typeof(grad).sharding.spec != want.spec:
+            grad = jax.sharding.reshard(grad, want.spec)
         grads.append(grad)
     return tuple(grads)
 
