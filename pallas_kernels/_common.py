@@ -141,6 +141,32 @@ class FlatGeometry:
         ]
 
 
+def out_grid(x_shape, kernel_size, stride, dilation, padding) -> tuple[int, int]:
+    """(Ho, Wo) of an input of shape [N, H, W, C]."""
+    return tuple(
+        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
+        for a in range(2)
+    )
+
+
+def common_unsupported_reason(*, x_shape, kernel_size, dtype, stride, dilation, padding):
+    """The checks every kernel family shares (dtype, rank, geometry, a non-empty output): None
+    when they pass, else a one-line reason."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
+    if len(x_shape) != 4:
+        return f"x must be [N, H, W, C], got shape {tuple(x_shape)}"
+    if min(*kernel_size, *stride, *dilation) < 1 or min(*padding[0], *padding[1]) < 0:
+        return (
+            f"kernel_size {kernel_size}, stride {stride}, dilation {dilation} must be >= 1 and "
+            f"padding {padding} >= 0"
+        )
+    ho, wo = out_grid(x_shape, kernel_size, stride, dilation, padding)
+    if ho < 1 or wo < 1:
+        return f"empty output ({ho}x{wo}) for x of shape {tuple(x_shape)}"
+    return None
+
+
 def to_phases(x: jax.Array, g: FlatGeometry, length: int, channels: int) -> jax.Array:
     """[N, H, W, C] -> [N, sh*sw, length, channels]: zero-padded phase planes, flattened."""
     n, h, w, c = x.shape

@@ -27,13 +27,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
-    SUPPORTED_DTYPES,
     ConvGeometry,
+    common_unsupported_reason,
     compiler_params,
     contributing_taps,
     exact_div,
     next_pow2,
-    out_size,
+    out_grid,
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -231,22 +231,16 @@ def local_unsupported_reason(
     *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
 ) -> str | None:
     """None when the local-conv kernels handle this case, else why not (one line)."""
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
-    if len(x_shape) != 4:
-        return f"x must be [N, H, W, Cin], got shape {tuple(x_shape)}"
-    if min(*kernel_size, *stride, *dilation, cout) < 1 or min(*padding[0], *padding[1]) < 0:
-        return (
-            f"kernel_size {kernel_size}, stride {stride}, dilation {dilation}, cout {cout} must "
-            f"be >= 1 and padding {padding} >= 0"
-        )
-    ho, wo = (
-        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
-        for a in range(2)
+    if cout < 1:
+        return f"cout must be >= 1, got {cout}"
+    return common_unsupported_reason(
+        x_shape=x_shape,
+        kernel_size=kernel_size,
+        dtype=dtype,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
     )
-    if ho < 1 or wo < 1:
-        return f"empty output ({ho}x{wo}) for x of shape {tuple(x_shape)}"
-    return None
 
 
 def _check(x_shape, kernel_size, cout, dtype, stride, dilation, padding, **grids) -> ConvGeometry:
@@ -263,10 +257,7 @@ def _check(x_shape, kernel_size, cout, dtype, stride, dilation, padding, **grids
     )
     if reason is not None:
         raise NotImplementedError(reason)
-    expected = tuple(
-        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
-        for a in range(2)
-    )
+    expected = out_grid(x_shape, kernel_size, stride, dilation, padding)
     for name, got in grids.items():
         if tuple(got) != expected:
             raise ValueError(

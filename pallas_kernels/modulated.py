@@ -30,10 +30,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    SUPPORTED_DTYPES,
     FlatGeometry,
     cdiv,
     channel_block,
+    common_unsupported_reason,
     compiler_params,
     from_out_flat,
     from_phases,
@@ -152,15 +152,17 @@ def modulated_unsupported_reason(
     *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
 ) -> str | None:
     """None when the kernels handle this case, else a one-line reason."""
-    if jnp.dtype(dtype) not in [jnp.dtype(t) for t in SUPPORTED_DTYPES]:
-        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
-    if len(x_shape) != 4:
-        return f"x must be [N, H, W, Cin], got shape {tuple(x_shape)}"
-    if min(*kernel_size, *stride, *dilation) < 1 or min(p for pp in padding for p in pp) < 0:
-        return "kernel size, stride and dilation must be >= 1 and padding >= 0"
+    reason = common_unsupported_reason(
+        x_shape=x_shape,
+        kernel_size=kernel_size,
+        dtype=dtype,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+    )
+    if reason is not None:
+        return reason
     g = FlatGeometry(tuple(x_shape[1:3]), kernel_size, stride, dilation, padding)
-    if min(g.out_size) < 1:
-        return f"empty output {g.out_size}"
     # Row arithmetic in the kernels is int32 and Triton picks 32-bit element offsets for arrays
     # under 4 GiB: refuse (rather than risk overflow) images of 2**31 padded elements or more.
     cin_p = round_up(x_shape[3], 128)

@@ -26,13 +26,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
-    SUPPORTED_DTYPES,
     ConvGeometry,
+    common_unsupported_reason,
     compiler_params,
     contributing_taps,
     exact_div,
     next_pow2,
-    out_size,
+    out_grid,
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -261,24 +261,17 @@ def pixel_unsupported_reason(
     *, x_shape, kernel_size, groups, dtype, stride, dilation, padding
 ) -> str | None:
     """None when the pixel kernels handle this case, else why not (one line)."""
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
-    if len(x_shape) != 4:
-        return f"x must be [N, H, W, C], got shape {tuple(x_shape)}"
-    if groups < 1 or x_shape[3] % groups:
-        return f"channels ({x_shape[3]}) must be a multiple of groups ({groups})"
-    if min(*kernel_size, *stride, *dilation) < 1 or min(*padding[0], *padding[1]) < 0:
-        return (
-            f"kernel_size {kernel_size}, stride {stride}, dilation {dilation} must be >= 1 and "
-            f"padding {padding} >= 0"
-        )
-    ho, wo = (
-        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
-        for a in range(2)
+    reason = common_unsupported_reason(
+        x_shape=x_shape,
+        kernel_size=kernel_size,
+        dtype=dtype,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
     )
-    if ho < 1 or wo < 1:
-        return f"empty output ({ho}x{wo}) for x of shape {tuple(x_shape)}"
-    return None
+    if reason is None and (groups < 1 or x_shape[3] % groups):
+        reason = f"channels ({x_shape[3]}) must be a multiple of groups ({groups})"
+    return reason
 
 
 def _check(x_shape, kernel_size, groups, dtype, stride, dilation, padding, name, pixel_shape):
@@ -295,11 +288,7 @@ def _check(x_shape, kernel_size, groups, dtype, stride, dilation, padding, name,
     )
     if reason is not None:
         raise NotImplementedError(reason)
-    out_hw = (
-        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
-        for a in range(2)
-    )
-    expected = (x_shape[0], *out_hw)
+    expected = (x_shape[0], *out_grid(x_shape, kernel_size, stride, dilation, padding))
     if tuple(pixel_shape[:3]) != expected:
         raise ValueError(
             f"{name} of shape {tuple(pixel_shape)} does not match [N, Ho, Wo] = {expected} of an "
