@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.geometry import Geometry
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -66,28 +68,12 @@ class TapRange:
 
 
 @dataclasses.dataclass(frozen=True)
-class FlatGeometry:
-    """Static geometry of a 2-D convolution in the stride-phase flat layout (module docstring)."""
+class FlatGeometry(Geometry):
+    """A :class:`Geometry` with the sizes of the stride-phase flat layout (module docstring)."""
 
-    in_size: tuple[int, int]
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    padding: tuple[tuple[int, int], tuple[int, int]]
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return tuple(
-            (n + lo + hi - (k - 1) * dl - 1) // s + 1
-            for n, k, s, dl, (lo, hi) in zip(
-                self.in_size,
-                self.kernel_size,
-                self.stride,
-                self.dilation,
-                self.padding,
-                strict=True,
-            )
-        )
+    @classmethod
+    def of(cls, geom: Geometry) -> "FlatGeometry":
+        return cls(**{f.name: getattr(geom, f.name) for f in dataclasses.fields(Geometry)})
 
     @property
     def phase_size(self) -> tuple[int, int]:
@@ -100,10 +86,6 @@ class FlatGeometry:
     @property
     def num_phases(self) -> int:
         return self.stride[0] * self.stride[1]
-
-    @property
-    def num_taps(self) -> int:
-        return self.kernel_size[0] * self.kernel_size[1]
 
     @property
     def out_flat(self) -> int:
@@ -141,29 +123,10 @@ class FlatGeometry:
         ]
 
 
-def out_grid(x_shape, kernel_size, stride, dilation, padding) -> tuple[int, int]:
-    """(Ho, Wo) of an input of shape [N, H, W, C]."""
-    return tuple(
-        out_size(x_shape[1 + a], kernel_size[a], stride[a], dilation[a], padding[a])
-        for a in range(2)
-    )
-
-
-def common_unsupported_reason(*, x_shape, kernel_size, dtype, stride, dilation, padding):
-    """The checks every kernel family shares (dtype, rank, geometry, a non-empty output): None
-    when they pass, else a one-line reason."""
+def common_unsupported_reason(geom: Geometry, dtype) -> str | None:
+    """The checks every kernel family shares: None when they pass, else a one-line reason."""
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
         return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
-    if len(x_shape) != 4:
-        return f"x must be [N, H, W, C], got shape {tuple(x_shape)}"
-    if min(*kernel_size, *stride, *dilation) < 1 or min(*padding[0], *padding[1]) < 0:
-        return (
-            f"kernel_size {kernel_size}, stride {stride}, dilation {dilation} must be >= 1 and "
-            f"padding {padding} >= 0"
-        )
-    ho, wo = out_grid(x_shape, kernel_size, stride, dilation, padding)
-    if ho < 1 or wo < 1:
-        return f"empty output ({ho}x{wo}) for x of shape {tuple(x_shape)}"
     return None
 
 
@@ -208,13 +171,8 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 # ------------------------------------------------------------------------------------------------
-# Geometry helpers of the masked-gather kernels (pixel.py, local.py)
+# Index helpers of the masked-gather kernels (pixel.py, local.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def out_size(size: int, k: int, stride: int, dilation: int, pad: tuple[int, int]) -> int:
-    """Output length of a convolution along one axis (lax.conv_general_dilated's)."""
-    return (size + pad[0] + pad[1] - (k - 1) * dilation - 1) // stride + 1
 
 
 def contributing_taps(residue, k: int, stride: int, dilation: int):
@@ -237,15 +195,6 @@ def exact_div(num, stride: int, low: int):
     return lax.div(num + bias, stride) - bias // stride
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-    """Static geometry: kernel, stride, dilation, and the top/left zero padding."""
-
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pt: int
-    pl: int
+def sweep(g: Geometry):
+    """``(kh, kw), (sh, sw), (dh, dw), (pad_top, pad_left)`` of a geometry, for index arithmetic."""
+    return g.kernel_size, g.stride, g.dilation, (g.padding[0][0], g.padding[1][0])

@@ -27,14 +27,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
-    ConvGeometry,
     common_unsupported_reason,
     compiler_params,
     contributing_taps,
     exact_div,
     next_pow2,
-    out_grid,
+    sweep,
 )
+from pallas_kernels.geometry import Geometry
 
 # ------------------------------------------------------------------------------------------------
 # Tiling config
@@ -114,18 +114,19 @@ def _dot(a, b, precision, contract=((1,), (0,))):
     )
 
 
-def _patch(x_ref, i, j, kk, g: ConvGeometry):
+def _patch(x_ref, i, j, kk, g: Geometry):
     """Input rows, columns, channels and in-bounds mask of flattened taps kk = (m, n, c)."""
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, cin = x_ref.shape
-    m = lax.div(kk, g.kw * cin)
-    n = lax.rem(lax.div(kk, cin), g.kw)
-    r = i * g.sh + m * g.dh - g.pt
-    q = j * g.sw + n * g.dw - g.pl
-    ok = (kk < g.kh * g.kw * cin) & (r >= 0) & (r < h) & (q >= 0) & (q < w)
+    m = lax.div(kk, kw * cin)
+    n = lax.rem(lax.div(kk, cin), kw)
+    r = i * sh + m * dh - ptop
+    q = j * sw + n * dw - pleft
+    ok = (kk < kh * kw * cin) & (r >= 0) & (r < h) & (q >= 0) & (q < w)
     return r, q, lax.rem(kk, cin), ok
 
 
-def _fwd_kernel(x_ref, w_ref, y_ref, *, g: ConvGeometry, bs: LocalBlockSizes, precision):
+def _fwd_kernel(x_ref, w_ref, y_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
     n_img = x_ref.shape[0]
     _, wo, k_total, cout = w_ref.shape
     i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
@@ -150,19 +151,20 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, g: ConvGeometry, bs: LocalBlockSizes, pr
     plt.store(y_ref.at[imgs, i, j, outs], acc.astype(y_ref.dtype), mask=ok)
 
 
-def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: ConvGeometry, bs: LocalBlockSizes, precision):
+def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     n_img, ho, wo, cout = dy_ref.shape
     _, h, w, cin = dx_ref.shape
     p, q = lax.div(pl.program_id(2), w), lax.rem(pl.program_id(2), w)
     imgs = pl.program_id(0) * bs.block_batch + jnp.arange(bs.block_batch)[:, None]  # [B, 1]
     chans = pl.program_id(1) * bs.block_in + jnp.arange(bs.block_in)[:, None]  # [C, 1]
     # Only the taps of this pixel's stride phase reach it, each from one source pixel (i, j).
-    m0, m_count, m_step = contributing_taps(lax.rem(p + g.pt, g.sh), g.kh, g.sh, g.dh)
-    n0, n_count, n_step = contributing_taps(lax.rem(q + g.pl, g.sw), g.kw, g.sw, g.dw)
+    m0, m_count, m_step = contributing_taps(lax.rem(p + ptop, sh), kh, sh, dh)
+    n0, n_count, n_step = contributing_taps(lax.rem(q + pleft, sw), kw, sw, dw)
 
     def tap(m, n, acc):
-        i = exact_div(p + g.pt - m * g.dh, g.sh, -(g.kh - 1) * g.dh)
-        j = exact_div(q + g.pl - n * g.dw, g.sw, -(g.kw - 1) * g.dw)
+        i = exact_div(p + ptop - m * dh, sh, -(kh - 1) * dh)
+        j = exact_div(q + pleft - n * dw, sw, -(kw - 1) * dw)
         src_ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
 
         def out_block(ob, acc):
@@ -194,7 +196,7 @@ def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: ConvGeometry, bs: LocalBlockSize
     plt.store(dx_ref.at[imgs, p, q, chans_row], acc.astype(dx_ref.dtype), mask=ok)
 
 
-def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: ConvGeometry, bs: LocalBlockSizes, precision):
+def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
     n_img, _, wo, cout = dy_ref.shape
     k_total = dw_ref.shape[2]
     i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
@@ -227,123 +229,71 @@ def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: ConvGeometry, bs: LocalBlockSize
 # ------------------------------------------------------------------------------------------------
 
 
-def local_unsupported_reason(
-    *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
-) -> str | None:
-    """None when the local-conv kernels handle this case, else why not (one line)."""
-    if cout < 1:
-        return f"cout must be >= 1, got {cout}"
-    return common_unsupported_reason(
-        x_shape=x_shape,
-        kernel_size=kernel_size,
-        dtype=dtype,
-        stride=stride,
-        dilation=dilation,
-        padding=padding,
-    )
-
-
-def _check(x_shape, kernel_size, cout, dtype, stride, dilation, padding, **grids) -> ConvGeometry:
-    """Raises NotImplementedError for unsupported cases, ValueError when an array in `grids`
-    (name -> its (Ho, Wo)) does not sit on x's output grid; returns the geometry."""
-    reason = local_unsupported_reason(
-        x_shape=x_shape,
-        kernel_size=kernel_size,
-        cout=cout,
-        dtype=dtype,
-        stride=stride,
-        dilation=dilation,
-        padding=padding,
-    )
-    if reason is not None:
-        raise NotImplementedError(reason)
-    expected = out_grid(x_shape, kernel_size, stride, dilation, padding)
-    for name, got in grids.items():
-        if tuple(got) != expected:
-            raise ValueError(
-                f"{name} has an output grid {tuple(got)}, expected (Ho, Wo) = {expected} for an "
-                f"input of shape {tuple(x_shape)} (kernel {kernel_size}, stride {stride}, "
-                f"dilation {dilation}, padding {padding})"
-            )
-    return ConvGeometry(*kernel_size, *stride, *dilation, padding[0][0], padding[1][0])
+def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
+    """None when the local-conv kernels handle this case, else why not (one line). ``shapes``:
+    the shape of every slot (``x``, ``w``, ``y``) by name."""
+    del shapes  # every size the API accepts
+    return common_unsupported_reason(geom, dtype)
 
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 
 
-def local_conv2d_fwd(
+def forward(
     x: jax.Array,
     w: jax.Array,
     *,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: LocalBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Locally connected convolution (a different kernel at every output pixel).
 
-    x: [N, H, W, Cin], w: [Ho, Wo, kh, kw, Cin, Cout] -> [N, Ho, Wo, Cout].
+    x: [N, H, W, Cin], w: [Ho, Wo, kh, kw, Cin, Cout] -> [N, Ho, Wo, Cout] (``out_shape``).
     """
     n, _, _, cin = x.shape
     ho, wo, kh, kw, _, cout = w.shape
-    g = _check(x.shape, (kh, kw), cout, x.dtype, stride, dilation, padding, w=(ho, wo))
     bs = block_sizes or local_block_sizes(
         batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=x.dtype
     )
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cout, bs.block_out), ho * wo)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, g=g, bs=bs, precision=precision),
-        out_shape=jax.ShapeDtypeStruct((n, ho, wo, cout), x.dtype),
+        functools.partial(_fwd_kernel, g=geom, bs=bs, precision=precision),
+        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
         grid=grid,
         in_specs=[_ANY, _ANY],
         out_specs=_ANY,
         compiler_params=compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
-        name="svconv_local_fwd",
+        name="svconv_local_forward",
     )(x, w.reshape(ho, wo, kh * kw * cin, cout))
 
 
-def local_conv2d_grad_x(
-    dy: jax.Array,
+def grad_x(
     w: jax.Array,
+    dy: jax.Array,
     *,
-    input_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: LocalBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Transpose of `local_conv2d_fwd` in x (its gradient with respect to x), in gather form.
+    """Transpose of `forward` in x (its gradient with respect to x), in gather form.
 
-    dy: [N, Ho, Wo, Cout], w: [Ho, Wo, kh, kw, Cin, Cout] -> [N, H, W, Cin], (H, W) = input_size.
+    w: [Ho, Wo, kh, kw, Cin, Cout], dy: [N, Ho, Wo, Cout] -> [N, H, W, Cin] (``out_shape``).
     """
-    n = dy.shape[0]
-    ho, wo, kh, kw, cin, cout = w.shape
-    h, w_in = input_size
-    g = _check(
-        (n, h, w_in, cin),
-        (kh, kw),
-        cout,
-        dy.dtype,
-        stride,
-        dilation,
-        padding,
-        w=(ho, wo),
-        dy=dy.shape[1:3],
-    )
-    if dy.shape[3] != cout:
-        raise ValueError(f"dy of shape {dy.shape} does not have Cout = {cout} channels (w)")
+    n, h, w_in, cin = out_shape
+    kh, kw, cout = w.shape[2], w.shape[3], w.shape[5]
     bs = block_sizes or local_block_sizes(
         batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=dy.dtype
     )
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cin, bs.block_in), h * w_in)
     return pl.pallas_call(
-        functools.partial(_grad_x_kernel, g=g, bs=bs, precision=precision),
-        out_shape=jax.ShapeDtypeStruct((n, h, w_in, cin), dy.dtype),
+        functools.partial(_grad_x_kernel, g=geom, bs=bs, precision=precision),
+        out_shape=jax.ShapeDtypeStruct(out_shape, dy.dtype),
         grid=grid,
         in_specs=[_ANY, _ANY],
         out_specs=_ANY,
@@ -353,35 +303,29 @@ def local_conv2d_grad_x(
     )(dy, w)
 
 
-def local_conv2d_grad_w(
+def grad_w(
     x: jax.Array,
     dy: jax.Array,
     *,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: LocalBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Transpose of `local_conv2d_fwd` in w (its gradient with respect to w).
+    """Transpose of `forward` in w (its gradient with respect to w).
 
-    x: [N, H, W, Cin], dy: [N, Ho, Wo, Cout] -> [Ho, Wo, kh, kw, Cin, Cout].
+    x: [N, H, W, Cin], dy: [N, Ho, Wo, Cout] -> [Ho, Wo, kh, kw, Cin, Cout] (``out_shape``).
     """
     n, _, _, cin = x.shape
-    _, ho, wo, cout = dy.shape
-    kh, kw = kernel_size
-    g = _check(x.shape, kernel_size, cout, x.dtype, stride, dilation, padding, dy=(ho, wo))
-    if dy.shape[0] != n:
-        raise ValueError(f"dy of shape {dy.shape} and x of shape {x.shape} differ in N")
+    ho, wo, kh, kw, _, cout = out_shape
     bs = block_sizes or local_block_sizes(
-        batch=n, cin=cin, cout=cout, kernel_size=kernel_size, dtype=x.dtype
+        batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=x.dtype
     )
     k_total = kh * kw * cin
     grid = (pl.cdiv(k_total, bs.block_k), pl.cdiv(cout, bs.block_out), ho * wo)
     dw = pl.pallas_call(
-        functools.partial(_grad_w_kernel, g=g, bs=bs, precision=precision),
+        functools.partial(_grad_w_kernel, g=geom, bs=bs, precision=precision),
         out_shape=jax.ShapeDtypeStruct((ho, wo, k_total, cout), x.dtype),
         grid=grid,
         in_specs=[_ANY, _ANY],
@@ -390,4 +334,4 @@ def local_conv2d_grad_w(
         interpret=interpret,
         name="svconv_local_grad_w",
     )(x, dy)
-    return dw.reshape(ho, wo, kh, kw, cin, cout)
+    return dw.reshape(out_shape)

@@ -43,6 +43,7 @@ from pallas_kernels._common import (
     to_out_flat,
     to_phases,
 )
+from pallas_kernels.geometry import Geometry
 
 _H100_SMS = 132
 _F32 = jnp.float32
@@ -103,11 +104,11 @@ def _pixel_block(per_image: int, images: int, channel_blocks: int) -> int:
 
 
 def modulated_block_sizes(
-    *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
+    geom: Geometry, *, batch: int, cin: int, cout: int, dtype
 ) -> ModulatedBlockSizes:
     """Tile sizes for a problem; a heuristic aimed at H100 (not yet tuned on hardware)."""
-    g = FlatGeometry(tuple(x_shape[1:3]), kernel_size, stride, dilation, padding)
-    n, cin = x_shape[0], x_shape[3]
+    g = FlatGeometry.of(geom)
+    n = batch
     wide = jnp.dtype(dtype) == jnp.float32
     # fp32 tiles take twice the registers and shared memory of 16-bit ones: halve the channel
     # blocks so 3 pipeline stages of A and B tiles still fit in shared memory.
@@ -148,25 +149,17 @@ def modulated_block_sizes(
     )
 
 
-def modulated_unsupported_reason(
-    *, x_shape, kernel_size, cout, dtype, stride, dilation, padding
-) -> str | None:
-    """None when the kernels handle this case, else a one-line reason."""
-    reason = common_unsupported_reason(
-        x_shape=x_shape,
-        kernel_size=kernel_size,
-        dtype=dtype,
-        stride=stride,
-        dilation=dilation,
-        padding=padding,
-    )
+def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
+    """None when the kernels handle this case, else a one-line reason. ``shapes``: the shape
+    of every slot (``x``, ``w``, ``d``, ``y``) by name."""
+    reason = common_unsupported_reason(geom, dtype)
     if reason is not None:
         return reason
-    g = FlatGeometry(tuple(x_shape[1:3]), kernel_size, stride, dilation, padding)
+    g = FlatGeometry.of(_cropped(geom)[0])
     # Row arithmetic in the kernels is int32 and Triton picks 32-bit element offsets for arrays
     # under 4 GiB: refuse (rather than risk overflow) images of 2**31 padded elements or more.
-    cin_p = round_up(x_shape[3], 128)
-    cout_p = round_up(cout, 128)
+    cin_p = round_up(shapes["x"][3], 128)
+    cout_p = round_up(shapes["y"][3], 128)
     biggest = max(
         g.num_phases * (g.in_flat + g.max_shift + 128) * cin_p,
         (g.out_flat + g.max_shift + 256) * max(cout_p, g.num_taps),
@@ -186,31 +179,25 @@ def _check_block_sizes(bs: ModulatedBlockSizes) -> None:
             raise ValueError(f"block_sizes.{f.name} must be a power of 2 >= 16, got {v}")
 
 
-def _setup(x_shape, kernel_size, cout, dtype, stride, dilation, padding, block_sizes):
-    reason = modulated_unsupported_reason(
-        x_shape=x_shape,
-        kernel_size=kernel_size,
-        cout=cout,
-        dtype=dtype,
-        stride=stride,
-        dilation=dilation,
-        padding=padding,
-    )
-    if reason is not None:
-        raise NotImplementedError(reason)
+def _cropped(geom: Geometry):
+    """Negative padding as a crop of the input: the geometry of the cropped input (non-negative
+    padding) and the rows/columns cropped on each side."""
+    crop = tuple((max(-lo, 0), max(-hi, 0)) for lo, hi in geom.padding)
+    size = tuple(n - a - b for n, (a, b) in zip(geom.in_size, crop, strict=True))
+    pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in geom.padding)
+    return dataclasses.replace(geom, in_size=size, padding=pads), crop
+
+
+def _crop(x: jax.Array, crop) -> jax.Array:
+    (t, b), (l, r) = crop
+    return x[:, t : x.shape[1] - b, l : x.shape[2] - r]
+
+
+def _setup(geom: Geometry, batch: int, cin: int, cout: int, dtype, block_sizes):
     if block_sizes is None:
-        block_sizes = modulated_block_sizes(
-            x_shape=x_shape,
-            kernel_size=kernel_size,
-            cout=cout,
-            dtype=dtype,
-            stride=stride,
-            dilation=dilation,
-            padding=padding,
-        )
+        block_sizes = modulated_block_sizes(geom, batch=batch, cin=cin, cout=cout, dtype=dtype)
     _check_block_sizes(block_sizes)
-    g = FlatGeometry(tuple(x_shape[1:3]), kernel_size, stride, dilation, padding)
-    return g, block_sizes
+    return FlatGeometry.of(geom), block_sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,18 +340,17 @@ def _d_index(shared: bool):
     return (lambda b: 0) if shared else (lambda b: b)
 
 
-_STATIC = ("stride", "dilation", "padding", "precision", "block_sizes", "interpret")
+_STATIC = ("geom", "out_shape", "precision", "block_sizes", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def modulated_conv2d_fwd(
+def forward(
     x: jax.Array,
     w: jax.Array,
     d: jax.Array,
     *,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: ModulatedBlockSizes | None = None,
     interpret: bool = False,
@@ -373,13 +359,16 @@ def modulated_conv2d_fwd(
 
     Args:
       x: [N, H, W, Cin]; w: [kh, kw, Cin, Cout]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw].
+      out_shape: [N, Ho, Wo, Cout].
 
     Returns:
       y: [N, Ho, Wo, Cout], x's dtype (fp32 accumulation).
     """
     n, _, _, cin = x.shape
-    kh, kw, _, cout = w.shape
-    g, bs = _setup(x.shape, (kh, kw), cout, x.dtype, stride, dilation, padding, block_sizes)
+    cout = out_shape[3]
+    geom, crop = _cropped(geom)
+    x = _crop(x, crop)
+    g, bs = _setup(geom, n, cin, cout, x.dtype, block_sizes)
     bm, bk = bs.block_m, bs.block_k
     bn = bs.block_n
     cin_p, cout_p = round_up(cin, bk), round_up(cout, bn)
@@ -402,21 +391,19 @@ def modulated_conv2d_fwd(
         out_shape=jax.ShapeDtypeStruct((n, m_blocks * bm, cout_p), x.dtype),
         compiler_params=compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
-        name="svconv_modulated_fwd",
+        name="svconv_modulated_forward",
     )(xp, wp, dp)
     return from_out_flat(y, g, cout)
 
 
-@functools.partial(jax.jit, static_argnames=("input_size", *_STATIC))
-def modulated_conv2d_grad_x(
-    dy: jax.Array,
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def grad_x(
     w: jax.Array,
     d: jax.Array,
+    dy: jax.Array,
     *,
-    input_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: ModulatedBlockSizes | None = None,
     interpret: bool = False,
@@ -424,18 +411,16 @@ def modulated_conv2d_grad_x(
     """Gradient of the forward with respect to x.
 
     Args:
-      dy: [N, Ho, Wo, Cout]; w: [kh, kw, Cin, Cout]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw].
-      input_size: (H, W) of x.
+      w: [kh, kw, Cin, Cout]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw]; dy: [N, Ho, Wo, Cout].
+      out_shape: [N, H, W, Cin].
 
     Returns:
       dx: [N, H, W, Cin], dy's dtype.
     """
-    n, ho, wo, cout = dy.shape
-    kh, kw, cin, _ = w.shape
-    x_shape = (n, *input_size, cin)
-    g, bs = _setup(x_shape, (kh, kw), cout, dy.dtype, stride, dilation, padding, block_sizes)
-    if g.out_size != (ho, wo):
-        raise ValueError(f"dy spatial size {(ho, wo)} != output size {g.out_size}")
+    n, _, _, cout = dy.shape
+    cin = w.shape[2]
+    geom, crop = _cropped(geom)
+    g, bs = _setup(geom, n, cin, cout, dy.dtype, block_sizes)
     bm, bn, bk = bs.block_m_dx, bs.block_n_dx, bs.block_k_dx
     cin_p, cout_p = round_up(cin, bn), round_up(cout, bk)
     lq = round_up(g.in_flat, bm)
@@ -465,19 +450,18 @@ def modulated_conv2d_grad_x(
         interpret=interpret,
         name="svconv_modulated_grad_x",
     )(dyp, wt, dp)
-    return from_phases(dxp, g, cin)
+    dx = from_phases(dxp, g, cin)
+    return jnp.pad(dx, ((0, 0), *crop, (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("kernel_size", *_STATIC))
-def modulated_conv2d_grad_w(
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def grad_w(
     x: jax.Array,
-    dy: jax.Array,
     d: jax.Array,
+    dy: jax.Array,
     *,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: ModulatedBlockSizes | None = None,
     interpret: bool = False,
@@ -485,17 +469,17 @@ def modulated_conv2d_grad_w(
     """Gradient of the forward with respect to w.
 
     Args:
-      x: [N, H, W, Cin]; dy: [N, Ho, Wo, Cout]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw].
-      kernel_size: (kh, kw).
+      x: [N, H, W, Cin]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw]; dy: [N, Ho, Wo, Cout].
+      out_shape: [kh, kw, Cin, Cout].
 
     Returns:
       dw: [kh, kw, Cin, Cout], x's dtype (fp32 partial sums reduced in fp32).
     """
     n, _, _, cin = x.shape
     cout = dy.shape[-1]
-    g, bs = _setup(x.shape, kernel_size, cout, x.dtype, stride, dilation, padding, block_sizes)
-    if g.out_size != dy.shape[1:3]:
-        raise ValueError(f"dy spatial size {dy.shape[1:3]} != output size {g.out_size}")
+    geom, crop = _cropped(geom)
+    x = _crop(x, crop)
+    g, bs = _setup(geom, n, cin, cout, x.dtype, block_sizes)
     bm, chunk = bs.block_m_dw, bs.chunk_dw
     bci, bco = bs.block_cin_dw, bs.block_cout_dw
     cin_p, cout_p = round_up(cin, bci), round_up(cout, bco)
@@ -524,19 +508,17 @@ def modulated_conv2d_grad_w(
         name="svconv_modulated_grad_w",
     )(xp, dyp, dp)
     dw = partial.sum(axis=(0, 1))[:, :cin, :cout]
-    return dw.reshape(*kernel_size, cin, cout).astype(x.dtype)
+    return dw.reshape(out_shape).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("batched", *_STATIC))
-def modulated_conv2d_grad_d(
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def grad_d(
     x: jax.Array,
     w: jax.Array,
     dy: jax.Array,
     *,
-    batched: bool,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     precision: lax.Precision | None = None,
     block_sizes: ModulatedBlockSizes | None = None,
     interpret: bool = False,
@@ -545,16 +527,16 @@ def modulated_conv2d_grad_d(
 
     Args:
       x: [N, H, W, Cin]; w: [kh, kw, Cin, Cout]; dy: [N, Ho, Wo, Cout].
-      batched: whether d is [N, Ho, Wo, kh, kw] (else shared [Ho, Wo, kh, kw], summed over N).
+      out_shape: [N, Ho, Wo, kh, kw], or [Ho, Wo, kh, kw] for a batch-shared d (summed over N).
 
     Returns:
-      dd: [N, Ho, Wo, kh, kw] if batched else [Ho, Wo, kh, kw], x's dtype.
+      dd of ``out_shape``, x's dtype.
     """
     n, _, _, cin = x.shape
     kh, kw, _, cout = w.shape
-    g, bs = _setup(x.shape, (kh, kw), cout, x.dtype, stride, dilation, padding, block_sizes)
-    if g.out_size != dy.shape[1:3]:
-        raise ValueError(f"dy spatial size {dy.shape[1:3]} != output size {g.out_size}")
+    geom, crop = _cropped(geom)
+    x = _crop(x, crop)
+    g, bs = _setup(geom, n, cin, cout, x.dtype, block_sizes)
     bm, bk, bn = bs.block_m, bs.block_k, bs.block_n
     cin_p, cout_p = round_up(cin, bk), round_up(cout, bn)
     lo, lx = _flat_lengths(g, bs)
@@ -582,4 +564,4 @@ def modulated_conv2d_grad_d(
     )(xp, wp, dyp)
     dd = from_out_flat(ddf.transpose(0, 2, 1), g, t)
     dd = dd.reshape(*dd.shape[:3], kh, kw)
-    return (dd if batched else dd.sum(axis=0)).astype(x.dtype)
+    return (dd if len(out_shape) == 5 else dd.sum(axis=0)).astype(x.dtype)

@@ -26,14 +26,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
-    ConvGeometry,
     common_unsupported_reason,
     compiler_params,
     contributing_taps,
     exact_div,
     next_pow2,
-    out_grid,
+    sweep,
 )
+from pallas_kernels.geometry import Geometry
 
 # ------------------------------------------------------------------------------------------------
 # Tiling config
@@ -143,9 +143,8 @@ def _split(pid, inner: int):
 # ------------------------------------------------------------------------------------------------
 
 
-def _gather_kernel(
-    x_ref, k_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSizes, n_sub: int, n_th: int
-):
+def _gather_kernel(x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int):
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = k_ref.shape
     gb, sb = _split(pl.program_id(0), n_sub)
@@ -157,8 +156,8 @@ def _gather_kernel(
     k_ok = pix_ok & (grp < groups)
 
     def tap(m, n, acc):
-        r = rows * g.sh + m * g.dh - g.pt
-        q = cols * g.sw + n * g.dw - g.pl
+        r = rows * sh + m * dh - ptop
+        q = cols * sw + n * dw - pleft
         xt = plt.load(
             x_ref.at[b, r, q, chan],
             mask=_inside(r, q, h, w) & chan_ok,
@@ -169,34 +168,33 @@ def _gather_kernel(
         return acc + xt.astype(jnp.float32) * kt.astype(jnp.float32)
 
     acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
-    acc = lax.fori_loop(
-        0, g.kh, lambda m, a: lax.fori_loop(0, g.kw, functools.partial(tap, m), a), acc
-    )
+    acc = lax.fori_loop(0, kh, lambda m, a: lax.fori_loop(0, kw, functools.partial(tap, m), a), acc)
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=pix_ok & chan_ok)
 
 
 def _scatter_kernel(
-    v_ref, k_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
+    v_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
 ):
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, ho, wo, c = v_ref.shape
     _, h, w, _ = o_ref.shape
     groups = k_ref.shape[-1]
     gb, sb = _split(pl.program_id(0), n_sub)
     phw, tj = _split(pl.program_id(1), n_tw)
-    b, rest = _split(pl.program_id(2), g.sh * n_th)
+    b, rest = _split(pl.program_id(2), sh * n_th)
     phh, ti = _split(rest, n_th)
     # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
     # of that phase reach them, each from source pixel (R + const, Q + const).
     big_r, big_q = _tile_pixels(ti, tj, bs)
     big_r, big_q = big_r[..., None], big_q[..., None]
-    rows, cols = big_r * g.sh + phh, big_q * g.sw + phw
+    rows, cols = big_r * sh + phh, big_q * sw + phw
     grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
-    m0, m_count, m_step = contributing_taps(lax.rem(phh + g.pt, g.sh), g.kh, g.sh, g.dh)
-    n0, n_count, n_step = contributing_taps(lax.rem(phw + g.pl, g.sw), g.kw, g.sw, g.dw)
+    m0, m_count, m_step = contributing_taps(lax.rem(phh + ptop, sh), kh, sh, dh)
+    n0, n_count, n_step = contributing_taps(lax.rem(phw + pleft, sw), kw, sw, dw)
 
     def tap(m, n, acc):
-        i = big_r + exact_div(phh + g.pt - m * g.dh, g.sh, -(g.kh - 1) * g.dh)
-        j = big_q + exact_div(phw + g.pl - n * g.dw, g.sw, -(g.kw - 1) * g.dw)
+        i = big_r + exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
+        j = big_q + exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
         ok = _inside(i, j, ho, wo)
         vt = plt.load(
             v_ref.at[b, i, j, chan], mask=ok & chan_ok, other=0.0, eviction_policy=_REUSED
@@ -214,7 +212,8 @@ def _scatter_kernel(
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=ok)
 
 
-def _correlate_kernel(x_ref, v_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSizes, n_th: int):
+def _correlate_kernel(x_ref, v_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_th: int):
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = o_ref.shape
     cpg = c // groups
@@ -235,8 +234,8 @@ def _correlate_kernel(x_ref, v_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSiz
     out_ok = (rows < ho) & (cols < wo) & (grp < groups)
 
     def tap(m, n, carry):
-        r = rows3 * g.sh + m * g.dh - g.pt
-        q = cols3 * g.sw + n * g.dw - g.pl
+        r = rows3 * sh + m * dh - ptop
+        q = cols3 * sw + n * dw - pleft
         acc = jnp.zeros((rows.shape[0], bs.block_groups), jnp.float32)
         for (_, chan, ok), vt in zip(blocks, vts, strict=True):
             xt = plt.load(
@@ -249,7 +248,7 @@ def _correlate_kernel(x_ref, v_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSiz
         plt.store(o_ref.at[b, rows, cols, m, n, grp], acc.astype(o_ref.dtype), mask=out_ok)
         return carry
 
-    lax.fori_loop(0, g.kh, lambda m, _: lax.fori_loop(0, g.kw, functools.partial(tap, m), 0), 0)
+    lax.fori_loop(0, kh, lambda m, _: lax.fori_loop(0, kw, functools.partial(tap, m), 0), 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,68 +256,32 @@ def _correlate_kernel(x_ref, v_ref, o_ref, *, g: ConvGeometry, bs: PixelBlockSiz
 # ------------------------------------------------------------------------------------------------
 
 
-def pixel_unsupported_reason(
-    *, x_shape, kernel_size, groups, dtype, stride, dilation, padding
-) -> str | None:
-    """None when the pixel kernels handle this case, else why not (one line)."""
-    reason = common_unsupported_reason(
-        x_shape=x_shape,
-        kernel_size=kernel_size,
-        dtype=dtype,
-        stride=stride,
-        dilation=dilation,
-        padding=padding,
-    )
-    if reason is None and (groups < 1 or x_shape[3] % groups):
-        reason = f"channels ({x_shape[3]}) must be a multiple of groups ({groups})"
-    return reason
-
-
-def _check(x_shape, kernel_size, groups, dtype, stride, dilation, padding, name, pixel_shape):
-    """Raises NotImplementedError for unsupported cases, ValueError when `name` (an array on the
-    output grid, of shape `pixel_shape`) does not match x's [N, Ho, Wo]; returns the geometry."""
-    reason = pixel_unsupported_reason(
-        x_shape=x_shape,
-        kernel_size=kernel_size,
-        groups=groups,
-        dtype=dtype,
-        stride=stride,
-        dilation=dilation,
-        padding=padding,
-    )
-    if reason is not None:
-        raise NotImplementedError(reason)
-    expected = (x_shape[0], *out_grid(x_shape, kernel_size, stride, dilation, padding))
-    if tuple(pixel_shape[:3]) != expected:
-        raise ValueError(
-            f"{name} of shape {tuple(pixel_shape)} does not match [N, Ho, Wo] = {expected} of an "
-            f"input of shape {tuple(x_shape)} (kernel {kernel_size}, stride {stride}, dilation "
-            f"{dilation}, padding {padding})"
-        )
-    return ConvGeometry(*kernel_size, *stride, *dilation, padding[0][0], padding[1][0])
+def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
+    """None when the pixel kernels handle this case, else why not (one line). ``shapes``: the
+    shape of every slot (``x``, ``k``, ``y``) by name."""
+    del shapes  # every size the API accepts
+    return common_unsupported_reason(geom, dtype)
 
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)
 
 
-def pixel_gather(
+def forward(
     x: jax.Array,
     k: jax.Array,
     *,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     block_sizes: PixelBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Per-pixel filter.
+    """Per-pixel filter (the gather).
 
-    x: [N, H, W, C], k: [N, Ho, Wo, kh, kw, G] -> [N, Ho, Wo, C]; channel c uses group
-    c // (C // G). `padding` is ((top, bottom), (left, right)).
+    x: [N, H, W, C], k: [N, Ho, Wo, kh, kw, G] -> [N, Ho, Wo, C] (``out_shape``); channel c
+    uses group c // (C // G).
     """
     n, _, _, c = x.shape
-    _, ho, wo, kh, kw, groups = k.shape
-    g = _check(x.shape, (kh, kw), groups, x.dtype, stride, dilation, padding, "k", k.shape)
+    _, ho, wo, _, _, groups = k.shape
     bs = block_sizes or pixel_block_sizes(
         "gather", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
@@ -326,93 +289,83 @@ def pixel_gather(
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, pl.cdiv(wo, bs.block_w), n * n_th)
     return pl.pallas_call(
-        functools.partial(_gather_kernel, g=g, bs=bs, n_sub=n_sub, n_th=n_th),
-        out_shape=jax.ShapeDtypeStruct((n, ho, wo, c), x.dtype),
+        functools.partial(_gather_kernel, g=geom, bs=bs, n_sub=n_sub, n_th=n_th),
+        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
         grid=grid,
         in_specs=[_ANY, _ANY],
         out_specs=_ANY,
         compiler_params=compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
-        name="svconv_pixel_gather",
+        name="svconv_pixel_forward",
     )(x, k)
 
 
-def pixel_scatter(
-    v: jax.Array,
+def grad_x(
     k: jax.Array,
+    dy: jax.Array,
     *,
-    input_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     block_sizes: PixelBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Transpose of `pixel_gather` in x: each source pixel spreads its own filter.
+    """Transpose of `forward` in x (the scatter): each source pixel spreads its own filter.
 
-    v: [N, Ho, Wo, C], k: [N, Ho, Wo, kh, kw, G] -> [N, H, W, C] with (H, W) = input_size.
+    k: [N, Ho, Wo, kh, kw, G], dy: [N, Ho, Wo, C] -> [N, H, W, C] (``out_shape``).
 
     Computed in gather form (each output pixel sums the source pixels that reach it), one program
     per stride phase of the output, so no atomics and no wasted taps.
     """
-    n, ho, wo, c = v.shape
-    *_, kh, kw, groups = k.shape
-    h, w = input_size
-    g = _check((n, h, w, c), (kh, kw), groups, v.dtype, stride, dilation, padding, "v", v.shape)
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k of shape {k.shape} and v of shape {v.shape} differ in [N, Ho, Wo]")
-    hq, wq = pl.cdiv(h, g.sh), pl.cdiv(w, g.sw)
+    n, h, w, c = out_shape
+    groups = k.shape[-1]
+    (sh, sw) = geom.stride
+    hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
     bs = block_sizes or pixel_block_sizes(
-        "scatter", channels=c, groups=groups, out_hw=(hq, wq), batch=n * g.sh * g.sw, dtype=v.dtype
+        "scatter", channels=c, groups=groups, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
     )
     n_sub = pl.cdiv(c // groups, bs.block_channels)
     n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
-    grid = (pl.cdiv(groups, bs.block_groups) * n_sub, g.sw * n_tw, n * g.sh * n_th)
+    grid = (pl.cdiv(groups, bs.block_groups) * n_sub, sw * n_tw, n * sh * n_th)
     return pl.pallas_call(
-        functools.partial(_scatter_kernel, g=g, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw),
-        out_shape=jax.ShapeDtypeStruct((n, h, w, c), v.dtype),
+        functools.partial(_scatter_kernel, g=geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw),
+        out_shape=jax.ShapeDtypeStruct(out_shape, dy.dtype),
         grid=grid,
         in_specs=[_ANY, _ANY],
         out_specs=_ANY,
         compiler_params=compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
-        name="svconv_pixel_scatter",
-    )(v, k)
+        name="svconv_pixel_grad_x",
+    )(dy, k)
 
 
-def pixel_correlate(
+def grad_k(
     x: jax.Array,
-    v: jax.Array,
+    dy: jax.Array,
     *,
-    kernel_size: tuple[int, int],
-    groups: int,
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    geom: Geometry,
+    out_shape: tuple[int, ...],
     block_sizes: PixelBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Transpose of `pixel_gather` in k (its gradient with respect to k).
+    """Transpose of `forward` in k (its gradient with respect to k).
 
-    x: [N, H, W, C], v: [N, Ho, Wo, C] -> [N, Ho, Wo, kh, kw, G]; a program owns a pixel tile and
-    whole groups, and sums each group's channels in registers.
+    x: [N, H, W, C], dy: [N, Ho, Wo, C] -> [N, Ho, Wo, kh, kw, G] (``out_shape``); a program
+    owns a pixel tile and whole groups, and sums each group's channels in registers.
     """
     n, _, _, c = x.shape
-    _, ho, wo, _ = v.shape
-    kh, kw = kernel_size
-    g = _check(x.shape, kernel_size, groups, x.dtype, stride, dilation, padding, "v", v.shape)
+    _, ho, wo, _, _, groups = out_shape
     bs = block_sizes or pixel_block_sizes(
         "correlate", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups), pl.cdiv(wo, bs.block_w), n * n_th)
     return pl.pallas_call(
-        functools.partial(_correlate_kernel, g=g, bs=bs, n_th=n_th),
-        out_shape=jax.ShapeDtypeStruct((n, ho, wo, kh, kw, groups), x.dtype),
+        functools.partial(_correlate_kernel, g=geom, bs=bs, n_th=n_th),
+        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
         grid=grid,
         in_specs=[_ANY, _ANY],
         out_specs=_ANY,
         compiler_params=compiler_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
-        name="svconv_pixel_correlate",
-    )(x, v)
+        name="svconv_pixel_grad_k",
+    )(x, dy)

@@ -1,10 +1,9 @@
 """Argument normalisation shared by every public op: one path from user arguments to a
-:class:`Geometry`, with errors raised at trace time that name the argument and print the
-offending shape or value."""
+:class:`~pallas_kernels.geometry.Geometry`, with errors raised at trace time that name the
+argument and print the offending shape or value."""
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -14,30 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels.geometry import Geometry, Padding, Pair
+
 IMPLS = (None, "auto", "pallas", "xla", "reference")
-
-Pair = tuple[int, int]
-Padding = tuple[Pair, Pair]
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Static description of one 2D window sweep (hashable, so it can be a jit/custom_vjp key).
-
-    The input position of output pixel ``(i, j)`` and tap ``(m, n)`` is
-    ``(i*sh + m*dh - pad_top, j*sw + n*dw - pad_left)``.
-    """
-
-    in_size: Pair
-    out_size: Pair
-    kernel_size: Pair
-    stride: Pair
-    dilation: Pair
-    padding: Padding
-
-    def kwargs(self) -> dict[str, Any]:
-        """The geometry keywords every kernel function takes."""
-        return {"stride": self.stride, "dilation": self.dilation, "padding": self.padding}
 
 
 def _int(name: str, value: Any) -> int:
@@ -68,7 +46,8 @@ def padding_pairs(
 ) -> Padding:
     """``"SAME"``/``"VALID"``/int/``((top, bottom), (left, right))`` -> explicit pads.
 
-    Strings follow ``lax.conv_general_dilated`` exactly (including ``"SAME_LOWER"``).
+    Strings follow ``lax.conv_general_dilated`` exactly (including ``"SAME_LOWER"``); negative
+    explicit pads crop, as there.
     """
     if isinstance(padding, str):
         name = padding.upper()
@@ -93,39 +72,36 @@ def padding_pairs(
     else:
         p = _int("padding", padding)
         out = ((p, p), (p, p))
-    if min(min(p) for p in out) < 0:
-        raise ValueError(f"`padding` must be non-negative, got {padding!r}")
     return out  # type: ignore[return-value]
 
 
 def geometry(
-    *, in_size: Pair, kernel_size: Pair, stride: Any, padding: Any, dilation: Any
+    *,
+    in_size: Pair,
+    kernel_size: Pair,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Geometry:
-    """Normalise stride/dilation/padding and compute the output size, as lax does."""
+    """Normalise stride/dilation/padding and compute the output size, as lax does.
+
+    ``shapes`` (argument name -> shape) are printed when the kernel does not fit the input.
+    """
     stride = pair("stride", stride)
     dilation = pair("dilation", dilation)
     pads = padding_pairs(padding, in_size, kernel_size, stride, dilation)
-    out = []
-    for axis, (size, k, s, d, (lo, hi)) in enumerate(
-        zip(in_size, kernel_size, stride, dilation, pads, strict=True)
-    ):
-        span = (k - 1) * d + 1
-        padded = size + lo + hi
-        if padded < span:
-            dim = "height" if axis == 0 else "width"
+    geom = Geometry.of(tuple(in_size), tuple(kernel_size), stride, dilation, pads)
+    for axis, dim in enumerate(("height", "width")):
+        if geom.out_size[axis] < 1:
+            k, d, (lo, hi) = kernel_size[axis], dilation[axis], pads[axis]
+            arrays = ", ".join(f"`{n}` of shape {tuple(s)}" for n, s in (shapes or {}).items())
             raise ValueError(
-                f"kernel {dim} {k} with dilation {d} spans {span} pixels, more than the padded "
-                f"input {dim} {padded} (input {size}, padding {(lo, hi)})"
+                f"kernel {dim} {k} with dilation {d} spans {(k - 1) * d + 1} pixels, more than "
+                f"the padded input {dim} {in_size[axis] + lo + hi} (input {in_size[axis]}, "
+                f"padding {(lo, hi)}): {arrays}"
             )
-        out.append((padded - span) // s + 1)
-    return Geometry(
-        in_size=tuple(in_size),
-        out_size=tuple(out),
-        kernel_size=tuple(kernel_size),
-        stride=stride,
-        dilation=dilation,
-        padding=pads,
-    )
+    return geom
 
 
 def float_array(name: str, value: Any) -> jax.Array:

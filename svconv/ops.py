@@ -15,28 +15,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from svconv import _checks, _dispatch, reference
-from svconv._dispatch import Spec, apply, choose_impl
+from svconv import _checks, reference
+from svconv._families import LOCAL, MODULATED, PIXEL
+from svconv._primitive import Family, Spec, bind
 
 PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
 IntOrPair = int | tuple[int, int]
 
 
-def _run(
-    family: str, target: str, impl: str, geom, operands: dict[str, jax.Array], **options: Any
+def _call(
+    op: str, family: Family, target: str, operands: dict[str, jax.Array], **spec: Any
 ) -> jax.Array:
-    spec = Spec(
-        family=family,
-        target=target,
-        geom=geom,
-        impl=impl,
-        interpret=impl == "pallas" and not _dispatch.on_gpu(),
-        **options,
-    )
-    return apply(spec, *(operands[s] for s in spec.operands))
+    """Bind ``family``'s partial with respect to ``target``; ``impl="pallas"`` on a case the
+    kernels cannot take raises here, at call time (``impl="auto"`` decides when lowering)."""
+    spec = Spec(family=family, target=target, **spec)
+    args = tuple(operands[s] for s in spec.operands)
+    if spec.impl == "pallas":
+        reason = spec.pallas_reason(spec.shapes(tuple(a.shape for a in args)), args[0].dtype)
+        if reason is not None:
+            raise NotImplementedError(f"{op}(impl='pallas') cannot run this case: {reason}")
+    return bind(spec, *args)
 
 
-def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation):
+def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation, **arrays):
     """Checks shared by the ops with weights ``w [..., kh, kw, in_channels, out_channels]``:
     ranks, matching input channels; returns the geometry."""
     _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
@@ -53,6 +54,7 @@ def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation):
         stride=stride,
         padding=padding,
         dilation=dilation,
+        shapes={"x": x.shape, "w": w.shape, **{k: v.shape for k, v in arrays.items()}},
     )
 
 
@@ -94,9 +96,9 @@ def modulated_conv2d(
     d = _checks.float_array("d", d)
     impl = _checks.impl(impl)
     geom = _weight_geometry(
-        x, w, 4, "[kh, kw, in_channels, out_channels]", stride, padding, dilation
+        x, w, 4, "[kh, kw, in_channels, out_channels]", stride, padding, dilation, d=d
     )
-    (kh, kw), cout = geom.kernel_size, w.shape[-1]
+    kh, kw = geom.kernel_size
     _checks.rank(
         "d", d, (4, 5), "[batch, out_height, out_width, kh, kw] or [out_height, out_width, kh, kw]"
     )
@@ -114,26 +116,17 @@ def modulated_conv2d(
     precision = _checks.precision(precision)
     dtype = _checks.common_dtype(x=x, w=w, d=d)
     x, w, d = x.astype(dtype), w.astype(dtype), d.astype(dtype)
-    impl = choose_impl(
-        impl,
-        "modulated_conv2d",
-        "modulated",
-        x_shape=tuple(x.shape),
-        kernel_size=(kh, kw),
-        cout=cout,
-        dtype=dtype,
-        **geom.kwargs(),
-    )
     if impl == "reference":
         return reference.modulated_conv2d(x, w, d, geom)
-    return _run(
-        "modulated",
+    return _call(
+        "modulated_conv2d",
+        MODULATED,
         "y",
-        impl,
-        geom,
         {"x": x, "w": w, "d": d},
+        geom=geom,
+        impl=impl,
         precision=precision,
-        batched_d=d.ndim == 5,
+        shared=() if d.ndim == 5 else ("d",),
         block_sizes=block_sizes,
     )
 
@@ -174,20 +167,17 @@ def local_conv2d(
     precision = _checks.precision(precision)
     dtype = _checks.common_dtype(x=x, w=w)
     x, w = x.astype(dtype), w.astype(dtype)
-    impl = choose_impl(
-        impl,
-        "local_conv2d",
-        "local",
-        x_shape=tuple(x.shape),
-        kernel_size=(kh, kw),
-        cout=cout,
-        dtype=dtype,
-        **geom.kwargs(),
-    )
     if impl == "reference":
         return reference.local_conv2d(x, w, geom)
-    return _run(
-        "local", "y", impl, geom, {"x": x, "w": w}, precision=precision, block_sizes=block_sizes
+    return _call(
+        "local_conv2d",
+        LOCAL,
+        "y",
+        {"x": x, "w": w},
+        geom=geom,
+        impl=impl,
+        precision=precision,
+        block_sizes=block_sizes,
     )
 
 
@@ -244,6 +234,7 @@ def pixel_filter2d(
         stride=stride,
         padding=padding,
         dilation=dilation,
+        shapes={"x": x.shape, "k": k.shape},
     )
     _checks.shape(
         "k",
@@ -253,19 +244,18 @@ def pixel_filter2d(
     )
     dtype = _checks.common_dtype(x=x, k=k)
     x, k6 = x.astype(dtype), k6.astype(dtype)
-    impl = choose_impl(
-        impl,
-        "pixel_filter2d",
-        "pixel",
-        x_shape=tuple(x.shape),
-        kernel_size=(kh, kw),
-        groups=groups,
-        dtype=dtype,
-        **geom.kwargs(),
-    )
     if impl == "reference":
         return reference.pixel_filter2d(x, k6, geom)
-    return _run("pixel", "y", impl, geom, {"x": x, "k": k6}, groups=groups, block_sizes=block_sizes)
+    return _call(
+        "pixel_filter2d",
+        PIXEL,
+        "y",
+        {"x": x, "k": k6},
+        geom=geom,
+        impl=impl,
+        groups=groups,
+        block_sizes=block_sizes,
+    )
 
 
 def _splat_output_size(source_size, kernel_size, stride, dilation, padding):
@@ -334,27 +324,28 @@ def pixel_splat2d(
         stride=stride_pair,
         padding=padding,
         dilation=dilation_pair,
+        shapes={"x": x.shape, "k": k.shape},
     )
     if geom.out_size != tuple(x.shape[1:3]):
         raise ValueError(
             f"`output_size` {size}: a pixel_filter2d of that size gives {geom.out_size} pixels, "
-            f"not the {tuple(x.shape[1:3])} of `x` of shape {tuple(x.shape)}"
+            f"not the {tuple(x.shape[1:3])} of `x` of shape {tuple(x.shape)} (`k` of shape "
+            f"{tuple(k.shape)})"
         )
     dtype = _checks.common_dtype(x=x, k=k)
     x, k6 = x.astype(dtype), k6.astype(dtype)
-    impl = choose_impl(
-        impl,
-        "pixel_splat2d",
-        "pixel",
-        x_shape=(x.shape[0], *size, x.shape[3]),
-        kernel_size=(kh, kw),
-        groups=groups,
-        dtype=dtype,
-        **geom.kwargs(),
-    )
     if impl == "reference":
         return reference.pixel_splat2d(x, k6, geom)
-    return _run("pixel", "x", impl, geom, {"y": x, "k": k6}, groups=groups, block_sizes=block_sizes)
+    return _call(
+        "pixel_splat2d",
+        PIXEL,
+        "x",
+        {"y": x, "k": k6},
+        geom=geom,
+        impl=impl,
+        groups=groups,
+        block_sizes=block_sizes,
+    )
 
 
 def gaussian_kernels(sigma: jax.Array, size: IntOrPair) -> jax.Array:

@@ -1,8 +1,8 @@
 """Reference implementations: naive loops over taps in plain ``jnp``, written to be obviously
 right. They are the oracle for the tests; their gradients come from JAX autodiff.
 
-Every function takes normalised arguments (a :class:`~svconv._checks.Geometry`) and computes in
-float32 at ``HIGHEST`` precision, returning the promoted input dtype.
+Every function takes normalised arguments (a :class:`~pallas_kernels.geometry.Geometry`) and
+computes in float32 at ``HIGHEST`` precision, returning the promoted input dtype.
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from svconv._checks import Geometry
+from pallas_kernels.geometry import Geometry
 
 _HI = lax.Precision.HIGHEST
+
+
+def _pad(x: jax.Array, padding) -> jax.Array:
+    """Zero padding; negative pads crop."""
+    (pt, pb), (pl, pr) = padding
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
 
 
 def tap(x: jax.Array, geom: Geometry, m: int, n: int) -> jax.Array:
     """``x[b, i*sh + m*dh - pt, j*sw + n*dw - pl, c]`` for every output pixel ``(i, j)``,
     reading zero outside ``x``: shape ``[N, Ho, Wo, C]``."""
-    (pt, pb), (pl, pr) = geom.padding
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    xp = _pad(x, geom.padding)
     (ho, wo), (sh, sw), (dh, dw) = geom.out_size, geom.stride, geom.dilation
     rows = m * dh + sh * jnp.arange(ho)
     cols = n * dw + sw * jnp.arange(wo)
@@ -82,11 +87,12 @@ def pixel_splat2d(x, k, geom: Geometry) -> jax.Array:
     k = jnp.repeat(k, x.shape[-1] // groups, axis=-1)
     (h, w), (ho, wo) = geom.in_size, geom.out_size
     (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = geom.stride, geom.dilation, geom.padding
-    # Scatter into the zero-padded frame (all targets land inside it), then crop the padding.
+    # Scatter into the padded frame (all targets land inside it), then undo the padding (a
+    # padding's transpose crops it; a negative padding's puts back the cropped zeros).
     y = jnp.zeros((x.shape[0], h + pt + pb, w + pl + pr, x.shape[-1]), jnp.float32)
     for m, n in _taps(geom):
         rows = sh * jnp.arange(ho) + m * dh
         cols = sw * jnp.arange(wo) + n * dw
         y = y.at[:, rows[:, None], cols[None, :], :].add(x * k[:, :, :, m, n, :])
-    y = y[:, pt : pt + h, pl : pl + w, :]
+    y = _pad(y, ((-pt, -pb), (-pl, -pr)))
     return y.astype(dtype)

@@ -30,9 +30,12 @@ With ``Auto`` mesh axes XLA's partitioner calls the rule while compiling (Shardy
 shardings through the op with :func:`sharding_rule`, then :func:`partitioned`'s ``partition``
 callback picks the final shardings and the per-device function). With ``Explicit`` axes the
 shardings are known while tracing and the same per-device function runs under ``shard_map``.
-Under ``vmap`` the rule is not used: the vmapped kernel runs as one unit (XLA partitions the
-XLA path itself; the Pallas path is gathered). A summed gradient in a 16-bit dtype is rounded
-per device before the float32 ``psum``, so it can differ from one device's by about an ulp.
+``vmap`` never reaches the rule: the primitives' batching rule folds a mapped axis into the
+batch (or maps over it) before lowering. Under ``Explicit`` axes the result's sharding is part of
+its type, so the primitives' abstract evaluation asks :func:`result_type` for the same plan, and
+a cotangent takes its primal's sharding (:func:`like_primal`). A summed gradient in a 16-bit
+dtype is rounded per device before the float32 ``psum``, so it can differ from one device's by
+about an ulp.
 """
 
 from __future__ import annotations
@@ -45,33 +48,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from svconv._checks import Geometry
+from pallas_kernels.geometry import Geometry
 
-# Dimension names of every slot. "b" batch, "h"/"w" input height/width, "ho"/"wo" output height
-# and width, "c"/"o" input/output channels, "kh"/"kw" taps, "g" filter groups.
-_IMAGE_IN = ("b", "h", "w", "c")
-
-
-def slot_dims(spec: Any, slot: str) -> tuple[str, ...]:
-    """The dimension names of ``slot``'s array (an operand or the target) for ``spec``."""
-    family = spec.family
-    if slot == "x":
-        return _IMAGE_IN
-    if slot == "y":
-        return ("b", "ho", "wo", "c" if family == "pixel" else "o")
-    if slot == "w":
-        if family == "local":
-            return ("ho", "wo", "kh", "kw", "c", "o")
-        return ("kh", "kw", "c", "o")
-    if slot == "d":
-        return ("b", "ho", "wo", "kh", "kw") if spec.batched_d else ("ho", "wo", "kh", "kw")
-    if slot == "k":
-        return ("b", "ho", "wo", "kh", "kw", "g")
-    raise ValueError(f"unknown slot {slot!r}")
+# ``spec`` below is a ``svconv._primitive.Spec``: its ``dims(slot)`` names the dimensions of every
+# slot's array ("b" batch, "h"/"w" input and "ho"/"wo" output height and width, ...).
 
 
 def sharding_rule(spec: Any, mesh: Any, operand_types: Any, result_types: Any) -> tuple:
@@ -90,7 +75,7 @@ def sharding_rule(spec: Any, mesh: Any, operand_types: Any, result_types: Any) -
         h_token = "h"
 
     def term(slot: str) -> str:
-        return " ".join(h_token if d == "h" else d for d in slot_dims(spec, slot))
+        return " ".join(h_token if d == "h" else d for d in spec.dims(slot))
 
     rule = ", ".join(term(s) for s in spec.operands) + " -> " + term(spec.target)
     # Shardy wants the reduction factors in order of first appearance.
@@ -140,7 +125,7 @@ def height_split(geom: Geometry, axes: tuple[str, ...], shards: int) -> Halo | N
     (h, _), (ho, _) = geom.in_size, geom.out_size
     (kh, _), (sh, _), (dh, _) = geom.kernel_size, geom.stride, geom.dilation
     (pt, _), _ = geom.padding
-    if h != sh * ho or ho % shards:
+    if h != sh * ho or ho % shards or min(*geom.padding[0]) < 0:
         return None
     block_out = ho // shards
     block_in = sh * block_out
@@ -224,7 +209,7 @@ def _plan(spec: Any, mesh: Any, arg_shapes: tuple, result_shape: Any):
 
     def first(names: tuple[str, ...], size_of: Callable[[Any, int], int]) -> tuple[str, ...]:
         for slot in slots:
-            dims = slot_dims(spec, slot)
+            dims = spec.dims(slot)
             for name in names:
                 if name in dims:
                     axes = _dim_axes(shapes[slot], dims.index(name))
@@ -245,7 +230,7 @@ def _sharding(
     spec: Any, mesh: Any, slot: str, batch: tuple[str, ...], halo: Halo | None
 ) -> NamedSharding:
     entries = []
-    for name in slot_dims(spec, slot):
+    for name in spec.dims(slot):
         if name == "b" and batch:
             entries.append(_name(batch))
         elif name in ("h", "ho") and halo is not None:
@@ -262,7 +247,7 @@ def _lowering(
     batch, halo = _plan(spec, mesh, arg_shapes, result_shape)
     arg_shardings = tuple(_sharding(spec, mesh, s, batch, halo) for s in spec.operands)
     result_sharding = _sharding(spec, mesh, spec.target, batch, halo)
-    target_dims = slot_dims(spec, spec.target)
+    target_dims = spec.dims(spec.target)
     reduce_axes = () if "b" in target_dims else batch
     if halo is not None and "ho" not in target_dims and "h" not in target_dims:
         reduce_axes += halo.axes
@@ -286,15 +271,48 @@ def _lowering(
     return lower, result_sharding, arg_shardings
 
 
-def _explicit_mesh(operands: tuple[jax.Array, ...]) -> Any:
-    """The mesh of the operands' shardings when they are part of their types (``Explicit`` mesh
-    axes), else None."""
-    for v in operands:
-        sharding = jax.typeof(v).sharding
-        mesh = getattr(sharding, "mesh", None)
+def _explicit_mesh(types: Any) -> Any:
+    """The mesh of the arrays' shardings when they are part of their types (``Explicit`` mesh
+    axes), else None. ``types``: arrays or their abstract values."""
+    for t in types:
+        aval = t if isinstance(t, core.AbstractValue) else jax.typeof(t)
+        mesh = getattr(aval.sharding, "mesh", None)
         if mesh is not None and mesh.explicit_axes and not mesh.manual_axes:
             return mesh
     return None
+
+
+def result_type(spec: Any, avals: tuple, shape: tuple[int, ...], dtype: Any) -> Any:
+    """The abstract value of one call's result: under ``Explicit`` axes it carries the sharding
+    the partitioning gives it; inside ``shard_map`` it varies over the axes its operands vary
+    over."""
+    mesh = _explicit_mesh(avals)
+    if mesh is not None:
+        batch, halo = _plan(spec, mesh, avals, None)
+        return core.ShapedArray(
+            shape, dtype, sharding=_sharding(spec, mesh, spec.target, batch, halo)
+        )
+    varying = frozenset().union(*(a.mat.varying for a in avals))
+    if not varying:
+        return core.ShapedArray(shape, dtype)
+    return core.ShapedArray(
+        shape,
+        dtype,
+        sharding=NamedSharding(avals[0].sharding.mesh, P()),
+        manual_axis_type=core.ManualAxisType(varying=varying),
+    )
+
+
+def like_primal(cotangent: jax.Array, aval: Any) -> jax.Array:
+    """Under ``Explicit`` axes a cotangent must carry its primal's sharding; the partitioning can
+    leave it sharded differently (e.g. a batch-shared ``d`` sharded over an axis that also splits
+    the batch)."""
+    if _explicit_mesh((aval,)) is None:
+        return cotangent
+    want = aval.sharding.spec
+    if jax.typeof(cotangent).sharding.spec != want:
+        cotangent = jax.sharding.reshard(cotangent, want)
+    return cotangent
 
 
 def _shard_explicit(
@@ -302,15 +320,10 @@ def _shard_explicit(
 ) -> jax.Array:
     """With ``Explicit`` mesh axes the shardings are known while tracing: the same per-shard
     function runs under ``shard_map``."""
-    shapes = tuple(
-        jax.ShapeDtypeStruct(
-            v.shape, v.dtype, sharding=NamedSharding(mesh, jax.typeof(v).sharding.spec)
-        )
-        for v in operands
-    )
+    shapes = tuple(jax.typeof(v) for v in operands)
     lower, result_sharding, arg_shardings = _lowering(kernel, spec, mesh, shapes, None)
     operands = tuple(
-        jax.sharding.reshard(v, s) for v, s in zip(operands, arg_shardings, strict=True)
+        jax.sharding.reshard(v, s.spec) for v, s in zip(operands, arg_shardings, strict=True)
     )
     return jax.shard_map(
         lower,
@@ -323,7 +336,7 @@ def _shard_explicit(
 
 def partitioned(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     """Wrap ``kernel(spec, *operands)`` (one kernel call on whole arrays) so that it partitions
-    over a device mesh as the module docstring describes."""
+    over a device mesh as the module docstring describes. Called while lowering."""
 
     def partition(spec, mesh, arg_shapes, result_shape):
         lower, result_sharding, arg_shardings = _lowering(
@@ -338,17 +351,6 @@ def partitioned(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         mesh = _explicit_mesh(operands)
         if mesh is not None:
             return _shard_explicit(kernel, spec, mesh, operands)
-
-        @jax.custom_batching.custom_vmap
-        def run(*args):
-            return cp(spec, *args)
-
-        @run.def_vmap
-        def _vmapped(axis_size, in_batched, *args):
-            del axis_size
-            axes = [0 if b else None for b in in_batched]
-            return jax.vmap(lambda *a: kernel(spec, *a), in_axes=axes)(*args), True
-
-        return run(*operands)
+        return cp(spec, *operands)
 
     return call

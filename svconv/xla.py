@@ -1,14 +1,15 @@
 """The XLA path: every op and every gradient as a loop over taps of shifted (strided) slices.
 
-Each function has the signature of its Pallas counterpart in ``pallas_kernels`` (arrays of one
-float dtype, geometry as keyword tuples) so that dispatch is uniform. Accumulation is float32;
-results take the input dtype.
+Each function has the signature of its Pallas counterpart in ``pallas_kernels``: the arrays of
+the family's other slots in slot order (one float dtype), then ``geom``, ``out_shape`` and, for
+the families with dots, ``precision`` (see ``svconv._primitive.Family``). Accumulation is
+float32; results take the input dtype.
 
 Why a tap loop: for each tap ``(m, n)`` the input seen by all output pixels is one strided slice
 of the padded input (``_tap``), and its transpose is one interior-padded ``lax.pad`` (``_untap``).
 A modulated conv is then ``kh*kw`` GEMMs ``[P, Cin] x [Cin, Cout]`` with a per-row scale, and a
 per-pixel filter ``kh*kw`` fused multiply-adds; XLA fuses the slices into the consumers, so no
-``kh*kw``-times patch tensor is built. ``modulated_conv2d_patches`` and ``pixel_gather_patches``
+``kh*kw``-times patch tensor is built. ``modulated_forward_patches`` and ``pixel_forward_patches``
 are the patch-tensor formulations, kept for the benchmark that justifies this choice
 (``make bench``).
 """
@@ -20,21 +21,14 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.geometry import Geometry
+
 _F32 = jnp.float32
 
 
 def _pad(x, padding):
     (pt, pb), (pl, pr) = padding
     return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-
-
-def _out_size(in_size, kernel_size, stride, dilation, padding):
-    return tuple(
-        (size + lo + hi - (k - 1) * d - 1) // s + 1
-        for size, k, s, d, (lo, hi) in zip(
-            in_size, kernel_size, stride, dilation, padding, strict=True
-        )
-    )
 
 
 def _tap(xp, m, n, out_size, stride, dilation, axes=(-3, -2)):
@@ -107,29 +101,37 @@ def _batched_d(d):
     return d if d.ndim == 5 else d[None]
 
 
-def _by_row_blocks(
-    fn, x, row_arrays, *, out_rows, kernel_h, stride_h, dilation_h, padding, block_bytes=1 << 19
-):
+def _by_row_blocks(fn, x, row_arrays, geom: Geometry, block_bytes=1 << 19):
     """``fn`` over blocks of output rows, so that each block's per-tap temporaries stay in cache.
 
     XLA's CPU backend runs a tap loop as separate GEMMs and elementwise passes over image-sized
     temporaries; on blocks of a few rows the same loop is memory-light (measured 1.6x faster on
-    the modulated forward). ``fn(x_block, *row_blocks, padding=...)`` computes the op on an input
+    the modulated forward). ``fn(x_block, *row_blocks, geom=...)`` computes the op on an input
     block padded in width only; ``row_arrays`` are ``(array, axis)`` pairs indexed by output row
     (``d``, ``k``, local ``w``). Results are concatenated along axis 1 (output rows).
     """
-    (pt, pb), (pl, pr) = padding
+    (pt, _), (pl, pr) = geom.padding
+    out_rows, kernel_h = geom.out_size[0], geom.kernel_size[0]
+    stride_h, dilation_h = geom.stride[0], geom.dilation[0]
     row_bytes = x.shape[0] * (x.shape[2] + pl + pr) * x.shape[3] * x.dtype.itemsize * stride_h
     rows = 1 << max(0, (block_bytes // max(row_bytes, 1)).bit_length() - 1)
     if rows >= out_rows:
-        return fn(x, *(a for a, _ in row_arrays), padding=padding)
+        return fn(x, *(a for a, _ in row_arrays), geom=geom)
     blocks = -(-out_rows // rows)
     span = (rows - 1) * stride_h + (kernel_h - 1) * dilation_h + 1
     needed = (blocks * rows - 1) * stride_h + (kernel_h - 1) * dilation_h + 1
+    # Negative top padding crops; the rows past the input (or below a crop) are zeros.
     xr = lax.pad(
         x,
         jnp.zeros((), x.dtype),
         ((0, 0, 0), (pt, needed - x.shape[1] - pt, 0), (0, 0, 0), (0, 0, 0)),
+    )
+    block_geom = Geometry.of(
+        (span, geom.in_size[1]),
+        geom.kernel_size,
+        geom.stride,
+        geom.dilation,
+        ((0, 0), geom.padding[1]),
     )
     padded = []
     for a, axis in row_arrays:
@@ -140,7 +142,7 @@ def _by_row_blocks(
     def block(i):
         xb = lax.dynamic_slice_in_dim(xr, i * rows * stride_h, span, axis=1)
         parts = [lax.dynamic_slice_in_dim(a, i * rows, rows, axis=axis) for a, axis in padded]
-        return fn(xb, *parts, padding=((0, 0), (pl, pr)))
+        return fn(xb, *parts, geom=block_geom)
 
     ys = lax.map(block, jnp.arange(blocks))  # [blocks, N, rows, ...]
     ys = jnp.moveaxis(ys, 0, 1)
@@ -150,32 +152,20 @@ def _by_row_blocks(
 # ----------------------------------------------------------------------------- modulated conv
 
 
-def modulated_conv2d_fwd(x, w, d, *, stride, dilation, padding, precision=None):
+def modulated_forward(x, w, d, *, geom: Geometry, out_shape, precision=None):
+    del out_shape  # [N, Ho, Wo, Cout]
     d = _batched_d(d)
-    fn = functools.partial(
-        _modulated_fwd_taps, w=w, stride=stride, dilation=dilation, precision=precision
-    )
-    return _by_row_blocks(
-        lambda xb, db, padding: fn(xb, d=db, padding=padding),
-        x,
-        [(d, 1)],
-        out_rows=d.shape[1],
-        kernel_h=w.shape[0],
-        stride_h=stride[0],
-        dilation_h=dilation[0],
-        padding=padding,
-    )
+    fn = functools.partial(_modulated_forward_taps, w=w, precision=precision)
+    return _by_row_blocks(lambda xb, db, geom: fn(xb, d=db, geom=geom), x, [(d, 1)], geom)
 
 
-def _modulated_fwd_taps(x, w, d, *, stride, dilation, padding, precision):
-    kernel_size = w.shape[:2]
-    out_size = _out_size(x.shape[1:3], kernel_size, stride, dilation, padding)
-    xp, d = _pad(x, padding), _batched_d(d)
+def _modulated_forward_taps(x, w, d, *, geom: Geometry, precision):
+    xp, d = _pad(x, geom.padding), _batched_d(d)
     # Modulate whichever side of the GEMM is narrower: same result, fewer multiplies.
     scale_input = w.shape[2] <= w.shape[3]
     y = 0.0
-    for m, n in _taps(kernel_size):
-        xs, dt = _tap(xp, m, n, out_size, stride, dilation), d[..., m, n, None]
+    for m, n in _taps(geom.kernel_size):
+        xs, dt = _tap(xp, m, n, geom.out_size, geom.stride, geom.dilation), d[..., m, n, None]
         if scale_input:
             y = y + _dot(xs * dt, w[m, n], precision)
         else:
@@ -183,24 +173,23 @@ def _modulated_fwd_taps(x, w, d, *, stride, dilation, padding, precision):
     return y.astype(x.dtype)
 
 
-def modulated_conv2d_grad_x(dy, w, d, *, input_size, stride, dilation, padding, precision=None):
+def modulated_grad_x(w, d, dy, *, geom: Geometry, out_shape, precision=None):
+    del out_shape  # [N, H, W, Cin]
     d = _batched_d(d)
     dx = 0.0
-    for m, n in _taps(w.shape[:2]):
+    for m, n in _taps(geom.kernel_size):
         u = _dot(dy, w[m, n].T, precision) * d[..., m, n, None]
-        dx = dx + _untap(u, m, n, input_size, stride, dilation, padding)
+        dx = dx + _untap(u, m, n, geom.in_size, geom.stride, geom.dilation, geom.padding)
     return dx.astype(dy.dtype)
 
 
-def modulated_conv2d_grad_w(x, dy, d, *, kernel_size, stride, dilation, padding, precision=None):
-    xp, d = _pad(x, padding), _batched_d(d)
-    out_size = dy.shape[1:3]
-    dy2 = dy.reshape(
-        -1, dy.shape[-1]
-    )  # a plain 2-D GEMM is faster on CPU than a 3-axis contraction
+def modulated_grad_w(x, d, dy, *, geom: Geometry, out_shape, precision=None):
+    xp, d = _pad(x, geom.padding), _batched_d(d)
+    # A plain 2-D GEMM is faster on CPU than a 3-axis contraction.
+    dy2 = dy.reshape(-1, dy.shape[-1])
     taps = []
-    for m, n in _taps(kernel_size):
-        xs = _tap(xp, m, n, out_size, stride, dilation) * d[..., m, n, None]
+    for m, n in _taps(geom.kernel_size):
+        xs = _tap(xp, m, n, geom.out_size, geom.stride, geom.dilation) * d[..., m, n, None]
         taps.append(
             lax.dot_general(
                 xs.reshape(-1, xs.shape[-1]),
@@ -210,39 +199,40 @@ def modulated_conv2d_grad_w(x, dy, d, *, kernel_size, stride, dilation, padding,
                 preferred_element_type=_F32,
             )
         )
-    kh, kw = kernel_size
-    return jnp.stack(taps).reshape(kh, kw, *taps[0].shape).astype(x.dtype)
+    return jnp.stack(taps).reshape(out_shape).astype(x.dtype)
 
 
-def modulated_conv2d_grad_d(x, w, dy, *, batched, stride, dilation, padding, precision=None):
-    kernel_size = w.shape[:2]
-    xp, out_size = _pad(x, padding), dy.shape[1:3]
+def modulated_grad_d(x, w, dy, *, geom: Geometry, out_shape, precision=None):
+    """``out_shape``: ``[N, Ho, Wo, kh, kw]``, or ``[Ho, Wo, kh, kw]`` for a batch-shared ``d``
+    (summed over the batch)."""
+    kernel_size = geom.kernel_size
+    xp = _pad(x, geom.padding)
     w_taps = w.reshape(-1, *w.shape[2:])
     # dd_t = <x_t, dy @ w_t^T> over Cin, or <x_t @ w_t, dy> over Cout: contract the narrower.
     via_input = w.shape[2] <= w.shape[3]
 
     def tap(t):
-        xs = _tap_at(xp, t, kernel_size, out_size, stride, dilation)
+        xs = _tap_at(xp, t, kernel_size, geom.out_size, geom.stride, geom.dilation)
         wt = lax.dynamic_index_in_dim(w_taps, t, keepdims=False)
         if via_input:
             return jnp.sum(xs.astype(_F32) * _dot(dy, wt.T, precision), axis=-1)
         return jnp.sum(_dot(xs, wt, precision) * dy.astype(_F32), axis=-1)
 
     dd = _per_tap(tap, kernel_size, dy.shape[:3])
-    if not batched:
+    if len(out_shape) == 4:
         dd = jnp.sum(dd, axis=0)
     return dd.astype(x.dtype)
 
 
-def modulated_conv2d_patches(x, w, d, *, stride, dilation, padding, precision=None):
+def modulated_forward_patches(x, w, d, *, geom: Geometry, precision=None):
     """Patch-tensor formulation (``conv_general_dilated_patches`` + einsum), for comparison."""
     kh, kw, cin, cout = w.shape
     patches = lax.conv_general_dilated_patches(
         x,
         (kh, kw),
-        stride,
-        padding,
-        rhs_dilation=dilation,
+        geom.stride,
+        geom.padding,
+        rhs_dilation=geom.dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=lax.Precision.HIGHEST,
     )
@@ -280,40 +270,42 @@ def _pixel_dot(a, b, contract, precision):
     )
 
 
-def local_conv2d_fwd(x, w, *, stride, dilation, padding, precision=None):
+def local_forward(x, w, *, geom: Geometry, out_shape, precision=None):
+    del out_shape  # [N, Ho, Wo, Cout]
     ho, wo, kh, kw, cin, cout = w.shape
-    xp = _pad(x, padding).transpose(_PIXEL_MAJOR)
+    xp = _pad(x, geom.padding).transpose(_PIXEL_MAJOR)
     w = w.reshape(ho * wo, kh, kw, cin, cout)
     y = 0.0
     for m, n in _taps((kh, kw)):
-        xs = _tap(xp, m, n, (ho, wo), stride, dilation, axes=(0, 1)).reshape(ho * wo, -1, cin)
-        y = y + _pixel_dot(xs, w[:, m, n], ((2,), (1,)), precision)
+        xs = _tap(xp, m, n, (ho, wo), geom.stride, geom.dilation, axes=(0, 1))
+        y = y + _pixel_dot(xs.reshape(ho * wo, -1, cin), w[:, m, n], ((2,), (1,)), precision)
     return y.reshape(ho, wo, -1, cout).transpose(_NHWC).astype(x.dtype)
 
 
-def local_conv2d_grad_x(dy, w, *, input_size, stride, dilation, padding, precision=None):
+def local_grad_x(w, dy, *, geom: Geometry, out_shape, precision=None):
+    del out_shape  # [N, H, W, Cin]
     ho, wo, kh, kw, cin, cout = w.shape
     dyt = dy.transpose(_PIXEL_MAJOR).reshape(ho * wo, -1, cout)
     w = w.reshape(ho * wo, kh, kw, cin, cout)
     dx = 0.0
     for m, n in _taps((kh, kw)):
         u = _pixel_dot(dyt, w[:, m, n], ((2,), (2,)), precision).reshape(ho, wo, -1, cin)
-        dx = dx + _untap(u, m, n, input_size, stride, dilation, padding, axes=(0, 1))
+        dx = dx + _untap(
+            u, m, n, geom.in_size, geom.stride, geom.dilation, geom.padding, axes=(0, 1)
+        )
     return dx.transpose(_NHWC).astype(dy.dtype)
 
 
-def local_conv2d_grad_w(x, dy, *, kernel_size, stride, dilation, padding, precision=None):
+def local_grad_w(x, dy, *, geom: Geometry, out_shape, precision=None):
     ho, wo, cout = dy.shape[1], dy.shape[2], dy.shape[3]
-    xp = _pad(x, padding).transpose(_PIXEL_MAJOR)
+    xp = _pad(x, geom.padding).transpose(_PIXEL_MAJOR)
     dyt = dy.transpose(_PIXEL_MAJOR).reshape(ho * wo, -1, cout)
     taps = []
-    for m, n in _taps(kernel_size):
-        xs = _tap(xp, m, n, (ho, wo), stride, dilation, axes=(0, 1)).reshape(
-            ho * wo, -1, x.shape[3]
-        )
+    for m, n in _taps(geom.kernel_size):
+        xs = _tap(xp, m, n, (ho, wo), geom.stride, geom.dilation, axes=(0, 1))
+        xs = xs.reshape(ho * wo, -1, x.shape[3])
         taps.append(_pixel_dot(xs, dyt, ((1,), (1,)), precision))  # [Ho*Wo, Cin, Cout]
-    dw = jnp.stack(taps, axis=1)
-    return dw.reshape(ho, wo, *kernel_size, x.shape[3], cout).astype(x.dtype)
+    return jnp.stack(taps, axis=1).reshape(out_shape).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------ per-pixel filters
@@ -324,51 +316,50 @@ def _grouped(x, groups):
     return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
 
 
-def pixel_gather(x, k, *, stride, dilation, padding):
+def pixel_forward(x, k, *, geom: Geometry, out_shape):
     """``y[b,i,j,c] = sum_{m,n} x[b,pos(i,m),pos(j,n),c] * k[b,i,j,m,n,g(c)]``."""
-    kernel_size, groups = k.shape[3:5], k.shape[5]
-    xp = _grouped(_pad(x, padding), groups)
-    out_size = k.shape[1:3]
+    groups = k.shape[5]
+    xp = _grouped(_pad(x, geom.padding), groups)
     y = 0.0
-    for m, n in _taps(kernel_size):
-        xs = _tap(xp, m, n, out_size, stride, dilation, axes=(1, 2))
+    for m, n in _taps(geom.kernel_size):
+        xs = _tap(xp, m, n, geom.out_size, geom.stride, geom.dilation, axes=(1, 2))
         y = y + xs.astype(_F32) * k[:, :, :, m, n, :, None].astype(_F32)
-    return y.reshape(*y.shape[:3], -1).astype(x.dtype)
+    return y.reshape(out_shape).astype(x.dtype)
 
 
-def pixel_scatter(v, k, *, input_size, stride, dilation, padding):
-    """Transpose of :func:`pixel_gather` with respect to ``x``: ``[N,Ho,Wo,C] -> [N,H,W,C]``."""
-    kernel_size, groups = k.shape[3:5], k.shape[5]
-    vg = _grouped(v, groups).astype(_F32)
-    y = 0.0
-    for m, n in _taps(kernel_size):
-        contrib = vg * k[:, :, :, m, n, :, None].astype(_F32)
-        y = y + _untap(contrib.reshape(v.shape), m, n, input_size, stride, dilation, padding)
-    return y.astype(v.dtype)
+def pixel_grad_x(k, dy, *, geom: Geometry, out_shape):
+    """Transpose of :func:`pixel_forward` in ``x``: ``[N, Ho, Wo, C] -> [N, H, W, C]``."""
+    groups = k.shape[5]
+    dyg = _grouped(dy, groups).astype(_F32)
+    dx = 0.0
+    for m, n in _taps(geom.kernel_size):
+        contrib = (dyg * k[:, :, :, m, n, :, None].astype(_F32)).reshape(dy.shape)
+        dx = dx + _untap(contrib, m, n, geom.in_size, geom.stride, geom.dilation, geom.padding)
+    return dx.reshape(out_shape).astype(dy.dtype)
 
 
-def pixel_correlate(x, v, *, kernel_size, groups, stride, dilation, padding):
-    """Gradient of :func:`pixel_gather` with respect to ``k``: ``[N, Ho, Wo, kh, kw, G]``."""
-    xp = _pad(x, padding)
-    vg = _grouped(v, groups).astype(_F32)
-    out_size = v.shape[1:3]
+def pixel_grad_k(x, dy, *, geom: Geometry, out_shape):
+    """Gradient of :func:`pixel_forward` in ``k``: ``[N, Ho, Wo, kh, kw, G]``."""
+    groups = out_shape[-1]
+    xp = _pad(x, geom.padding)
+    dyg = _grouped(dy, groups).astype(_F32)
 
     def tap(t):
-        xs = _grouped(_tap_at(xp, t, kernel_size, out_size, stride, dilation), groups)
-        return jnp.sum(xs.astype(_F32) * vg, axis=-1)
+        xs = _tap_at(xp, t, geom.kernel_size, geom.out_size, geom.stride, geom.dilation)
+        return jnp.sum(_grouped(xs, groups).astype(_F32) * dyg, axis=-1)
 
-    return _per_tap(tap, kernel_size, (*v.shape[:3], groups)).astype(x.dtype)
+    return _per_tap(tap, geom.kernel_size, (*dy.shape[:3], groups)).astype(x.dtype)
 
 
-def pixel_gather_patches(x, k, *, stride, dilation, padding):
-    """Patch-tensor formulation of :func:`pixel_gather`, for comparison."""
+def pixel_forward_patches(x, k, *, geom: Geometry):
+    """Patch-tensor formulation of :func:`pixel_forward`, for comparison."""
     kh, kw, groups = k.shape[3:]
     patches = lax.conv_general_dilated_patches(
         x,
         (kh, kw),
-        stride,
-        padding,
-        rhs_dilation=dilation,
+        geom.stride,
+        geom.padding,
+        rhs_dilation=geom.dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=lax.Precision.HIGHEST,
     )

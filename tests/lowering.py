@@ -1,5 +1,6 @@
 """Lower a function for CUDA on a machine without a GPU (abstract H100), and inspect the result."""
 
+import contextlib
 import re
 
 import jax
@@ -10,16 +11,23 @@ _H100 = jax.sharding.AbstractDevice(
 _TRITON_CALL = re.compile(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "([^"]+)"')
 
 
-def lower_for_cuda(fn, *args, **kwargs) -> str:
-    """StableHLO text of `jax.jit(fn)` lowered for CUDA; args may be `jax.ShapeDtypeStruct`s.
+@contextlib.contextmanager
+def abstract_gpu():
+    """Trace and lower as if for an H100 (Pallas reads the GPU's properties while lowering)."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        yield
+
+
+def lower_for_cuda(fn, *args, platforms=("cuda",), **kwargs) -> str:
+    """StableHLO text of `jax.jit(fn)` lowered for CUDA (or for `platforms`, CUDA among them);
+    args may be `jax.ShapeDtypeStruct`s.
 
     Builds the Triton IR of every Pallas kernel (catching tile-shape and op errors) but does not
     run ptxas: a real GPU run is still the final word.
     """
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
+    with abstract_gpu():
         traced = jax.jit(fn, **kwargs).trace(*args)
-        return traced.lower(lowering_platforms=("cuda",)).as_text()
+        return traced.lower(lowering_platforms=platforms).as_text()
 
 
 def triton_kernel_names(hlo_text: str) -> list[str]:

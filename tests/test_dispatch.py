@@ -1,6 +1,8 @@
-"""impl= dispatch: auto picks XLA without a GPU (and says why at debug level), pallas on a CPU
-runs the interpreter, an unsupported Pallas case raises instead of falling back, and the
-lowered module for impl="pallas" holds Pallas GPU kernels forward and backward."""
+"""impl= dispatch, decided when lowering, per platform: lowered for CUDA (on this machine, under an
+abstract H100), ``impl=None`` and ``impl="pallas"`` hold only compiled Pallas kernels in the
+forward, every gradient and the JVP; lowered for CPU, ``impl=None`` is XLA and
+``impl="pallas"`` Pallas's interpreter; one function lowered for both platforms picks per
+platform; an unsupported Pallas case raises at call time instead of falling back."""
 
 from __future__ import annotations
 
@@ -9,32 +11,37 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import svconv
-from svconv import _dispatch
 from tests.conftest import assert_close, rands
 from tests.lowering import lower_for_cuda, triton_kernel_names
 
 
 def test_auto_uses_xla_on_cpu_and_logs_why(caplog):
-    x, w, d = rands(51, (1, 6, 6, 2), (3, 3, 2, 2), (6, 6, 3, 3))
+    x, w, d = rands(51, (1, 6, 7, 2), (3, 3, 2, 2), (6, 7, 3, 3))
     with caplog.at_level(logging.DEBUG, logger="svconv"):
         y = svconv.modulated_conv2d(x, w, d)
-    assert "using XLA, not Pallas: no GPU" in caplog.text
+    assert "using XLA, not Pallas: no GPU kernels on platform 'cpu'" in caplog.text
     assert_close(y, svconv.modulated_conv2d(x, w, d, impl="reference"))
 
 
-def test_unsupported_pallas_case_raises_and_auto_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(_dispatch, "pallas_reason", lambda family, **case: "tile too large")
-    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)
-    x, k = rands(52, (1, 6, 6, 2), (1, 6, 6, 3, 3))
-    with pytest.raises(NotImplementedError, match="pixel_filter2d.*tile too large"):
-        svconv.pixel_filter2d(x, k, impl="pallas")
-    with caplog.at_level(logging.DEBUG, logger="svconv"):
+def test_unsupported_pallas_case_raises_at_call_time_and_auto_falls_back(caplog):
+    with jax.enable_x64(True):
+        x, k = (a.astype(jnp.float64) for a in rands(52, (1, 6, 6, 2), (1, 6, 6, 3, 3)))
+        with pytest.raises(NotImplementedError, match="pixel_filter2d.*float64"):
+            svconv.pixel_filter2d(x, k, impl="pallas")
+        with pytest.raises(NotImplementedError, match="pixel_filter2d.*float64"):
+            jax.jit(functools.partial(svconv.pixel_filter2d, impl="pallas")).trace(x, k)
+        args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, k)]
+        with caplog.at_level(logging.DEBUG, logger="svconv"):
+            hlo = lower_for_cuda(svconv.pixel_filter2d, *args)
+        assert "using XLA, not Pallas: dtype float64" in caplog.text
+        assert not triton_kernel_names(hlo)
         y = svconv.pixel_filter2d(x, k)
-    assert "using XLA, not Pallas: tile too large" in caplog.text
-    assert_close(y, svconv.pixel_filter2d(x, k, impl="reference"))
+        assert y.dtype == jnp.float64
+        assert_close(y, svconv.pixel_filter2d(x, k, impl="reference"))
 
 
 def _grad_all(fn, n_args):
@@ -44,42 +51,112 @@ def _grad_all(fn, n_args):
     return jax.grad(loss, argnums=tuple(range(n_args)))
 
 
+def _jvp_all(fn):
+    def jvp(*args):
+        return jax.jvp(fn, args, tuple(jnp.ones_like(a) for a in args))
+
+    return jvp
+
+
+# Each op: the function, its argument shapes, and its number of kernels (the forward and one
+# per gradient).
 LOWERING_CASES = {
     "modulated": (
-        functools.partial(
-            svconv.modulated_conv2d, stride=2, dilation=1, padding="SAME", impl="pallas"
-        ),
+        functools.partial(svconv.modulated_conv2d, stride=2, dilation=1, padding="SAME"),
         [(2, 16, 16, 5), (3, 3, 5, 7), (2, 8, 8, 3, 3)],
-        {"svconv_modulated"},
+        4,
+    ),
+    "modulated-shared-d": (
+        functools.partial(svconv.modulated_conv2d, dilation=2),
+        [(2, 16, 16, 5), (3, 3, 5, 7), (16, 16, 3, 3)],
+        4,
     ),
     "local": (
-        functools.partial(svconv.local_conv2d, dilation=2, impl="pallas"),
+        functools.partial(svconv.local_conv2d, dilation=2),
         [(2, 16, 16, 5), (16, 16, 3, 3, 5, 7)],
-        {"svconv_local"},
+        3,
     ),
-    "filter": (
-        functools.partial(svconv.pixel_filter2d, impl="pallas"),
-        [(2, 16, 16, 6), (2, 16, 16, 7, 7, 3)],
-        {"svconv_pixel"},
-    ),
+    "filter": (svconv.pixel_filter2d, [(2, 16, 16, 6), (2, 16, 16, 7, 7, 3)], 3),
     "splat": (
-        functools.partial(svconv.pixel_splat2d, stride=2, impl="pallas"),
+        functools.partial(svconv.pixel_splat2d, stride=2),
         [(2, 8, 8, 6), (2, 8, 8, 5, 5)],
-        {"svconv_pixel"},
+        3,
     ),
 }
 
 
+def _assert_only_kernels(hlo: str, family: str, at_least: int):
+    names = triton_kernel_names(hlo)
+    assert len(set(names)) >= at_least, names
+    assert all(n.startswith(f"svconv_{family}_") for n in names), names
+    # No XLA fallback and no interpreter around the kernels: no dots, convolutions or loops.
+    for op in ("stablehlo.dot_general", "stablehlo.convolution", "stablehlo.while"):
+        assert op not in hlo, op
+
+
+@pytest.mark.parametrize("impl", [None, "pallas"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", list(LOWERING_CASES))
-def test_pallas_impl_lowers_to_gpu_kernels_forward_and_backward(name, dtype, monkeypatch):
-    monkeypatch.setattr(_dispatch, "on_gpu", lambda: True)  # compile, do not interpret
-    fn, shapes, prefixes = LOWERING_CASES[name]
+def test_lowered_for_cuda_holds_only_compiled_kernels(name, dtype, impl):
+    fn, shapes, kernels = LOWERING_CASES[name]
+    fn = functools.partial(fn, impl=impl)
+    family = name.split("-")[0].replace("filter", "pixel").replace("splat", "pixel")
     args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-    forward = triton_kernel_names(lower_for_cuda(fn, *args))
-    backward = triton_kernel_names(lower_for_cuda(_grad_all(fn, len(args)), *args))
-    assert forward and all(any(n.startswith(p) for p in prefixes) for n in forward), forward
-    # The backward holds the forward kernel plus one kernel per gradient, and no XLA fallback.
-    assert len(set(backward)) >= len(args) + 1, backward
-    hlo = lower_for_cuda(_grad_all(fn, len(args)), *args)
-    assert "stablehlo.dot_general" not in hlo and "stablehlo.convolution" not in hlo
+    _assert_only_kernels(lower_for_cuda(fn, *args), family, 1)
+    # The backward holds the forward and a kernel per gradient; the JVP the forward kernel and
+    # the same kernel with each tangent in its slot.
+    _assert_only_kernels(lower_for_cuda(_grad_all(fn, len(args)), *args), family, kernels)
+    jvp = lower_for_cuda(_jvp_all(fn), *args)
+    _assert_only_kernels(jvp, family, 1)
+    assert len(triton_kernel_names(jvp)) == len(args) + 1
+
+
+def _lower_for(fn, args, platforms):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
+
+
+@pytest.mark.parametrize("name", list(LOWERING_CASES))
+def test_lowered_for_cpu_holds_no_gpu_kernel(name):
+    fn, shapes, _ = LOWERING_CASES[name]
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    for impl in (None, "xla", "pallas"):
+        hlo = _lower_for(_grad_all(functools.partial(fn, impl=impl), len(args)), args, ("cpu",))
+        assert not triton_kernel_names(hlo), impl
+
+
+def test_one_function_lowered_for_two_platforms_picks_per_platform():
+    fn, shapes, _ = LOWERING_CASES["modulated"]
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    hlo = lower_for_cuda(fn, *args, platforms=("cpu", "cuda"))
+    # A case over the platform index: the CUDA branch calls the kernel, the CPU one runs XLA.
+    assert "stablehlo.case" in hlo
+    assert triton_kernel_names(hlo) == ["svconv_modulated_forward"]
+    assert "stablehlo.dot_general" in hlo
+
+
+def test_pallas_on_cpu_runs_the_interpreter():
+    x, w, d = rands(53, (2, 7, 6, 3), (3, 3, 3, 4), (2, 7, 6, 3, 3))
+    want = svconv.modulated_conv2d(x, w, d, impl="reference")
+    got = jax.jit(functools.partial(svconv.modulated_conv2d, impl="pallas"))(x, w, d)
+    assert_close(got, want)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w, d)]
+    hlo = _lower_for(functools.partial(svconv.modulated_conv2d, impl="pallas"), args, ("cpu",))
+    assert "stablehlo.while" in hlo  # the interpreter's loop over the grid
+
+
+@pytest.mark.parametrize("bad", ["gpu", "triton", "", 3])
+def test_unknown_impl_is_a_value_error(bad):
+    x, w, d = rands(54, (1, 5, 5, 2), (3, 3, 2, 2), (5, 5, 3, 3))
+    with pytest.raises(ValueError, match="`impl` must be one of"):
+        svconv.modulated_conv2d(x, w, d, impl=bad)
+
+
+def test_eager_and_jit_agree_on_every_impl():
+    x, w, d = rands(55, (2, 6, 5, 2), (3, 2, 2, 3), (2, 6, 5, 3, 2))
+    results = {
+        impl: np.asarray(svconv.modulated_conv2d(x, w, d, impl=impl))
+        for impl in ("xla", "pallas", "reference")
+    }
+    for impl, y in results.items():
+        assert_close(jax.jit(functools.partial(svconv.modulated_conv2d, impl=impl))(x, w, d), y)
+        assert_close(y, results["reference"])

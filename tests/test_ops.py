@@ -244,3 +244,89 @@ def test_splat_moves_mass_to_kernel_taps():
     y = svconv.pixel_splat2d(x, k, impl="xla")
     expected = jnp.zeros((1, 5, 5, 1)).at[0, 1, 3, 0].set(3.0)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
+
+
+# --------------------------------------------------------------------- edge cases of the geometry
+
+
+def _every_op(impl, n, h, w, cin, cout, k):
+    """Each op (SAME padding) with random arrays of the given sizes; the pixel ops filter `cin`
+    channels."""
+    (ho, wo), shapes = (h, w), {}
+    shapes["modulated"] = [(n, h, w, cin), (*k, cin, cout), (n, ho, wo, *k)]
+    shapes["local"] = [(n, h, w, cin), (ho, wo, *k, cin, cout)]
+    shapes["filter"] = [(n, h, w, cin), (n, ho, wo, *k)]
+    shapes["splat"] = [(n, ho, wo, cin), (n, ho, wo, *k)]
+    fns = {
+        "modulated": svconv.modulated_conv2d,
+        "local": svconv.local_conv2d,
+        "filter": svconv.pixel_filter2d,
+        "splat": functools.partial(svconv.pixel_splat2d, output_size=(h, w)),
+    }
+    return {
+        name: (functools.partial(fns[name], impl=impl), rands(61, *shapes[name])) for name in fns
+    }
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+@pytest.mark.parametrize(
+    "sizes",
+    [(0, 6, 5, 3, 2), (2, 6, 5, 0, 2), (2, 6, 5, 3, 0)],
+    ids=["empty-batch", "no-input-channels", "no-output-channels"],
+)
+def test_zero_size_arrays_behave_as_in_lax(impl, sizes):
+    """Empty or all-zero results, forward, backward and forward mode, as the reference (plain
+    jnp) gives them; the modulated conv's output shape is lax's."""
+    ops = _every_op(impl, *sizes, (3, 2))
+    refs = _every_op("reference", *sizes, (3, 2))
+    for name, (f, args) in ops.items():
+        ref = refs[name][0]
+        y, vjp = jax.vjp(f, *args)
+        y_ref, vjp_ref = jax.vjp(ref, *args)
+        assert_close(y, y_ref, what=name)
+        for g, g_ref in zip(vjp(jnp.ones_like(y)), vjp_ref(jnp.ones_like(y)), strict=True):
+            assert_close(g, g_ref, what=f"{name} vjp")
+        assert_close(jax.jvp(f, args, args)[1], jax.jvp(ref, args, args)[1], what=f"{name} jvp")
+    f, (x, w, d) = ops["modulated"]
+    want = lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    y = f(x, w, d)
+    assert y.shape == want.shape and not np.any(np.asarray(y))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_negative_padding_crops_as_in_lax(impl):
+    case = Case(2, 9, 8, 3, 4, (3, 3), (2, 1), (1, 2), ((-1, 2), (1, -2)))
+    geom = case.geom()
+    x, w, wl, k = rands(
+        62,
+        (case.n, case.h, case.w, case.cin),
+        (*case.k, case.cin, case.cout),
+        (*geom.out_size, *case.k, case.cin, case.cout),
+        (case.n, *geom.out_size, *case.k),
+    )
+    ones = jnp.ones((case.n, *geom.out_size, *case.k))
+    f = functools.partial(svconv.modulated_conv2d, **case.kw(), impl=impl)
+    assert_close(f(x, w, ones), _oracle_conv(x, w, case), what="modulated d=1 vs lax")
+    g = functools.partial(svconv.modulated_conv2d, **case.kw(), impl="reference")
+    _check_vjp(f, g, (x, w, k), seed=63, what="modulated")
+    local = functools.partial(svconv.local_conv2d, **case.kw())
+    want = lax.conv_general_dilated_local(
+        x,
+        wl.transpose(0, 1, 4, 2, 3, 5).reshape(*geom.out_size, -1, case.cout),
+        geom.stride,
+        geom.padding,
+        case.k,
+        rhs_dilation=geom.dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
+    assert_close(local(x, wl, impl=impl), want, what="local vs lax")
+    _check_vjp(
+        functools.partial(local, impl=impl), functools.partial(local, impl="reference"), (x, wl), 64
+    )
+    pf = functools.partial(svconv.pixel_filter2d, **case.kw())
+    _check_vjp(
+        functools.partial(pf, impl=impl), functools.partial(pf, impl="reference"), (x, k), 65
+    )

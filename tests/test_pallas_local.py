@@ -7,13 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.local import (
-    LocalBlockSizes,
-    local_conv2d_fwd,
-    local_conv2d_grad_w,
-    local_conv2d_grad_x,
-    local_unsupported_reason,
-)
+from pallas_kernels import local
+from pallas_kernels.geometry import Geometry
+from pallas_kernels.local import LocalBlockSizes
 from tests.conftest import assert_close
 from tests.lowering import lower_for_cuda, triton_kernel_names
 
@@ -21,7 +17,9 @@ F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 HIGHEST = jax.lax.Precision.HIGHEST
 # Max error relative to the largest reference value (output rounding dominates in 16 bits).
 TOL = {F32: 2e-5, BF16: 8e-3, F16: 2e-3}
-OPS = ("fwd", "grad_x", "grad_w")
+OPS = ("forward", "grad_x", "grad_w")
+# Kernels compile on a GPU and run in Pallas's interpreter elsewhere.
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def _pair(v):
@@ -47,8 +45,8 @@ class Case:
         )
 
     @property
-    def geo(self):
-        return dict(stride=self.s, dilation=self.d, padding=self.p)
+    def geom(self):
+        return Geometry.of((self.h, self.w), self.k, self.s, self.d, self.p)
 
     def __repr__(self):
         def fmt(v):
@@ -138,18 +136,20 @@ def _expected(case):
     def oracle(x, w, dy):
         y, vjp = jax.vjp(lambda a, b: _oracle(a, b, case), x, w)
         dx, dw = vjp(dy)
-        return {"fwd": y, "grad_x": dx, "grad_w": dw}
+        return {"forward": y, "grad_x": dx, "grad_w": dw}
 
     return oracle(*(a.astype(F32) for a in _inputs(case)))
 
 
-def _run(op, case, interpret, x, w, dy):
-    kwargs = dict(**case.geo, block_sizes=case.bs, interpret=interpret)
-    if op == "fwd":
-        return local_conv2d_fwd(x, w, **kwargs)
+def _run(op, case, interpret, x, w, dy, precision=None):
+    """Kernel `op` of `case` on its operands (slot order)."""
+    n, (ho, wo) = case.n, case.out
+    kwargs = dict(geom=case.geom, precision=precision, block_sizes=case.bs, interpret=interpret)
+    if op == "forward":
+        return local.forward(x, w, out_shape=(n, ho, wo, case.cout), **kwargs)
     if op == "grad_x":
-        return local_conv2d_grad_x(dy, w, input_size=(case.h, case.w), **kwargs)
-    return local_conv2d_grad_w(x, dy, kernel_size=case.k, **kwargs)
+        return local.grad_x(w, dy, out_shape=(n, case.h, case.w, case.cin), **kwargs)
+    return local.grad_w(x, dy, out_shape=(ho, wo, *case.k, case.cin, case.cout), **kwargs)
 
 
 def _assert_close(got, want, dtype):
@@ -164,8 +164,8 @@ def test_oracle_matches_tap_loops():
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_interpret_matches_oracle(op, case):
-    out = _run(op, case, True, *_inputs(case))
+def test_kernels_match_oracle(op, case):
+    out = _run(op, case, INTERPRET, *_inputs(case))
     assert out.dtype == case.dtype
     _assert_close(out, _expected(case)[op], case.dtype)
 
@@ -176,10 +176,10 @@ def test_vmap():
     for op in OPS:
         text = lower_for_cuda(jax.vmap(functools.partial(_run, op, case, False)), xs, ws, dys)
         assert triton_kernel_names(text) == [f"svconv_local_{op}"]
-        got = jax.vmap(functools.partial(_run, op, case, True))(xs, ws, dys)
+        got = jax.vmap(functools.partial(_run, op, case, INTERPRET))(xs, ws, dys)
         for i in range(2):
             y, vjp = jax.vjp(lambda a, b: _oracle(a, b, case), xs[i], ws[i])
-            want = {"fwd": y, "grad_x": vjp(dys[i])[0], "grad_w": vjp(dys[i])[1]}[op]
+            want = {"forward": y, "grad_x": vjp(dys[i])[0], "grad_w": vjp(dys[i])[1]}[op]
             _assert_close(got[i], want, F32)
 
 
@@ -188,7 +188,7 @@ def test_precision_reaches_the_dot():
     x, w, _ = _inputs(case)
     texts = {
         precision: lower_for_cuda(
-            functools.partial(local_conv2d_fwd, **case.geo, precision=precision), x, w
+            functools.partial(_run, "forward", case, False, precision=precision), x, w, None
         )
         for precision in (jax.lax.Precision.DEFAULT, HIGHEST)
     }
@@ -196,21 +196,11 @@ def test_precision_reaches_the_dot():
 
 
 def test_unsupported():
-    geo = dict(stride=(1, 1), dilation=(1, 1), padding=((1, 1), (1, 1)))
+    geom = Geometry.of((5, 5), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))
+    shapes = {"x": (1, 5, 5, 3), "w": (5, 5, 3, 3, 3, 4), "y": (1, 5, 5, 4)}
     for dtype in (F32, BF16, F16):
-        reason = local_unsupported_reason(
-            x_shape=(1, 5, 5, 3), kernel_size=(3, 3), cout=4, dtype=dtype, **geo
-        )
-        assert reason is None
-    reason = local_unsupported_reason(
-        x_shape=(1, 5, 5, 3), kernel_size=(3, 3), cout=4, dtype=jnp.int32, **geo
-    )
-    assert "int32" in reason
-    x = jnp.ones((1, 5, 5, 3), jnp.int32)
-    with pytest.raises(NotImplementedError, match="int32"):
-        local_conv2d_fwd(x, jnp.ones((5, 5, 3, 3, 3, 4), jnp.int32), **geo, interpret=True)
-    with pytest.raises(ValueError, match="output grid"):  # w for a 5x4 output grid
-        local_conv2d_fwd(x.astype(F32), jnp.ones((5, 4, 3, 3, 3, 4)), **geo, interpret=True)
+        assert local.unsupported_reason(geom, shapes, jnp.dtype(dtype)) is None
+    assert "int32" in local.unsupported_reason(geom, shapes, jnp.dtype(jnp.int32))
 
 
 LOWER_CASES = [

@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 from pallas_kernels import modulated as mk
+from pallas_kernels.geometry import Geometry
 from tests.lowering import lower_for_cuda, triton_kernel_names
 
 HIGHEST = lax.Precision.HIGHEST
@@ -58,6 +59,21 @@ class Case:
 
     def geometry(self):
         return dict(stride=self.stride, dilation=self.dilation, padding=self.padding)
+
+    @property
+    def geom(self) -> Geometry:
+        return Geometry.of(self.hw, (self.k, self.k), self.stride, self.dilation, self.padding)
+
+    def shapes(self):
+        """Shapes of x, w, d, y."""
+        ho, wo = self.out_hw
+        d = (ho, wo, self.k, self.k) if self.shared else (self.n, ho, wo, self.k, self.k)
+        return (
+            (self.n, *self.hw, self.cin),
+            (self.k, self.k, self.cin, self.cout),
+            d,
+            (self.n, ho, wo, self.cout),
+        )
 
 
 def _pad(p):
@@ -119,7 +135,7 @@ def _inputs(case: Case, seed=0):
 
 # On CPU the kernels run in Pallas's interpreter; on a GPU machine the same tests run them
 # compiled. Interpreter tests are compile-bound: XLA's optimisation passes only slow them down.
-INTERPRET = jax.default_backend() == "cpu"
+INTERPRET = jax.default_backend() != "gpu"
 _FAST_COMPILE = {"xla_backend_optimization_level": 0} if INTERPRET else None
 
 
@@ -153,23 +169,35 @@ def _assert_close(got, want, dtype):
     assert err <= TOL[str(jnp.dtype(dtype))], f"relative max error {err:.3g}"
 
 
-def _kwargs(case):
+def _kwargs(case, out_shape, precision=HIGHEST, interpret=INTERPRET):
     return dict(
-        **case.geometry(), precision=HIGHEST, block_sizes=case.block_sizes, interpret=INTERPRET
+        geom=case.geom,
+        out_shape=out_shape,
+        precision=precision,
+        block_sizes=case.block_sizes,
+        interpret=interpret,
     )
 
 
+def _kernels(case, **options):
+    """The four kernels of `case`, each a function of its operands (slot order)."""
+    xs, ws, ds, ys = case.shapes()
+    return {
+        "forward": functools.partial(mk.forward, **_kwargs(case, ys, **options)),
+        "grad_x": functools.partial(mk.grad_x, **_kwargs(case, xs, **options)),
+        "grad_w": functools.partial(mk.grad_w, **_kwargs(case, ws, **options)),
+        "grad_d": functools.partial(mk.grad_d, **_kwargs(case, ds, **options)),
+    }
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_interpret_matches_oracle(case):
+def test_kernels_match_oracle(case):
     """Forward and the three backward kernels against the oracle's value and vjp."""
     x, w, d, dy = _inputs(case)
-    kw = _kwargs(case)
-    got = {
-        "fwd": _jit(mk.modulated_conv2d_fwd, **kw)(x, w, d),
-        "grad_x": _jit(mk.modulated_conv2d_grad_x, input_size=case.hw, **kw)(dy, w, d),
-        "grad_w": _jit(mk.modulated_conv2d_grad_w, kernel_size=(case.k, case.k), **kw)(x, dy, d),
-        "grad_d": _jit(mk.modulated_conv2d_grad_d, batched=not case.shared, **kw)(x, w, dy),
-    }
+    k = _kernels(case)
+    operands = {"forward": (x, w, d), "grad_x": (w, d, dy), "grad_w": (x, d, dy)}
+    operands["grad_d"] = (x, w, dy)
+    got = {name: jax.jit(k[name], compiler_options=_FAST_COMPILE)(*operands[name]) for name in k}
     errors = {
         name: _rel_error(g, want, case.dtype)
         for (name, g), want in zip(got.items(), _expected(case, x, w, d, dy), strict=True)
@@ -194,7 +222,7 @@ def test_fwd_unmodulated_matches_lax_conv(case):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST,
     )  # fmt: skip
     _assert_close(_jit(oracle, **case.geometry())(x, w, d), want, case.dtype)
-    _assert_close(_jit(mk.modulated_conv2d_fwd, **_kwargs(case))(x, w, d), want, case.dtype)
+    _assert_close(jax.jit(_kernels(case)["forward"])(x, w, d), want, case.dtype)
 
 
 def test_vmap():
@@ -204,32 +232,28 @@ def test_vmap():
         x, w, d, _ = _inputs(case, seed)
         xs.append(x), ws.append(w), ds.append(d)
     x, w, d = jnp.stack(xs), jnp.stack(ws), jnp.stack(ds)
-    fwd = functools.partial(mk.modulated_conv2d_fwd, **_kwargs(case))
+    fwd = _kernels(case)["forward"]
     got = jax.jit(jax.vmap(fwd), compiler_options=_FAST_COMPILE)(x, w, d)
     for i in range(2):
         _assert_close(got[i], oracle(x[i], w[i], d[i], **case.geometry()), case.dtype)
 
 
-def test_unsupported_reason_and_errors():
-    geo = dict(stride=(1, 1), dilation=(1, 1), padding=_pad(1))
-    common = dict(x_shape=(2, 16, 16, 3), kernel_size=(3, 3), cout=5, **geo)
+def test_unsupported_reason_and_bad_block_sizes():
+    case = CASES[0]
+    shapes = dict(zip("xwdy", case.shapes(), strict=True))
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-        assert mk.modulated_unsupported_reason(dtype=dtype, **common) is None
-    assert "float64" in mk.modulated_unsupported_reason(dtype=np.float64, **common)
-    x, w, d = (jnp.ones(s, jnp.int32) for s in ((1, 8, 8, 3), (3, 3, 3, 2), (8, 8, 3, 3)))
-    with pytest.raises(NotImplementedError, match="int32"):
-        mk.modulated_conv2d_fwd(x, w, d, **geo, interpret=INTERPRET)
+        assert mk.unsupported_reason(case.geom, shapes, jnp.dtype(dtype)) is None
+    assert "float64" in mk.unsupported_reason(case.geom, shapes, np.dtype(np.float64))
     bad = dataclasses.replace(SMALL_BLOCKS, block_m=48)
+    x, w, d, _ = _inputs(case)
     with pytest.raises(ValueError, match="block_m"):
-        mk.modulated_conv2d_fwd(*_inputs(CASES[0])[:3], **{**_kwargs(CASES[0]), "block_sizes": bad})
+        mk.forward(x, w, d, **{**_kwargs(case, shapes["y"]), "block_sizes": bad})
 
 
 def test_block_size_heuristic_targets_wgmma_on_large_problems():
+    geom = Geometry.of((128, 128), (3, 3), (1, 1), (1, 1), _pad(1))
     for dtype in (jnp.float32, jnp.bfloat16):
-        bs = mk.modulated_block_sizes(
-            x_shape=(8, 128, 128, 64), kernel_size=(3, 3), cout=64, dtype=dtype,
-            stride=(1, 1), dilation=(1, 1), padding=_pad(1),
-        )  # fmt: skip
+        bs = mk.modulated_block_sizes(geom, batch=8, cin=64, cout=64, dtype=dtype)
         assert bs.block_m >= 64 and bs.block_m_dx >= 64 and bs.num_warps % 4 == 0
         for f in dataclasses.fields(bs):
             if f.name not in ("num_warps", "num_stages", "chunk_dw"):
@@ -253,29 +277,20 @@ LOWER_CASES = [
 ]
 
 
-def _lower_all(case, precision):
-    s = jax.ShapeDtypeStruct
-    ho, wo = case.out_hw
+def _operands(case, lead=()):
+    """Abstract x, w, d, dy (with extra leading axes `lead`)."""
     dt = jnp.dtype(case.dtype)
-    x = s((case.n, *case.hw, case.cin), dt)
-    w = s((case.k, case.k, case.cin, case.cout), dt)
-    dy = s((case.n, ho, wo, case.cout), dt)
-    d = s((ho, wo, case.k, case.k) if case.shared else (case.n, ho, wo, case.k, case.k), dt)
-    kw = dict(**case.geometry(), precision=precision, block_sizes=case.block_sizes)
-    k = (case.k, case.k)
+    return [jax.ShapeDtypeStruct((*lead, *s), dt) for s in case.shapes()]
+
+
+def _lower_all(case, precision):
+    x, w, d, dy = _operands(case)
+    kernels = _kernels(case, precision=precision, interpret=False)
+    operands = {"forward": (x, w, d), "grad_x": (w, d, dy), "grad_w": (x, d, dy)}
+    operands["grad_d"] = (x, w, dy)
     return {
-        "svconv_modulated_fwd": lower_for_cuda(
-            functools.partial(mk.modulated_conv2d_fwd, **kw), x, w, d
-        ),
-        "svconv_modulated_grad_x": lower_for_cuda(
-            functools.partial(mk.modulated_conv2d_grad_x, input_size=case.hw, **kw), dy, w, d
-        ),
-        "svconv_modulated_grad_w": lower_for_cuda(
-            functools.partial(mk.modulated_conv2d_grad_w, kernel_size=k, **kw), x, dy, d
-        ),
-        "svconv_modulated_grad_d": lower_for_cuda(
-            functools.partial(mk.modulated_conv2d_grad_d, batched=not case.shared, **kw), x, w, dy
-        ),
+        f"svconv_modulated_{name}": lower_for_cuda(fn, *operands[name])
+        for name, fn in kernels.items()
     }
 
 
@@ -291,28 +306,11 @@ def test_lowers_for_cuda(case):
 
 def test_vmap_lowers_for_cuda():
     """vmap adds a grid axis to every kernel (6 axes for grad_w): the launch grid must fold."""
-    case = Case(2, (12, 10), 5, 6, 3, stride=(2, 1), padding=_pad(1))
-    s = jax.ShapeDtypeStruct
-    ho, wo = case.out_hw
-    x = s((3, case.n, *case.hw, case.cin), jnp.bfloat16)
-    w = s((3, case.k, case.k, case.cin, case.cout), jnp.bfloat16)
-    dy = s((3, case.n, ho, wo, case.cout), jnp.bfloat16)
-    d = s((3, case.n, ho, wo, case.k, case.k), jnp.bfloat16)
-    kw, k = case.geometry(), (case.k, case.k)
-    fns = {
-        "svconv_modulated_fwd": (functools.partial(mk.modulated_conv2d_fwd, **kw), (x, w, d)),
-        "svconv_modulated_grad_x": (
-            functools.partial(mk.modulated_conv2d_grad_x, input_size=case.hw, **kw),
-            (dy, w, d),
-        ),
-        "svconv_modulated_grad_w": (
-            functools.partial(mk.modulated_conv2d_grad_w, kernel_size=k, **kw),
-            (x, dy, d),
-        ),
-        "svconv_modulated_grad_d": (
-            functools.partial(mk.modulated_conv2d_grad_d, batched=True, **kw),
-            (x, w, dy),
-        ),
-    }
-    for name, (fn, args) in fns.items():
-        assert triton_kernel_names(lower_for_cuda(jax.vmap(fn), *args)) == [name]
+    case = Case(2, (12, 10), 5, 6, 3, stride=(2, 1), padding=_pad(1), dtype="bfloat16")
+    x, w, d, dy = _operands(case, lead=(3,))
+    kernels = _kernels(case, interpret=False)
+    operands = {"forward": (x, w, d), "grad_x": (w, d, dy), "grad_w": (x, d, dy)}
+    operands["grad_d"] = (x, w, dy)
+    for name, fn in kernels.items():
+        text = lower_for_cuda(jax.vmap(fn), *operands[name])
+        assert triton_kernel_names(text) == [f"svconv_modulated_{name}"]

@@ -7,13 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.pixel import (
-    PixelBlockSizes,
-    pixel_correlate,
-    pixel_gather,
-    pixel_scatter,
-    pixel_unsupported_reason,
-)
+from pallas_kernels import pixel
+from pallas_kernels.geometry import Geometry
+from pallas_kernels.pixel import PixelBlockSizes
 from tests.conftest import assert_close
 from tests.lowering import lower_for_cuda, triton_kernel_names
 
@@ -45,8 +41,8 @@ class Case:
         )
 
     @property
-    def geo(self):
-        return dict(stride=self.s, dilation=self.d, padding=self.p)
+    def geom(self):
+        return Geometry.of((self.h, self.w), self.k, self.s, self.d, self.p)
 
     def __repr__(self):
         def fmt(v):
@@ -135,37 +131,37 @@ def _expected(case):
     def oracle(x, k, v):
         y, vjp = jax.vjp(lambda a, b: _oracle_gather(a, b, case), x, k)
         dx, dk = vjp(v)
-        return {"gather": y, "scatter": dx, "correlate": dk}
+        return {"forward": y, "grad_x": dx, "grad_k": dk}
 
     return oracle(*(a.astype(F32) for a in _inputs(case)))
 
 
+# Kernels compile on a GPU and run in Pallas's interpreter elsewhere.
+INTERPRET = jax.default_backend() != "gpu"
+
+
 def _run(op, case, interpret, x, k, v):
-    if op == "gather":
-        return pixel_gather(x, k, **case.geo, block_sizes=case.bs, interpret=interpret)
-    if op == "scatter":
-        return pixel_scatter(
-            v, k, input_size=(case.h, case.w), **case.geo, block_sizes=case.bs, interpret=interpret
-        )
-    return pixel_correlate(
-        x,
-        v,
-        kernel_size=case.k,
-        groups=case.g,
-        **case.geo,
-        block_sizes=case.bs,
-        interpret=interpret,
-    )
+    """Kernel `op` ("forward", "grad_x", "grad_k") of `case` on its operands (slot order)."""
+    n, (ho, wo) = case.n, case.out
+    options = dict(geom=case.geom, block_sizes=case.bs, interpret=interpret)
+    if op == "forward":
+        return pixel.forward(x, k, out_shape=(n, ho, wo, case.c), **options)
+    if op == "grad_x":
+        return pixel.grad_x(k, v, out_shape=(n, case.h, case.w, case.c), **options)
+    return pixel.grad_k(x, v, out_shape=(n, ho, wo, *case.k, case.g), **options)
 
 
 def _assert_close(got, want, dtype):
     assert_close(got, want, dtype, tol=TOL[dtype])
 
 
-@pytest.mark.parametrize("op", ["gather", "scatter", "correlate"])
+OPS = ["forward", "grad_x", "grad_k"]
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_interpret_matches_oracle(op, case):
-    out = _run(op, case, True, *_inputs(case))
+def test_kernels_match_oracle(op, case):
+    out = _run(op, case, INTERPRET, *_inputs(case))
     assert out.dtype == case.dtype
     _assert_close(out, _expected(case)[op], case.dtype)
 
@@ -173,32 +169,22 @@ def test_interpret_matches_oracle(op, case):
 def test_vmap():
     case = Case(2, 8, 7, 6, 2, 3, s=(2, 1), p=((1, 2), (0, 1)))
     xs, ks, vs = (jnp.stack(pair) for pair in zip(_inputs(case, 1), _inputs(case, 2), strict=True))
-    for op in ("gather", "scatter", "correlate"):
+    for op in OPS:
         text = lower_for_cuda(jax.vmap(functools.partial(_run, op, case, False)), xs, ks, vs)
         assert triton_kernel_names(text) == [f"svconv_pixel_{op}"]
-        got = jax.vmap(functools.partial(_run, op, case, True))(xs, ks, vs)
+        got = jax.vmap(functools.partial(_run, op, case, INTERPRET))(xs, ks, vs)
         for i in range(2):
             y, vjp = jax.vjp(lambda a, b: _oracle_gather(a, b, case), xs[i], ks[i])
-            want = {"gather": y, "scatter": vjp(vs[i])[0], "correlate": vjp(vs[i])[1]}[op]
+            want = {"forward": y, "grad_x": vjp(vs[i])[0], "grad_k": vjp(vs[i])[1]}[op]
             _assert_close(got[i], want, F32)
 
 
 def test_unsupported():
-    geo = dict(stride=(1, 1), dilation=(1, 1), padding=((1, 1), (1, 1)))
+    geom = Geometry.of((5, 5), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))
+    shapes = {"x": (1, 5, 5, 3), "k": (1, 5, 5, 3, 3, 1), "y": (1, 5, 5, 3)}
     for dtype in (F32, BF16, F16):
-        reason = pixel_unsupported_reason(
-            x_shape=(1, 5, 5, 3), kernel_size=(3, 3), groups=1, dtype=dtype, **geo
-        )
-        assert reason is None
-    reason = pixel_unsupported_reason(
-        x_shape=(1, 5, 5, 3), kernel_size=(3, 3), groups=1, dtype=jnp.int32, **geo
-    )
-    assert "int32" in reason
-    x = jnp.ones((1, 5, 5, 3), jnp.int32)
-    with pytest.raises(NotImplementedError, match="int32"):
-        pixel_gather(x, jnp.ones((1, 5, 5, 3, 3, 1), jnp.int32), **geo, interpret=True)
-    with pytest.raises(ValueError, match="does not match"):  # k for a 4x5 output grid
-        pixel_gather(x.astype(F32), jnp.ones((1, 4, 5, 3, 3, 1)), **geo, interpret=True)
+        assert pixel.unsupported_reason(geom, shapes, jnp.dtype(dtype)) is None
+    assert "int32" in pixel.unsupported_reason(geom, shapes, jnp.dtype(jnp.int32))
 
 
 LOWER_CASES = [
@@ -216,6 +202,6 @@ def test_lowers_for_cuda(case):
     x, k, v = (
         jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.eval_shape(lambda: _inputs(case))
     )
-    for op in ("gather", "scatter", "correlate"):
+    for op in OPS:
         text = lower_for_cuda(lambda x, k, v, op=op: _run(op, case, False, x, k, v), x, k, v)
         assert triton_kernel_names(text) == [f"svconv_pixel_{op}"]

@@ -127,3 +127,142 @@ def test_nan_reaches_exactly_the_covering_windows(impl, name):
     covered = _reference(name)(indicator, *positive) > 0
     np.testing.assert_array_equal(np.isnan(np.asarray(y)), np.asarray(covered))
     assert covered.any() and not covered.all()
+
+
+# ------------------------------------------------------------------------ forward mode, transpose
+
+
+def _small_ops(impl, dtype=jnp.float32):
+    """Each op at a tiny size (so that full Jacobians are cheap), with its arguments."""
+    case = Case(1, 5, 4, 2, 3, (3, 2), (2, 1), (1, 2), ((1, 1), (2, 0)))
+    kw = {**case.kw(), "impl": impl}
+    (ho, wo), n = case.geom().out_size, case.n
+    x, w, d, wl, k, v = (
+        a.astype(dtype)
+        for a in rands(
+            31,
+            (n, case.h, case.w, case.cin),
+            (*case.k, case.cin, case.cout),
+            (n, ho, wo, *case.k),
+            (ho, wo, *case.k, case.cin, case.cout),
+            (n, ho, wo, *case.k, 2),
+            (n, ho, wo, 2),
+        )
+    )
+    x2 = x[..., :1].repeat(2, axis=-1)  # two channels for the two filter groups
+    return {
+        "modulated": (functools.partial(svconv.modulated_conv2d, **kw), (x, w, d)),
+        "local": (functools.partial(svconv.local_conv2d, **kw), (x, wl)),
+        "filter": (functools.partial(svconv.pixel_filter2d, **kw), (x2, k)),
+        "splat": (
+            functools.partial(svconv.pixel_splat2d, **kw, output_size=(case.h, case.w)),
+            (v, k),
+        ),
+    }
+
+
+def _tangents(args, seed):
+    return tuple(rands(seed, *(a.shape for a in args), dtype=args[0].dtype))
+
+
+def _multilinear_jvp(f, args, tangents):
+    """The JVP of a multilinear f: the sum of f with each tangent in its slot."""
+    total = 0.0
+    for i, t in enumerate(tangents):
+        total = total + f(*args[:i], t, *args[i + 1 :]).astype(jnp.float32)
+    return total
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
+def test_jvp_and_linearize(impl, dtype, name):
+    f, args = _small_ops(impl, dtype)[name]
+    ref = _small_ops("reference", jnp.float32)[name][0]
+    exact = [a.astype(jnp.float32) for a in args]
+    tangents = _tangents(args, 32)
+    y, ty = jax.jvp(f, args, tangents)
+    assert y.dtype == ty.dtype == dtype
+    want = _multilinear_jvp(ref, exact, [t.astype(jnp.float32) for t in tangents])
+    assert_close(ty, want, dtype, what="jvp")
+    assert_close(y, ref(*exact), dtype, what="primal")
+    y_lin, f_jvp = jax.linearize(f, *args)
+    assert_close(y_lin, y, dtype, what="linearize primal")
+    assert_close(f_jvp(*tangents), ty, dtype, what="linearize tangent")
+    if dtype == jnp.float32:
+        # Central finite differences of a multilinear map: exact but for an eps^2 term.
+        eps = 1e-2
+        plus = f(*(a + eps * t for a, t in zip(args, tangents, strict=True)))
+        minus = f(*(a - eps * t for a, t in zip(args, tangents, strict=True)))
+        assert_close(ty, (plus - minus) / (2 * eps), tol=1e-3, what="finite differences")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
+def test_jacfwd_equals_jacrev(impl, name):
+    f, args = _small_ops(impl)[name]
+    argnums = tuple(range(len(args)))
+    fwd = jax.jacfwd(f, argnums=argnums)(*args)
+    rev = jax.jacrev(f, argnums=argnums)(*args)
+    for a, b in zip(fwd, rev, strict=True):
+        assert_close(a, b, what="jacfwd vs jacrev")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
+def test_hessian_against_finite_differences_of_the_gradient(impl, name):
+    f, args = _small_ops(impl)[name]
+    # A nonlinear loss in the last argument (the kernel or modulation), others fixed.
+    *fixed, z = args
+
+    def loss(z):
+        return jnp.sum(jnp.tanh(f(*fixed, z)))
+
+    hess = jax.hessian(loss)(z)
+    (direction,) = rands(33, z.shape)
+    grad = jax.grad(loss)
+    eps = 1e-3
+    fd = (grad(z + eps * direction) - grad(z - eps * direction)) / (2 * eps)
+    hvp = jnp.tensordot(hess, direction, axes=z.ndim)
+    assert_close(hvp, fd, tol=2e-3, what="Hessian-vector product")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
+def test_linear_transpose_in_each_argument_equals_the_vjp(impl, dtype, name):
+    f, args = _small_ops(impl, dtype)[name]
+    ref = _small_ops("reference", jnp.float32)[name][0]
+    y, vjp = jax.vjp(f, *args)
+    (ct,) = rands(34, y.shape, dtype=dtype)
+    grads = vjp(ct)
+    # The oracle: the reference's autodiff VJP on the same (rounded) inputs.
+    _, vjp_ref = jax.vjp(ref, *(a.astype(jnp.float32) for a in args))
+    want = vjp_ref(ct.astype(jnp.float32))
+    for i, arg in enumerate(args):
+
+        def in_slot(a, i=i):
+            return f(*args[:i], a, *args[i + 1 :])
+
+        (transposed,) = jax.linear_transpose(in_slot, arg)(ct)
+        assert transposed.dtype == dtype and transposed.shape == arg.shape
+        assert_close(transposed, grads[i], dtype, what=f"transpose in argument {i} vs vjp")
+        assert_close(transposed, want[i], dtype, what=f"transpose in argument {i} vs reference")
+
+
+@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
+def test_forward_mode_under_jit_vmap_and_scan(name):
+    f, args = _small_ops("xla")[name]
+    tangents = _tangents(args, 35)
+    want = jax.jvp(f, args, tangents)[1]
+    got = jax.jit(lambda a, t: jax.jvp(f, a, t)[1])(args, tangents)
+    assert_close(got, want, what="jit(jvp)")
+    stacked = [jnp.stack([a, a]) for a in args]
+    batched = jax.vmap(lambda *a: jax.jvp(f, a, tangents)[1])(*stacked)
+    assert_close(batched[1], want, what="vmap(jvp)")
+
+    def body(carry, _):
+        return carry, jax.jvp(f, args, tangents)[1]
+
+    _, scanned = jax.lax.scan(body, 0.0, None, length=2)
+    assert_close(scanned[1], want, what="scan(jvp)")

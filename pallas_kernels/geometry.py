@@ -1,0 +1,54 @@
+"""The geometry of one 2-D window sweep, shared by the kernels and the public package.
+
+For output pixel ``(i, j)`` and tap ``(m, n)`` the input position is
+``(i*sh + m*dh - pad_top, j*sw + n*dw - pad_left)``; outside the input it reads zero. Negative
+padding crops, as in ``lax.conv_general_dilated``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+Pair = tuple[int, int]
+Padding = tuple[Pair, Pair]
+
+
+def out_size(size: int, kernel: int, stride: int, dilation: int, pad: Pair) -> int:
+    """Output length along one axis (``lax.conv_general_dilated``'s)."""
+    return (size + pad[0] + pad[1] - (kernel - 1) * dilation - 1) // stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static, normalised geometry (hashable: part of the key of every compiled kernel).
+
+    Attributes:
+      in_size: ``(H, W)`` of the input.
+      out_size: ``(Ho, Wo)`` of the output.
+      kernel_size: ``(kh, kw)``.
+      stride: ``(sh, sw)``.
+      dilation: ``(dh, dw)``.
+      padding: ``((top, bottom), (left, right))``; negative values crop.
+    """
+
+    in_size: Pair
+    out_size: Pair
+    kernel_size: Pair
+    stride: Pair
+    dilation: Pair
+    padding: Padding
+
+    @classmethod
+    def of(
+        cls, in_size: Pair, kernel_size: Pair, stride: Pair, dilation: Pair, padding: Padding
+    ) -> Geometry:
+        """The geometry of an input of ``in_size`` (its output size computed as lax does)."""
+        out = tuple(
+            out_size(*axis)
+            for axis in zip(in_size, kernel_size, stride, dilation, padding, strict=True)
+        )
+        return cls(tuple(in_size), out, tuple(kernel_size), tuple(stride), tuple(dilation), padding)
+
+    @property
+    def num_taps(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]

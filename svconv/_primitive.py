@@ -1,0 +1,319 @@
+"""svconv's op families as JAX operations: abstract evaluation, JVP, transpose, batching and
+per-platform lowering rules, shared by every family.
+
+Each family is a multilinear form in the arrays of its slots (its record in
+:mod:`svconv._families` lists them):
+
+* ``modulated``: ``T(x, w, d, y) = <y, modulated_conv2d(x, w, d)>``
+* ``local``:     ``T(x, w, y)    = <y, local_conv2d(x, w)>``
+* ``pixel``:     ``T(x, k, y)    = <y, pixel_filter2d(x, k)>``
+
+One primitive per family computes the partial derivative of ``T`` with respect to one slot, the
+*target* (``y``: the op itself; ``x``: its transpose in ``x``, which is also ``pixel_splat2d``;
+``w``, ``d``, ``k``: the other gradients), given the arrays of the other slots. Since ``T`` is
+linear in each slot:
+
+* the JVP of a partial is the sum of the same partial with each tangent in its slot;
+* its transpose with respect to slot ``j`` is the partial with respect to ``j``, with the
+  cotangent in the target's slot.
+
+So every derivative, in forward or reverse mode and to any order, is again one of the family's
+fused kernels, and every partial is transposable (``jax.linear_transpose``).
+
+The implementation is chosen when lowering, per platform: lowered for ``cuda``, ``impl="auto"``
+takes the compiled Pallas kernels when they support the case (else XLA, the reason logged at
+debug level); lowered for any other platform, XLA; ``impl="pallas"`` lowered for a platform
+without GPU kernels runs Pallas's interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src import dispatch
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from pallas_kernels.geometry import Geometry
+from svconv import sharding
+
+logger = logging.getLogger("svconv")
+
+# The sizes of the dimensions that the geometry fixes.
+_GEOMETRY_DIMS = {
+    "h": lambda g: g.in_size[0],
+    "w": lambda g: g.in_size[1],
+    "ho": lambda g: g.out_size[0],
+    "wo": lambda g: g.out_size[1],
+    "kh": lambda g: g.kernel_size[0],
+    "kw": lambda g: g.kernel_size[1],
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+    """One op family: its slots, its kernels per implementation and target, its Pallas support.
+
+    Attributes:
+      name: the primitive's name.
+      dims: slot name -> dimension names of its array, in slot order; the last slot is the op's
+        output. ``b`` batch, ``h``/``w`` input and ``ho``/``wo`` output height and width,
+        ``kh``/``kw`` taps, ``c``/``o`` input/output channels, ``g`` filter groups.
+      xla, pallas: target slot -> kernel. Every kernel takes the arrays of the other slots in
+        slot order, then ``geom`` (a :class:`Geometry`), ``out_shape`` (the shape of its result)
+        and, for families with dots, ``precision``; Pallas kernels also ``block_sizes`` and
+        ``interpret``.
+      pallas_unsupported: ``(geom, shapes, dtype) -> reason or None``, ``shapes`` the shape of
+        every slot by name.
+      dots: whether the kernels contract with dots (and take ``precision``).
+    """
+
+    name: str
+    dims: Mapping[str, tuple[str, ...]]
+    xla: Mapping[str, Callable[..., jax.Array]]
+    pallas: Mapping[str, Callable[..., jax.Array]]
+    pallas_unsupported: Callable[..., str | None]
+    dots: bool
+    primitive: Primitive = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "primitive", _define(self))
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return tuple(self.dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Static parameters of one partial of a family (the primitive's only parameter).
+
+    Attributes:
+      family: the op family.
+      target: the slot the partial is taken with respect to (its result).
+      geom: the window geometry.
+      impl: ``"auto"``, ``"pallas"`` or ``"xla"`` as bound; when lowering, ``"pallas"`` or
+        ``"xla"`` (``interpret`` says whether Pallas runs in its interpreter).
+      precision: ``lax`` precision of the dots.
+      shared: slots whose array has no batch dimension (shared over the batch).
+      groups: filter groups (the size of dimension ``g``).
+      block_sizes: Pallas tiling, or None for the family's heuristic.
+      interpret: Pallas kernels run in the interpreter (set when lowering).
+    """
+
+    family: Family
+    target: str
+    geom: Geometry
+    impl: str
+    precision: Any = None
+    shared: tuple[str, ...] = ()
+    groups: int = 1
+    block_sizes: Any = None
+    interpret: bool = False
+
+    @property
+    def operands(self) -> tuple[str, ...]:
+        """The slots whose arrays the partial takes, in slot order."""
+        return tuple(s for s in self.family.slots if s != self.target)
+
+    def dims(self, slot: str) -> tuple[str, ...]:
+        dims = self.family.dims[slot]
+        return tuple(d for d in dims if d != "b") if slot in self.shared else dims
+
+    def retarget(self, target: str) -> Spec:
+        return dataclasses.replace(self, target=target)
+
+    def sizes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """Every dimension's size, from the geometry and the given slots' shapes."""
+        sizes = {name: size(self.geom) for name, size in _GEOMETRY_DIMS.items()}
+        sizes["g"] = self.groups
+        for slot, shape in shapes.items():
+            dims = self.dims(slot)
+            if len(dims) != len(shape):
+                raise ValueError(f"{self.family.name}: `{slot}` of shape {shape} is not {dims}")
+            for name, size in zip(dims, shape, strict=True):
+                if sizes.setdefault(name, size) != size:
+                    raise ValueError(
+                        f"{self.family.name}: dimension {name} of `{slot}` of shape {shape} is "
+                        f"{size}, elsewhere {sizes[name]}"
+                    )
+        return sizes
+
+    def shapes(self, operand_shapes: tuple[tuple[int, ...], ...]) -> dict[str, tuple[int, ...]]:
+        """The shape of every slot (the target's included) from the operands' shapes."""
+        given = dict(zip(self.operands, map(tuple, operand_shapes), strict=True))
+        sizes = self.sizes(given)
+        return {s: tuple(sizes[d] for d in self.dims(s)) for s in self.family.slots}
+
+    def pallas_reason(self, shapes: Mapping[str, tuple[int, ...]], dtype: Any) -> str | None:
+        """Why the Pallas kernels cannot take this case, or None when they can."""
+        return self.family.pallas_unsupported(self.geom, shapes, jnp.dtype(dtype))
+
+
+def bind(spec: Spec, *operands: jax.Array) -> jax.Array:
+    """The partial ``spec.target`` of ``spec.family``'s form at ``operands`` (one dtype, in
+    ``spec.operands`` order)."""
+    return spec.family.primitive.bind(*operands, spec=spec)
+
+
+# ------------------------------------------------------------------------------------ rules
+
+
+def _abstract_eval(*avals, spec: Spec):
+    shape = spec.shapes(tuple(a.shape for a in avals))[spec.target]
+    return sharding.result_type(spec, avals, shape, avals[0].dtype)
+
+
+def _jvp(primals, tangents, *, spec: Spec):
+    out = bind(spec, *primals)
+    terms = []
+    for i, tangent in enumerate(tangents):
+        if type(tangent) is ad.Zero:
+            continue
+        args = list(primals)
+        args[i] = tangent
+        terms.append(bind(spec, *args))
+    if not terms:
+        return out, ad.Zero.from_primal_value(out)
+    return out, functools.reduce(jnp.add, terms)
+
+
+def _transpose(ct, *args, spec: Spec):
+    linear = [i for i, a in enumerate(args) if ad.is_undefined_primal(a)]
+    if len(linear) != 1:
+        raise ValueError(
+            f"{spec.family.name}: transposing in {len(linear)} arguments at once; the op is "
+            "linear in each argument separately"
+        )
+    (i,) = linear
+    slot, aval = spec.operands[i], args[i].aval
+    if type(ct) is ad.Zero:
+        result = ad.Zero(aval)
+    else:
+        values = dict(zip(spec.operands, args, strict=True))
+        values[spec.target] = ct.astype(aval.dtype)
+        sub = spec.retarget(slot)
+        result = bind(sub, *(values[s] for s in sub.operands))
+        result = sharding.like_primal(result, aval)
+    return [result if j == i else None for j in range(len(args))]
+
+
+def _batch(args, axes, *, spec: Spec):
+    """Fold the mapped axis into the batch when every mapped array has a batch dimension (a
+    batch-shared array is broadcast over the batch first); otherwise map sequentially."""
+    size = next(a.shape[d] for a, d in zip(args, axes, strict=True) if d is not None)
+    args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, axes, strict=True)]
+    mapped = {s for s, d in zip(spec.operands, axes, strict=True) if d is not None}
+    batch_dims = {s for s in spec.family.slots if "b" in spec.family.dims[s]}
+    if not mapped <= batch_dims or spec.target not in batch_dims:
+        return _map(args, axes, spec), 0
+    n = next(
+        a.shape[1 if s in mapped else 0]
+        for s, a in zip(spec.operands, args, strict=True)
+        if s not in spec.shared and "b" in spec.dims(s)
+    )
+    shared = tuple(s for s in spec.shared if s not in mapped and s != spec.target)
+    folded = []
+    for s, a in zip(spec.operands, args, strict=True):
+        if s in mapped and s in spec.shared:  # one copy per image
+            a = jnp.broadcast_to(a[:, None], (size, n, *a.shape[1:]))
+        elif s in mapped:
+            pass
+        elif "b" in spec.dims(s):
+            a = jnp.broadcast_to(a[None], (size, *a.shape))
+        else:  # no batch dimension, the same for every index of the mapped axis
+            folded.append(a)
+            continue
+        folded.append(a.reshape(size * n, *a.shape[2:]))
+    out = bind(dataclasses.replace(spec, shared=shared), *folded)
+    out = out.reshape(size, n, *out.shape[1:])
+    if spec.target in spec.shared:  # a batch-shared result sums over the batch
+        out = jnp.sum(out, axis=1, dtype=jnp.float32).astype(out.dtype)
+    return out, 0
+
+
+def _map(args, axes, spec: Spec):
+    """The partial for each index of the mapped axis, one after the other."""
+    mapped = [i for i, d in enumerate(axes) if d is not None]
+
+    def one(slices):
+        full = list(args)
+        for i, v in zip(mapped, slices, strict=True):
+            full[i] = v
+        return bind(spec, *full)
+
+    return lax.map(one, [args[i] for i in mapped])
+
+
+# ---------------------------------------------------------------------------------- lowering
+
+
+def _resolve(spec: Spec, shapes: Mapping[str, tuple[int, ...]], dtype: Any, platform: str):
+    """The implementation that runs when lowering for ``platform``."""
+    name = spec.family.name
+    if spec.impl == "xla":
+        return dataclasses.replace(spec, impl="xla")
+    if spec.impl == "pallas":
+        return dataclasses.replace(spec, interpret=platform != "cuda")
+    if platform != "cuda":
+        logger.debug("%s: using XLA, not Pallas: no GPU kernels on platform %r", name, platform)
+        return dataclasses.replace(spec, impl="xla")
+    reason = spec.pallas_reason(shapes, dtype)
+    if reason is not None:
+        logger.debug("%s: using XLA, not Pallas: %s", name, reason)
+        return dataclasses.replace(spec, impl="xla")
+    return dataclasses.replace(spec, impl="pallas")
+
+
+def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
+    """The kernel of a resolved ``spec`` on whole (or per-device) arrays."""
+    shapes = spec.shapes(tuple(v.shape for v in operands))
+    out_shape, dtype = shapes[spec.target], operands[0].dtype
+    if any(math.prod(s) == 0 for s in shapes.values()):
+        # Empty inputs: an empty or all-zero result (a sum over nothing), as lax gives.
+        return jnp.zeros(out_shape, dtype)
+    options: dict[str, Any] = {"geom": spec.geom, "out_shape": out_shape}
+    if spec.family.dots:
+        options["precision"] = spec.precision
+    if spec.impl == "pallas":
+        kernel = spec.family.pallas[spec.target]
+        options.update(block_sizes=spec.block_sizes, interpret=spec.interpret)
+    else:
+        kernel = spec.family.xla[spec.target]
+    return kernel(*operands, **options)
+
+
+_run_partitioned = sharding.partitioned(run_kernel)
+
+
+def _lowering(cuda: bool):
+    def rule(ctx, *values, spec: Spec):
+        platform = "cuda" if cuda else (ctx.platforms or ctx.module_context.platforms)[0]
+        shapes = spec.shapes(tuple(a.shape for a in ctx.avals_in))
+        resolved = _resolve(spec, shapes, ctx.avals_in[0].dtype, platform)
+        lower = mlir.lower_fun(functools.partial(_run_partitioned, resolved), False)
+        return lower(ctx, *values)
+
+    return rule
+
+
+def _define(family: Family) -> Primitive:
+    prim = Primitive(f"svconv_{family.name}")
+    prim.def_impl(functools.partial(dispatch.apply_primitive, prim))
+    prim.def_abstract_eval(_abstract_eval)
+    ad.primitive_jvps[prim] = _jvp
+    ad.primitive_transposes[prim] = _transpose
+    batching.primitive_batchers[prim] = _batch
+    mlir.register_lowering(prim, _lowering(cuda=True), platform="cuda")
+    mlir.register_lowering(prim, _lowering(cuda=False))
+    # The lowering holds custom_partitioning calls, which need the device assignment.
+    dispatch.prim_requires_devices_during_lowering.add(prim)
+    return prim
