@@ -10,8 +10,10 @@ The model:
 
 * **Real arrays** are the function's arguments and results and the operands and results of the
   Triton kernel custom calls (``__gpu$xla.gpu.triton``). Every other op is **glue**, including
-  other custom calls and ops this module does not know. ``constant`` and ``iota`` are free
-  sources: they neither cost nor join glue ops into one fusion.
+  other custom calls and ops this module does not know. ``constant``, ``iota`` and the ops
+  computed from them alone are folded by XLA: reading them is free and they do not join glue
+  ops into one fusion; one that a kernel consumes or the function returns (a broadcast zero)
+  costs its write, unless it is a view of a constant.
 * Calls (``func.call``) are inlined, identical ops on identical operands are merged (XLA's CSE)
   and ops that no result depends on are dropped (XLA's DCE).
 * **Fusions**: a maximal connected set of glue ops (linked by the values they pass each other,
