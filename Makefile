@@ -47,6 +47,7 @@ BENCH_ARGS ?=
 
 bench: $(PY) .venv-torch
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[bench]'
+	$(PY) -m experiments.static.traffic
 	$(PY) -m experiments.bench $(BENCH_ARGS)
 
 .PHONY: .venv-torch
