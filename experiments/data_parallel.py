@@ -10,12 +10,24 @@ the gradient all-reduce (and, spatially, halo permutes).
 
 On a CPU the mesh is 8 host devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``, set
 by ``python -m experiments.data_parallel`` before JAX starts); on GPUs it is every GPU.
+
+Several processes (hosts): ``--processes N`` alone starts N processes of this experiment on this
+machine's CPU, ``8 / N`` devices each, around a coordinator on the loopback address, with the CPU
+collectives between processes over gloo. The meshes span the devices of every process; each
+process draws the same batches and puts on its own devices their blocks of each. On N hosts, run
+``--processes N --process-id I --coordinator HOST:PORT`` on host ``I`` (``HOST`` is host 0's).
+The single-device run is repeated in every process; process 0 reports and writes the results.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,7 +100,9 @@ def _train(model: Denoiser, params, batches: np.ndarray, mesh, spec) -> tuple:
         params, opt_state = jax.device_put((params, opt_state), replicated)
 
         def place(batch):
-            return jax.device_put(batch, images)
+            # Every process holds the whole batch and gives each of its devices that device's
+            # block; with several processes, no process can address the others' devices.
+            return jax.make_array_from_callback(batch.shape, images, lambda index: batch[index])
 
     clean, noisy = place(batches[0, 0]), place(batches[0, 1])
     compiled = jax.jit(step).lower(params, opt_state, clean, noisy).compile()
@@ -144,8 +158,11 @@ def run(
         return float(np.max(np.abs(curves[label] - curves[single]) / scale))
 
     def param_gap(label: str) -> float:
+        # On the host: the sharded parameters may span processes, the others are on one device.
         diffs = jax.tree.map(
-            lambda a, b: float(jnp.max(jnp.abs(a - b))), trained[label], trained[single]
+            lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+            trained[label],
+            trained[single],
         )
         return max(jax.tree.leaves(diffs))
 
@@ -155,6 +172,7 @@ def run(
     figures = [common.save_figure(fig, out, "losses.png")]
     metrics = {
         "devices": devices,
+        "processes": jax.process_count(),
         "loss_tolerance": LOSS_TOLERANCE,
         "initial_loss": curves[single][0],
         "final_loss_one_device": curves[single][-1],
@@ -171,8 +189,8 @@ def run(
     summary = [
         f"losses {'match' if matches else 'DO NOT match'} one device's to {LOSS_TOLERANCE:g} "
         f"(relative) at every step",
-        f"{devices} device(s); loss {curves[single][0]:.4f} -> {curves[single][-1]:.4f} in "
-        f"{steps} steps on one device",
+        f"{devices} device(s) in {jax.process_count()} process(es); loss "
+        f"{curves[single][0]:.4f} -> {curves[single][-1]:.4f} in {steps} steps on one device",
         f"{parallel}: largest relative loss gap {loss_gap(parallel):.1e}, parameter gap "
         f"{param_gap(parallel):.1e}; collectives {collectives[parallel]}",
         f"{spatial}: largest relative loss gap {loss_gap(spatial):.1e}, parameter gap "
@@ -200,9 +218,84 @@ def run(
     )
 
 
+def _launch(processes: int, argv: list[str]) -> int:
+    """Run this experiment with ``argv`` in ``processes`` processes on this machine's CPU, around
+    a coordinator on a free loopback port; returns 0 when they all succeed. Process 0 reports and
+    writes to the output folder, the others write to a scratch folder. When one fails, the others
+    are stopped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    flags.append(f"--xla_force_host_platform_device_count={CPU_DEVICES // processes}")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": " ".join(flags),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_BIND_ADDRESS": address,
+    }
+    command = [sys.executable, "-m", f"experiments.{NAME}", *argv]
+    command += ["--processes", str(processes), "--coordinator", address]
+    procs = []
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            for i in range(processes):
+                extra = ["--process-id", str(i)] + (["--out", f"{scratch}/{i}"] if i else [])
+                procs.append(
+                    subprocess.Popen(
+                        command + extra, env=env, stdout=subprocess.DEVNULL if i else None
+                    )
+                )
+            while None in (codes := [p.poll() for p in procs]) and not any(codes):
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+    return 1 if any(p.returncode for p in procs) else 0
+
+
+def _process_options() -> argparse.Namespace:
+    """Parse (and remove from ``sys.argv``) the options for several processes; the others are
+    :func:`common.main`'s."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", add_help=False)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--coordinator", default=None)
+    options, sys.argv[1:] = parser.parse_known_args()
+    if options.processes < 1:
+        parser.error("--processes must be at least 1")
+    if options.process_id is None and CPU_DEVICES % options.processes:
+        parser.error(f"--processes must divide the {CPU_DEVICES} CPU devices")
+    if options.process_id is not None and options.coordinator is None:
+        parser.error("--process-id needs --coordinator HOST:PORT (the address of process 0)")
+    return options
+
+
 if __name__ == "__main__":
-    # 8 host devices when there is no accelerator; must be set before JAX starts its backend.
-    flag = f"--xla_force_host_platform_device_count={CPU_DEVICES}"
+    options = _process_options()
+    if options.processes > 1 and options.process_id is None:
+        sys.exit(_launch(options.processes, sys.argv[1:]))
+    # 8 host devices in all when there is no accelerator; must be set before JAX starts its
+    # backend.
+    flag = f"--xla_force_host_platform_device_count={max(1, CPU_DEVICES // options.processes)}"
     if flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-    common.main(run, NAME, __doc__.splitlines()[0])
+    description = (
+        f"{__doc__.splitlines()[0]} Several processes: --processes N (on this machine's CPU), "
+        "or --processes N --process-id I --coordinator HOST:PORT on each of N hosts."
+    )
+    if options.processes == 1:
+        common.main(run, NAME, description)
+    else:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(options.coordinator, options.processes, options.process_id)
+        try:
+            common.main(run, NAME, description)
+        finally:
+            jax.distributed.shutdown()
