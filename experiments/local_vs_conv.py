@@ -1,18 +1,20 @@
-"""Where position matters: ``svconv.LocalConv`` vs ``flax.linen.Conv`` for undoing a blur that
-changes across the frame.
+"""Where position matters: ``svconv.nnx.LocalConv`` vs ``flax.nnx.Conv`` for undoing a blur
+that changes across the frame.
 
 A lens that is sharp in the centre and soft towards the corners: each frame is blurred with a
 Gaussian whose width grows with the distance from the centre (``gaussian_kernels`` +
 ``pixel_filter2d``), plus a little noise. Two single-layer linear models learn to undo it, both
 starting from the identity filter with the same kernel size:
 
-* ``nn.Conv``: one 9x9 kernel shared by every pixel, so one compromise sharpening for all blurs;
-* ``svconv.LocalConv``: a 9x9 kernel per pixel, free to sharpen more where the blur is wider.
+* ``nnx.Conv``: one 9x9 kernel shared by every pixel, so one compromise sharpening for all blurs;
+* ``svconv.nnx.LocalConv``: a 9x9 kernel per pixel, free to sharpen more where the blur is wider.
 
 (Quick runs use 5x5 kernels.)
 
-Both train on frames cropped from the training photos; losses are reported on those and on
-frames from held-out photos.
+Written in Flax NNX: the models are built with their parameters, trained in place with
+``nnx.Optimizer`` under ``nnx.jit`` (Adam with the cosine schedule and the batches of the other
+experiments' ``common.train``). Both train on frames cropped from the training photos; losses
+are reported on those and on frames from held-out photos.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
 
 import svconv
+import svconv.nnx
 from experiments import common
 
 NAME = "local_vs_conv"
@@ -42,6 +47,38 @@ def sigma_map(size: int) -> np.ndarray:
     yy, xx = np.meshgrid(np.arange(size) - centre, np.arange(size) - centre, indexing="ij")
     r2 = (yy**2 + xx**2) / (2 * centre**2)
     return (SIGMA_CENTRE + (SIGMA_CORNER - SIGMA_CENTRE) * r2).astype(np.float32)
+
+
+def _loss(model: nnx.Module, data: tuple[np.ndarray, np.ndarray]) -> jax.Array:
+    blurred, sharp = data
+    return common.mse(model(blurred), sharp)
+
+
+_eval_loss = nnx.jit(_loss)
+_restore = nnx.jit(lambda model, blurred: model(blurred))
+
+
+@nnx.jit
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, data) -> jax.Array:
+    loss, grads = nnx.value_and_grad(_loss)(model, data)
+    optimizer.update(model, grads)
+    return loss
+
+
+def train(model: nnx.Module, sample_batch, *, steps: int, seed: int, desc: str) -> np.ndarray:
+    """Train ``model`` in place: Adam, the learning rate decaying to a tenth along a cosine, on
+    batches from a generator seeded with ``seed`` (as ``common.train``); returns the loss of
+    every step ``[steps]``."""
+    schedule = optax.cosine_decay_schedule(LEARNING_RATE, max(steps, 1), alpha=0.1)
+    optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
+    rng = np.random.default_rng(seed)
+    losses = np.empty(steps, np.float64)
+    with tqdm(range(steps), desc=desc, leave=False, mininterval=0.5) as bar:
+        for i in bar:
+            losses[i] = float(_train_step(model, optimizer, sample_batch(rng)))
+            if i % 20 == 0 or i == steps - 1:
+                bar.set_postfix(loss=f"{losses[i]:.3g}")
+    return losses
 
 
 def run(
@@ -88,33 +125,20 @@ def run(
         for split, imgs in [("train", train_images), ("heldout", test_images)]
     }
 
+    # Both start from the identity filter (the initializer ignores its key).
+    rngs = nnx.Rngs(seed)
     models = {
-        "nn.Conv (shared kernel)": nn.Conv(1, (kernel, kernel), kernel_init=common.delta_init),
-        "svconv.LocalConv (per-pixel kernel)": svconv.LocalConv(
-            1, kernel, kernel_init=common.delta_init
+        "nnx.Conv (shared kernel)": nnx.Conv(
+            1, 1, (kernel, kernel), kernel_init=common.delta_init, rngs=rngs
+        ),
+        "svconv.nnx.LocalConv (per-pixel kernel)": svconv.nnx.LocalConv(
+            1, 1, kernel, input_size=(size, size), kernel_init=common.delta_init, rngs=rngs
         ),
     }
-    key = jax.random.key(seed)
-    frame = jnp.zeros((1, size, size, 1))
-    trained, curves, losses = {}, {}, {}
+    curves, losses = {}, {}
     for label, model in models.items():
-
-        def loss_fn(p, data, model=model):
-            blurred, sharp = data
-            return common.mse(model.apply(p, blurred), sharp)
-
-        trained[label], curves[label] = common.train(
-            loss_fn,
-            model.init(key, frame),
-            sample_batch,
-            steps=steps,
-            learning_rate=LEARNING_RATE,
-            seed=seed,
-            desc=label,
-        )
-        losses[label] = {
-            split: float(jax.jit(loss_fn)(trained[label], data)) for split, data in sets.items()
-        }
+        curves[label] = train(model, sample_batch, steps=steps, seed=seed, desc=label)
+        losses[label] = {split: float(_eval_loss(model, data)) for split, data in sets.items()}
     losses["blurred input (identity)"] = {
         split: float(common.mse(blurred, sharp)) for split, (blurred, sharp) in sets.items()
     }
@@ -122,8 +146,7 @@ def run(
     conv_label, local_label = list(models)
     heldout_blurred, heldout_sharp = sets["heldout"]
     restored = {
-        label: np.asarray(jax.jit(model.apply)(trained[label], heldout_blurred))
-        for label, model in models.items()
+        label: np.asarray(_restore(model, heldout_blurred)) for label, model in models.items()
     }
     # Examples: the most detailed frame of each of three held-out photos.
     wide = np.stack([im[common.detailed_window(im, size + 2 * margin)] for im in test_images[:3]])
@@ -133,30 +156,30 @@ def run(
     example_sharp = wide[:, margin : margin + size, margin : margin + size]
     examples = {"blurred input": example_blurred}
     examples.update(
-        {
-            label: np.asarray(jax.jit(model.apply)(trained[label], example_blurred))
-            for label, model in models.items()
-        }
+        {label: np.asarray(_restore(model, example_blurred)) for label, model in models.items()}
     )
     examples["sharp"] = example_sharp
     figures = [
         _plot_examples(out, examples, sigma),
         _plot_errors_and_kernels(
-            out, heldout_blurred, heldout_sharp, restored, trained, curves, losses
+            out, heldout_blurred, heldout_sharp, restored, models, curves, losses
         ),
     ]
     metrics = {
         "mse": losses,
         "final_train_batch_mse": {label: common.final_loss(c) for label, c in curves.items()},
-        "parameters": {label: common.count_params(p) for label, p in trained.items()},
+        "parameters": {
+            label: common.count_params(nnx.state(model, nnx.Param))
+            for label, model in models.items()
+        },
     }
     summary = [
         f"held-out MSE: blurred input {losses['blurred input (identity)']['heldout']:.2e}, "
-        f"nn.Conv {losses[conv_label]['heldout']:.2e}, "
+        f"nnx.Conv {losses[conv_label]['heldout']:.2e}, "
         f"LocalConv {losses[local_label]['heldout']:.2e}",
-        f"train-image MSE: nn.Conv {losses[conv_label]['train']:.2e}, "
+        f"train-image MSE: nnx.Conv {losses[conv_label]['train']:.2e}, "
         f"LocalConv {losses[local_label]['train']:.2e} "
-        f"(LocalConv / nn.Conv held-out: "
+        f"(LocalConv / nnx.Conv held-out: "
         f"{losses[local_label]['heldout'] / losses[conv_label]['heldout']:.2f}x)",
     ]
     config = {
@@ -214,7 +237,7 @@ def _plot_errors_and_kernels(
     blurred: np.ndarray,
     sharp: np.ndarray,
     restored: dict[str, np.ndarray],
-    trained: dict,
+    models: dict[str, nnx.Module],
     curves: dict[str, np.ndarray],
     losses: dict,
 ) -> Path:
@@ -230,11 +253,11 @@ def _plot_errors_and_kernels(
     )
     vmax = float(max(m.max() for m in error_maps.values()))
     conv_label, local_label = list(restored)
-    conv_kernel = np.asarray(trained[conv_label]["params"]["kernel"])[..., 0, 0]
-    local_kernel = np.asarray(trained[local_label]["params"]["kernel"])[..., 0, 0]
+    conv_kernel = np.asarray(models[conv_label].kernel[...])[..., 0, 0]
+    local_kernel = np.asarray(models[local_label].kernel[...])[..., 0, 0]
     centre, corner = size // 2, 2
     kernels = {
-        "nn.Conv kernel (everywhere)": conv_kernel,
+        "nnx.Conv kernel (everywhere)": conv_kernel,
         "LocalConv kernel, centre": local_kernel[centre, centre],
         "LocalConv kernel, near corner": local_kernel[corner, corner],
     }

@@ -8,8 +8,11 @@ Ops (NHWC images, HWIO kernels; differentiable in every array argument; jit/vmap
 * :func:`pixel_splat2d` — the scatter form: each source pixel spreads its own kernel.
 * :func:`gaussian_kernels` — normalised per-pixel Gaussian filters from a sigma map.
 
-Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`.
+Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`;
+the same layers for Flax NNX in :mod:`svconv.nnx` (imported on first use of ``svconv.nnx``).
 """
+
+import importlib
 
 from svconv.layers import KernelPredictionFilter, LocalConv, ModulatedConv, from_conv_local_kernel
 from svconv.ops import (
@@ -33,3 +36,10 @@ __all__ = [
     "pixel_filter2d",
     "pixel_splat2d",
 ]
+
+
+def __getattr__(name: str):
+    # `import svconv` does not pay for importing flax.nnx until the NNX layers are used.
+    if name == "nnx":
+        return importlib.import_module("svconv.nnx")
+    raise AttributeError(f"module 'svconv' has no attribute {name!r}")

@@ -1,26 +1,20 @@
 """Flax linen layers over the svconv ops, in ``flax.linen.Conv``'s vocabulary.
 
-The modules are thin: parameters and dtype promotion here, the math in :mod:`svconv.ops`.
+The modules are thin: parameters here, the math in ``svconv._layer_math`` (shared with the Flax
+NNX layers of :mod:`svconv.nnx`) and :mod:`svconv.ops`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from svconv import _checks
-from svconv.ops import local_conv2d, modulated_conv2d, pixel_filter2d
-
-Initializer = Callable[..., jax.Array]
-
-
-def _kernel_size(value: int | Sequence[int]) -> tuple[int, int]:
-    return _checks.pair("kernel_size", value)
+from svconv import _checks, _layer_math
+from svconv._layer_math import Initializer
 
 
 class ModulatedConv(nn.Module):
@@ -58,35 +52,35 @@ class ModulatedConv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
-    kernel_init: Initializer = nn.initializers.lecun_normal()
-    bias_init: Initializer = nn.initializers.zeros_init()
+    kernel_init: Initializer = _layer_math.KERNEL_INIT
+    bias_init: Initializer = _layer_math.BIAS_INIT
     impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, d: jax.Array) -> jax.Array:
         """``x [batch, height, width, in]``, ``d [batch, out_h, out_w, kh, kw]`` or shared
         ``[out_h, out_w, kh, kw]`` -> ``[batch, out_h, out_w, features]``."""
-        kh, kw = _kernel_size(self.kernel_size)
-        kernel = self.param(
-            "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype
+        kernel_shape, bias_shape = _layer_math.modulated_conv_shapes(
+            x.shape[-1], self.features, _layer_math.kernel_size(self.kernel_size)
         )
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            self.param("bias", self.bias_init, bias_shape, self.param_dtype)
             if self.use_bias
             else None
         )
-        x, kernel, d, bias = promote_dtype(x, kernel, d, bias, dtype=self.dtype)
-        y = modulated_conv2d(
+        return _layer_math.modulated_conv(
             x,
-            kernel,
             d,
-            stride=self.strides,
+            kernel,
+            bias,
+            strides=self.strides,
             padding=self.padding,
-            dilation=self.kernel_dilation,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
             precision=self.precision,
             impl=self.impl,
         )
-        return y if bias is None else y + bias
 
 
 class LocalConv(nn.Module):
@@ -117,51 +111,47 @@ class LocalConv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
-    kernel_init: Initializer = nn.initializers.lecun_normal(in_axis=(2, 3, 4), out_axis=5)
-    bias_init: Initializer = nn.initializers.zeros_init()
+    kernel_init: Initializer = _layer_math.LOCAL_KERNEL_INIT
+    bias_init: Initializer = _layer_math.BIAS_INIT
     impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [batch, height, width, in]`` -> ``[batch, out_h, out_w, features]``."""
         _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
-        kh, kw = _kernel_size(self.kernel_size)
-        geom = _checks.geometry(
-            in_size=x.shape[1:3],
-            kernel_size=(kh, kw),
-            stride=self.strides,
+        kernel_shape, bias_shape = _layer_math.local_conv_shapes(
+            x.shape[1:3],
+            x.shape[-1],
+            self.features,
+            _layer_math.kernel_size(self.kernel_size),
+            strides=self.strides,
             padding=self.padding,
-            dilation=self.kernel_dilation,
+            kernel_dilation=self.kernel_dilation,
         )
-        kernel = self.param(
-            "kernel",
-            self.kernel_init,
-            (*geom.out_size, kh, kw, x.shape[-1], self.features),
-            self.param_dtype,
-        )
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         bias = (
-            self.param("bias", self.bias_init, (*geom.out_size, self.features), self.param_dtype)
+            self.param("bias", self.bias_init, bias_shape, self.param_dtype)
             if self.use_bias
             else None
         )
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = local_conv2d(
+        return _layer_math.local_conv(
             x,
             kernel,
-            stride=self.strides,
+            bias,
+            strides=self.strides,
             padding=self.padding,
-            dilation=self.kernel_dilation,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
             precision=self.precision,
             impl=self.impl,
         )
-        return y if bias is None else y + bias
 
 
 def from_conv_local_kernel(kernel: jax.Array, kernel_size: int | Sequence[int]) -> jax.Array:
     """Convert an ``nn.ConvLocal`` / ``lax.conv_general_dilated_local`` kernel
     ``[out_h, out_w, in*kh*kw, features]`` (patch features ordered ``(in, kh, kw)``) to
     :func:`svconv.local_conv2d`'s ``[out_h, out_w, kh, kw, in, features]``."""
-    kh, kw = _kernel_size(kernel_size)
+    kh, kw = _layer_math.kernel_size(kernel_size)
     ho, wo, k, f = kernel.shape
     if k % (kh * kw):
         raise ValueError(
@@ -209,8 +199,8 @@ class KernelPredictionFilter(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
-    kernel_init: Initializer = nn.initializers.lecun_normal()
-    bias_init: Initializer = nn.initializers.zeros_init()
+    kernel_init: Initializer = _layer_math.KERNEL_INIT
+    bias_init: Initializer = _layer_math.BIAS_INIT
     impl: str | None = None
 
     @nn.compact
@@ -219,17 +209,11 @@ class KernelPredictionFilter(nn.Module):
     ):
         """``x [batch, h, w, channels]``, ``guide [batch, h, w, features]`` (default ``x``) ->
         the filtered ``x`` (and the kernels ``[batch, h, w, kh, kw, groups]`` when asked)."""
-        guide = x if guide is None else guide
-        _checks.rank("guide", guide, (4,), "[batch, height, width, features]")
-        if tuple(guide.shape[:3]) != tuple(x.shape[:3]):
-            raise ValueError(
-                f"`guide` of shape {tuple(guide.shape)} must match `x` of shape "
-                f"{tuple(x.shape)} in batch, height and width"
-            )
-        kh, kw = _kernel_size(self.kernel_size)
+        guide = _layer_math.guide_for(x, guide)
+        size = _layer_math.kernel_size(self.kernel_size)
         logits = nn.Conv(
-            kh * kw * self.groups,
-            _kernel_size(self.predictor_kernel_size),
+            _layer_math.predicted_logits(size, self.groups),
+            _layer_math.kernel_size(self.predictor_kernel_size, "predictor_kernel_size"),
             padding="SAME",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -238,15 +222,14 @@ class KernelPredictionFilter(nn.Module):
             bias_init=self.bias_init,
             name="predictor",
         )(guide)
-        logits = logits.reshape(*logits.shape[:3], kh * kw, self.groups) / self.temperature
-        kernels = jax.nn.softmax(logits.astype(jnp.float32), axis=3)
-        kernels = kernels.reshape(*logits.shape[:3], kh, kw, self.groups)
-        dtype = self.dtype or x.dtype
-        y = pixel_filter2d(
-            x.astype(dtype),
-            kernels.astype(dtype),
-            padding="SAME",
-            dilation=self.kernel_dilation,
+        y, kernels = _layer_math.filter_with_logits(
+            x,
+            logits,
+            size=size,
+            groups=self.groups,
+            temperature=self.temperature,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
             impl=self.impl,
         )
         return (y, kernels) if return_kernels else y

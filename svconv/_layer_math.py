@@ -1,0 +1,212 @@
+"""The math of the layers, written once for the Flax linen layers (:mod:`svconv.layers`) and the
+Flax NNX layers (:mod:`svconv.nnx`): default initializers, parameter shapes, dtype promotion,
+the op calls and the bias. Flax-free: the layer modules only create parameters and call these,
+so the two families give the same numbers given the same parameters.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from svconv import _checks
+from svconv.ops import local_conv2d, modulated_conv2d, pixel_filter2d
+
+Initializer = Callable[..., jax.Array]
+
+# Flax's defaults for convolutions (its initializers are these same functions). For a
+# per-location kernel [out_h, out_w, kh, kw, in, out] the fan-in counts the output positions
+# too (out_h*out_w*kh*kw*in), as nn.ConvLocal's does for its [out_h, out_w, in*kh*kw, out]
+# kernel: the same key draws the same weights as nn.ConvLocal's, in this layout.
+KERNEL_INIT: Initializer = jax.nn.initializers.lecun_normal()
+LOCAL_KERNEL_INIT: Initializer = jax.nn.initializers.lecun_normal(in_axis=(2, 3, 4), out_axis=5)
+BIAS_INIT: Initializer = jax.nn.initializers.zeros
+
+
+def kernel_size(value: int | Sequence[int], name: str = "kernel_size") -> tuple[int, int]:
+    """An int or a pair -> ``(kh, kw)``."""
+    return _checks.pair(name, value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """A layer size such as ``in_features``: an int >= 1."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value!r}")
+    return value
+
+
+def promote(*arrays: jax.Array | None, dtype: Any = None) -> list[jax.Array | None]:
+    """Cast the arrays (``None`` passes through) to ``dtype``, or to their promoted dtype (at
+    least float32 if none is inexact) when ``dtype`` is ``None``: Flax's ``promote_dtype``."""
+    if dtype is None:
+        dtype = jnp.result_type(*(jnp.asarray(a) for a in arrays if a is not None))
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = jnp.promote_types(jnp.float32, dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ValueError(f"`dtype` must be a floating dtype, got {jnp.dtype(dtype).name}")
+    return [None if a is None else jnp.asarray(a, dtype) for a in arrays]
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return y if bias is None else y + bias
+
+
+# --------------------------------------------------------------------------------------------
+# ModulatedConv
+
+
+def modulated_conv_shapes(
+    in_features: int, out_features: int, size: tuple[int, int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``kernel [kh, kw, in, out]`` and ``bias [out]``."""
+    return (*size, in_features, out_features), (out_features,)
+
+
+def modulated_conv(
+    x: jax.Array,
+    d: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    strides: Any,
+    padding: Any,
+    kernel_dilation: Any,
+    dtype: Any,
+    precision: Any,
+    impl: str | None,
+) -> jax.Array:
+    """``modulated_conv2d(x, kernel, d) + bias`` in the promoted (or given) dtype."""
+    x, kernel, d, bias = promote(x, kernel, d, bias, dtype=dtype)
+    y = modulated_conv2d(
+        x,
+        kernel,
+        d,
+        stride=strides,
+        padding=padding,
+        dilation=kernel_dilation,
+        precision=precision,
+        impl=impl,
+    )
+    return _add_bias(y, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# LocalConv
+
+
+def local_conv_shapes(
+    input_size: Sequence[int],
+    in_features: int,
+    out_features: int,
+    size: tuple[int, int],
+    *,
+    strides: Any,
+    padding: Any,
+    kernel_dilation: Any,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``kernel [out_h, out_w, kh, kw, in, out]`` and ``bias [out_h, out_w, out]`` for
+    an input of ``input_size = (height, width)``; raises if the window does not fit."""
+    geom = _checks.geometry(
+        in_size=tuple(input_size),
+        kernel_size=size,
+        stride=strides,
+        padding=padding,
+        dilation=kernel_dilation,
+    )
+    return (*geom.out_size, *size, in_features, out_features), (*geom.out_size, out_features)
+
+
+def local_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    *,
+    strides: Any,
+    padding: Any,
+    kernel_dilation: Any,
+    dtype: Any,
+    precision: Any,
+    impl: str | None,
+) -> jax.Array:
+    """``local_conv2d(x, kernel) + bias`` in the promoted (or given) dtype."""
+    x, kernel, bias = promote(x, kernel, bias, dtype=dtype)
+    y = local_conv2d(
+        x,
+        kernel,
+        stride=strides,
+        padding=padding,
+        dilation=kernel_dilation,
+        precision=precision,
+        impl=impl,
+    )
+    return _add_bias(y, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# KernelPredictionFilter
+
+
+def guide_for(x: jax.Array, guide: jax.Array | None) -> jax.Array:
+    """The guide of a kernel-prediction layer (``x`` when ``None``), checked against ``x``."""
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+    guide = x if guide is None else guide
+    _checks.rank("guide", guide, (4,), "[batch, height, width, features]")
+    if tuple(guide.shape[:3]) != tuple(x.shape[:3]):
+        raise ValueError(
+            f"`guide` of shape {tuple(guide.shape)} must match `x` of shape "
+            f"{tuple(x.shape)} in batch, height and width"
+        )
+    return guide
+
+
+def predicted_logits(size: tuple[int, int], groups: int) -> int:
+    """Output channels of the predictor convolution: one logit per tap and group."""
+    return size[0] * size[1] * groups
+
+
+def filter_with_logits(
+    x: jax.Array,
+    logits: jax.Array,
+    *,
+    size: tuple[int, int],
+    groups: int,
+    temperature: float,
+    kernel_dilation: Any,
+    dtype: Any,
+    impl: str | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the taps of ``logits [batch, h, w, kh*kw*groups] / temperature`` (in
+    float32), then :func:`svconv.pixel_filter2d` of ``x`` with those kernels.
+
+    Returns:
+      The filtered ``x`` in ``dtype`` (default ``x``'s) and the kernels
+      ``[batch, h, w, kh, kw, groups]`` (float32).
+    """
+    if x.shape[-1] % groups:
+        raise ValueError(
+            f"`groups`={groups} does not divide the {x.shape[-1]} channels of `x` of shape "
+            f"{tuple(x.shape)}"
+        )
+    kh, kw = size
+    logits = logits.reshape(*logits.shape[:3], kh * kw, groups) / temperature
+    kernels = jax.nn.softmax(logits.astype(jnp.float32), axis=3)
+    kernels = kernels.reshape(*logits.shape[:3], kh, kw, groups)
+    dtype = x.dtype if dtype is None else dtype
+    y = pixel_filter2d(
+        x.astype(dtype),
+        kernels.astype(dtype),
+        padding="SAME",
+        dilation=kernel_dilation,
+        impl=impl,
+    )
+    return y, kernels

@@ -1,0 +1,370 @@
+"""Flax NNX layers over the svconv ops, in ``flax.nnx.Conv``'s vocabulary.
+
+The constructors take ``in_features, out_features, kernel_size, ..., rngs`` and create their
+parameters eagerly as ``nnx.Param`` attributes; ``__call__`` runs the math that the Flax linen
+layers of :mod:`svconv.layers` run (``svconv._layer_math``), so both give the same numbers given
+the same parameters. Settings are checked in the constructor, shapes at call time, with errors
+that name the argument.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from svconv import _checks, _layer_math
+from svconv._layer_math import Initializer
+
+__all__ = ["KernelPredictionFilter", "LocalConv", "ModulatedConv"]
+
+
+def _static_padding(padding: Any) -> Any:
+    """``padding`` as an immutable value (a module attribute must not hold lists)."""
+    if isinstance(padding, str) or not isinstance(padding, Sequence):
+        return padding
+    return tuple(tuple(p) if isinstance(p, Sequence) else p for p in padding)
+
+
+def _check_window(
+    size: tuple[int, int], strides: Any, padding: Any, kernel_dilation: Any
+) -> tuple[tuple[int, int], tuple[int, int], Any]:
+    """Validate the window settings before any input is seen, on an input one window large
+    (``padding`` is only resolved against the real input size at call time); returns
+    ``strides`` and ``kernel_dilation`` as pairs and ``padding`` as given."""
+    strides = _checks.pair("strides", strides)
+    kernel_dilation = _checks.pair("kernel_dilation", kernel_dilation)
+    span = tuple((k - 1) * d + 1 for k, d in zip(size, kernel_dilation, strict=True))
+    _checks.padding_pairs(padding, span, size, strides, kernel_dilation)
+    return strides, kernel_dilation, _static_padding(padding)
+
+
+def _check_channels(x: jax.Array, in_features: int, layout: str) -> None:
+    _checks.rank("x", x, (4,), layout)
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"`x` of shape {tuple(x.shape)} has {x.shape[-1]} channels but the layer was built "
+            f"with in_features={in_features}"
+        )
+
+
+def _bias(
+    use_bias: bool, init: Initializer, shape: tuple[int, ...], dtype: Any, rngs: nnx.Rngs
+) -> nnx.Param | None:
+    return nnx.Param(init(rngs.params(), shape, dtype)) if use_bias else nnx.data(None)
+
+
+class ModulatedConv(nnx.Module):
+    """A convolution whose kernel is modulated per output pixel and tap by a known ``d``.
+
+    ``y = modulated_conv2d(x, kernel, d) + bias``; with ``d == 1`` it is ``nnx.Conv``.
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from svconv.nnx import ModulatedConv
+      >>> layer = ModulatedConv(4, 8, (3, 3), rngs=nnx.Rngs(0))
+      >>> layer.kernel.shape, layer.bias.shape
+      ((3, 3, 4, 8), (8,))
+      >>> x, d = jnp.ones((2, 16, 16, 4)), jnp.ones((16, 16, 3, 3))
+      >>> layer(x, d).shape
+      (2, 16, 16, 8)
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      kernel_size: ``(kh, kw)`` or an int.
+      strides: an int or a pair (default 1).
+      padding: ``"SAME"`` (default), ``"VALID"``, an int or ``((top, bottom), (left, right))``,
+        as in ``lax.conv_general_dilated``.
+      kernel_dilation: an int or a pair (default 1).
+      use_bias: whether to add a bias (default True).
+      dtype: the dtype of the computation (default: promoted from the inputs and parameters).
+      param_dtype: the dtype of the parameters (default float32).
+      precision: the ``lax`` precision of the dots.
+      kernel_init: initializer of ``kernel [kh, kw, in_features, out_features]``.
+      bias_init: initializer of ``bias [out_features]``.
+      impl: ``None``/``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"``.
+      rngs: the random generators; parameters draw from ``rngs.params()``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: Any = "SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = _layer_math.KERNEL_INIT,
+        bias_init: Initializer = _layer_math.BIAS_INIT,
+        impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _layer_math.positive_int("in_features", in_features)
+        self.out_features = _layer_math.positive_int("out_features", out_features)
+        self.kernel_size = _layer_math.kernel_size(kernel_size)
+        self.strides, self.kernel_dilation, self.padding = _check_window(
+            self.kernel_size, strides, padding, kernel_dilation
+        )
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = _checks.precision(precision)
+        _checks.impl(impl)
+        self.impl = impl
+        kernel_shape, bias_shape = _layer_math.modulated_conv_shapes(
+            self.in_features, self.out_features, self.kernel_size
+        )
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, bias_shape, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array, d: jax.Array) -> jax.Array:
+        """Apply the layer.
+
+        Args:
+          x: input ``[batch, height, width, in_features]``.
+          d: modulation ``[batch, out_height, out_width, kh, kw]``, or ``[out_height, out_width,
+            kh, kw]`` shared over the batch.
+
+        Returns:
+          ``[batch, out_height, out_width, out_features]``.
+        """
+        _check_channels(x, self.in_features, "[batch, height, width, in_features]")
+        return _layer_math.modulated_conv(
+            x,
+            d,
+            self.kernel[...],
+            None if self.bias is None else self.bias[...],
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
+            precision=self.precision,
+            impl=self.impl,
+        )
+
+
+class LocalConv(nnx.Module):
+    """Locally connected 2D layer: an unshared kernel per output pixel (``flax.nnx`` has no
+    ``ConvLocal``).
+
+    The parameters depend on the output size, so the layer is built for one ``input_size``.
+    The kernel is ``[out_h, out_w, kh, kw, in_features, out_features]`` and the bias
+    ``[out_h, out_w, out_features]``, like :class:`svconv.LocalConv`'s; a
+    ``flax.linen.ConvLocal`` kernel converts with :func:`svconv.from_conv_local_kernel`.
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from svconv.nnx import LocalConv
+      >>> layer = LocalConv(2, 4, (3, 3), input_size=(8, 8), strides=2, rngs=nnx.Rngs(0))
+      >>> layer.kernel.shape, layer.bias.shape
+      ((4, 4, 3, 3, 2, 4), (4, 4, 4))
+      >>> layer(jnp.ones((1, 8, 8, 2))).shape
+      (1, 4, 4, 4)
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      kernel_size: ``(kh, kw)`` or an int.
+      input_size: ``(height, width)`` (or an int) of the inputs the layer is built for.
+      strides, padding, kernel_dilation, use_bias, dtype, param_dtype, precision, impl, rngs:
+        as :class:`ModulatedConv`.
+      kernel_init: initializer of ``kernel [out_h, out_w, kh, kw, in_features,
+        out_features]`` (default: LeCun normal with ``flax.linen.ConvLocal``'s fan-in,
+        ``out_h * out_w * kh * kw * in_features``).
+      bias_init: initializer of ``bias [out_h, out_w, out_features]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        input_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        padding: Any = "SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = _layer_math.LOCAL_KERNEL_INIT,
+        bias_init: Initializer = _layer_math.BIAS_INIT,
+        impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _layer_math.positive_int("in_features", in_features)
+        self.out_features = _layer_math.positive_int("out_features", out_features)
+        self.kernel_size = _layer_math.kernel_size(kernel_size)
+        self.input_size = _checks.pair("input_size", input_size)
+        self.strides, self.kernel_dilation, self.padding = _check_window(
+            self.kernel_size, strides, padding, kernel_dilation
+        )
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = _checks.precision(precision)
+        _checks.impl(impl)
+        self.impl = impl
+        kernel_shape, bias_shape = _layer_math.local_conv_shapes(
+            self.input_size,
+            self.in_features,
+            self.out_features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+        )
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, bias_shape, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the layer.
+
+        Args:
+          x: input ``[batch, height, width, in_features]`` with ``(height, width) ==
+            input_size``.
+
+        Returns:
+          ``[batch, out_height, out_width, out_features]``.
+        """
+        _check_channels(x, self.in_features, "[batch, height, width, in_features]")
+        if tuple(x.shape[1:3]) != self.input_size:
+            raise ValueError(
+                f"`x` of shape {tuple(x.shape)} is {x.shape[1]}x{x.shape[2]} but the layer was "
+                f"built with input_size={self.input_size}"
+            )
+        return _layer_math.local_conv(
+            x,
+            self.kernel[...],
+            None if self.bias is None else self.bias[...],
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
+            precision=self.precision,
+            impl=self.impl,
+        )
+
+
+class KernelPredictionFilter(nnx.Module):
+    """Kernel-prediction layer (KPN style): predicts a normalised filter per pixel from a guide
+    and applies it to the input with :func:`svconv.pixel_filter2d`.
+
+    The logits come from ``predictor``, an ``nnx.Conv`` of the guide with ``kh*kw*groups``
+    outputs; a softmax over the taps makes each filter non-negative and sum to 1, so the layer
+    starts close to a local average and learns where to keep edges.
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from svconv.nnx import KernelPredictionFilter
+      >>> layer = KernelPredictionFilter(8, (5, 5), rngs=nnx.Rngs(0))
+      >>> layer.predictor.kernel.shape, layer.predictor.bias.shape
+      ((3, 3, 8, 25), (25,))
+      >>> x, guide = jnp.ones((1, 16, 16, 3)), jnp.ones((1, 16, 16, 8))
+      >>> layer(x, guide).shape
+      (1, 16, 16, 3)
+
+    Args:
+      guide_features: channels of the guide (of ``x`` when no guide is passed).
+      kernel_size: ``(kh, kw)`` of the predicted filters.
+      groups: filters per pixel; channel ``c`` of ``x`` uses group ``c // (C // groups)``.
+      kernel_dilation: dilation of the predicted filters.
+      predictor_kernel_size: kernel of the convolution that predicts the logits.
+      temperature: the softmax temperature (> 0).
+      dtype, param_dtype, precision, kernel_init, bias_init: of the predictor convolution.
+      impl: implementation of ``pixel_filter2d``.
+      rngs: the random generators; parameters draw from ``rngs.params()``.
+    """
+
+    def __init__(
+        self,
+        guide_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        groups: int = 1,
+        kernel_dilation: int | Sequence[int] = 1,
+        predictor_kernel_size: int | Sequence[int] = 3,
+        temperature: float = 1.0,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = _layer_math.KERNEL_INIT,
+        bias_init: Initializer = _layer_math.BIAS_INIT,
+        impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.guide_features = _layer_math.positive_int("guide_features", guide_features)
+        self.kernel_size = _layer_math.kernel_size(kernel_size)
+        self.groups = _layer_math.positive_int("groups", groups)
+        self.kernel_dilation = _checks.pair("kernel_dilation", kernel_dilation)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"`temperature` must be a number, got {temperature!r}")
+        if not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
+        self.temperature = temperature
+        self.dtype = dtype
+        _checks.impl(impl)
+        self.impl = impl
+        self.predictor = nnx.Conv(
+            self.guide_features,
+            _layer_math.predicted_logits(self.kernel_size, self.groups),
+            _layer_math.kernel_size(predictor_kernel_size, "predictor_kernel_size"),
+            padding="SAME",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=_checks.precision(precision),
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self, x: jax.Array, guide: jax.Array | None = None, *, return_kernels: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Apply the layer.
+
+        Args:
+          x: the image to filter ``[batch, height, width, channels]``, ``channels`` divisible
+            by ``groups``.
+          guide: ``[batch, height, width, guide_features]`` (default ``x``).
+          return_kernels: also return the predicted kernels.
+
+        Returns:
+          The filtered ``x``, and with ``return_kernels`` the kernels
+          ``[batch, height, width, kh, kw, groups]``.
+        """
+        name = "`x` (the guide when none is passed)" if guide is None else "`guide`"
+        guide = _layer_math.guide_for(x, guide)
+        if guide.shape[-1] != self.guide_features:
+            raise ValueError(
+                f"{name} of shape {tuple(guide.shape)} has {guide.shape[-1]} channels but the "
+                f"layer was built with guide_features={self.guide_features}"
+            )
+        y, kernels = _layer_math.filter_with_logits(
+            x,
+            self.predictor(guide),
+            size=self.kernel_size,
+            groups=self.groups,
+            temperature=self.temperature,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
+            impl=self.impl,
+        )
+        return (y, kernels) if return_kernels else y
