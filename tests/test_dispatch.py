@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 import svconv
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from svconv import _dispatch
 from tests.conftest import assert_close, rands
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 
 def test_auto_uses_xla_on_cpu_and_logs_why(caplog):

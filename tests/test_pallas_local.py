@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels.local import (
     LocalBlockSizes,
     local_conv2d_fwd,
@@ -15,7 +16,6 @@ from pallas_kernels.local import (
     local_unsupported_reason,
 )
 from tests.conftest import assert_close
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 HIGHEST = jax.lax.Precision.HIGHEST

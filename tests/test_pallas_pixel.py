@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels.pixel import (
     PixelBlockSizes,
     pixel_correlate,
@@ -15,7 +16,6 @@ from pallas_kernels.pixel import (
     pixel_unsupported_reason,
 )
 from tests.conftest import assert_close
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 # Max error relative to the largest reference value (output rounding dominates in 16 bits).

@@ -1,0 +1,7 @@
+"""Static checks of the GPU program, run on a machine without a GPU.
+
+* :mod:`experiments.static.lowering`: lower a function for CUDA under an abstract H100 and read
+  the Triton kernels out of the lowered module.
+* :mod:`experiments.static.machine_code`: compile those kernels to sm_90 / sm_80 machine code with
+  the ``triton`` package and report registers, spills, shared memory and tensor-core instructions.
+"""
