@@ -32,7 +32,7 @@ $(PY):
 venv: $(PY)
 
 test: $(PY)
-	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,experiments]'
+	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,machine-code,experiments]'
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(PY)

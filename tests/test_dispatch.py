@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import svconv
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from tests.conftest import assert_close, rands
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 
 def test_auto_uses_xla_on_cpu_and_logs_why(caplog):

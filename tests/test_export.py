@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jax import export
 
 import svconv
+from experiments.static.lowering import abstract_gpu, triton_kernel_names
 from tests.conftest import assert_close, rands
-from tests.lowering import abstract_gpu, triton_kernel_names
 
 
 def _model(x, w, d, k):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import local
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.local import LocalBlockSizes
 from tests.conftest import assert_close
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax import lax
 
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import modulated as mk
 from pallas_kernels.geometry import Geometry
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 HIGHEST = lax.Precision.HIGHEST
 

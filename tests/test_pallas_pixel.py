@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import pixel
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.pixel import PixelBlockSizes
 from tests.conftest import assert_close
-from tests.lowering import lower_for_cuda, triton_kernel_names
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 # Max error relative to the largest reference value (output rounding dominates in 16 bits).

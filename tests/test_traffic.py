@@ -35,16 +35,20 @@ _MODULATED_BWD = (
     "g padded into two layouts (grad_x's and grad_w/grad_d's), x padded, dx cropped, d padded "
     "tap-major twice, dd transposed back, dw's partial sums reduced: +2.5x (f32) to +2.6x (bf16)"
 )
-_NO_JVP = "forward mode is not available: the ops are custom_vjp functions"
+_JVP_SUM = (
+    "forward mode binds the op once per tangent slot and XLA adds the results (like lax's "
+    "convolution): the sum reads each term and writes the tangent"
+)
 KNOWN_FAILING = {
     ("modulated_conv2d 3x3", "fwd", "float32"): (OverBudget, _MODULATED_FWD),
     ("modulated_conv2d 3x3", "fwd", "bfloat16"): (OverBudget, _MODULATED_FWD),
     ("modulated_conv2d 3x3", "bwd", "float32"): (OverBudget, _MODULATED_BWD),
     ("modulated_conv2d 3x3", "bwd", "bfloat16"): (OverBudget, _MODULATED_BWD),
     **{
-        (case.id, "jvp", dtype): (NotAvailable, _NO_JVP)
+        (case.id, "jvp", dtype): (OverBudget, _JVP_SUM)
         for case in traffic.design_cases()
         for dtype in traffic.DTYPES
+        if not case.id.startswith("local_conv2d")  # its JVP is mostly weight reads: +0.04x
     },
 }
 

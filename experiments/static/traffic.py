@@ -40,7 +40,6 @@ Run ``python -m experiments.static.traffic`` to write ``results/traffic.{md,json
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -50,12 +49,12 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from unittest import mock
 
 import jax
 import jaxlib
 
 import svconv
+from experiments.static import lowering
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_TARGET = "__gpu$xla.gpu.triton"
@@ -64,34 +63,11 @@ BUDGET = 0.10
 
 # ------------------------------------------------------------------------------------ lowering
 
-_H100 = jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132
-)
-
-
-@contextlib.contextmanager
-def _compiled_pallas_kernels():
-    # Temporary hook: today svconv chooses between compiled and interpreted Pallas from the
-    # default backend when an op is traced, so on a machine without a GPU impl="pallas" would
-    # trace the interpreter. Pretending a GPU is present gives the program a GPU runs. Delete
-    # this function and its one use once the ops choose their implementation when lowering.
-    try:
-        from svconv import _dispatch
-    except ImportError:  # already gone: nothing to pretend
-        _dispatch = None
-    if not hasattr(_dispatch, "on_gpu"):
-        yield
-        return
-    with mock.patch.object(_dispatch, "on_gpu", lambda: True):
-        yield
-
 
 def lower_for_cuda(fn: Callable, *args: jax.ShapeDtypeStruct) -> str:
-    """StableHLO text of ``jax.jit(fn)`` lowered for CUDA under an abstract H100."""
-    mesh = jax.sharding.AbstractMesh((), (), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh), _compiled_pallas_kernels():
-        traced = jax.jit(fn, keep_unused=True).trace(*args)  # every input stays an argument
-        return traced.lower(lowering_platforms=("cuda",)).as_text()
+    """StableHLO text of ``jax.jit(fn)`` lowered for CUDA under an abstract H100; every input stays
+    an argument (``keep_unused``), so that the minimal bytes count it."""
+    return lowering.lower_for_cuda(fn, *args, keep_unused=True)
 
 
 # -------------------------------------------------------------------------------- the program
