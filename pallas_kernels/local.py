@@ -232,8 +232,8 @@ def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: Geometry, bs: LocalBlockSizes, p
 def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the local-conv kernels handle this case, else why not (one line). ``shapes``:
     the shape of every slot (``x``, ``w``, ``y``) by name."""
-    del shapes  # every size the API accepts
-    return common_unsupported_reason(geom, dtype)
+    del geom  # every geometry the API accepts
+    return common_unsupported_reason(shapes, dtype)
 
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)

@@ -259,8 +259,8 @@ def _correlate_kernel(x_ref, v_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, 
 def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the pixel kernels handle this case, else why not (one line). ``shapes``: the
     shape of every slot (``x``, ``k``, ``y``) by name."""
-    del shapes  # every size the API accepts
-    return common_unsupported_reason(geom, dtype)
+    del geom  # every geometry the API accepts
+    return common_unsupported_reason(shapes, dtype)
 
 
 _ANY = pl.BlockSpec(memory_space=pl.ANY)

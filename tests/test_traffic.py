@@ -27,23 +27,11 @@ class OverBudget(AssertionError):
 # Rows that fail today: how they fail and why. A row that starts passing fails (strict xfail),
 # and so does a row that fails the other way (a direction that becomes available but is over
 # budget): update this table then.
-_MODULATED_FWD = (
-    "x padded and flattened for the kernel (read x, write a padded copy), the output cropped "
-    "from a padded one, d padded tap-major: about +2.0x"
-)
-_MODULATED_BWD = (
-    "g padded into two layouts (grad_x's and grad_w/grad_d's), x padded, dx cropped, d padded "
-    "tap-major twice, dd transposed back, dw's partial sums reduced: +2.5x (f32) to +2.6x (bf16)"
-)
 _JVP_SUM = (
     "forward mode binds the op once per tangent slot and XLA adds the results (like lax's "
     "convolution): the sum reads each term and writes the tangent"
 )
 KNOWN_FAILING = {
-    ("modulated_conv2d 3x3", "fwd", "float32"): (OverBudget, _MODULATED_FWD),
-    ("modulated_conv2d 3x3", "fwd", "bfloat16"): (OverBudget, _MODULATED_FWD),
-    ("modulated_conv2d 3x3", "bwd", "float32"): (OverBudget, _MODULATED_BWD),
-    ("modulated_conv2d 3x3", "bwd", "bfloat16"): (OverBudget, _MODULATED_BWD),
     **{
         (case.id, "jvp", dtype): (OverBudget, _JVP_SUM)
         for case in traffic.design_cases()
