@@ -106,17 +106,29 @@ def geometry(
 
 def float_array(name: str, value: Any) -> jax.Array:
     """An array of a real floating dtype; integer, bool and complex inputs are a TypeError."""
+    return _array(name, value, jnp.floating, "a floating dtype (float32, bfloat16, float16, ...)")
+
+
+def inexact_array(name: str, value: Any) -> jax.Array:
+    """An array of a floating or complex dtype; integer and bool inputs are a TypeError."""
+    return _array(name, value, jnp.inexact, "a floating or complex dtype (float32, complex64, ...)")
+
+
+def _array(name: str, value: Any, kind: Any, wanted: str) -> jax.Array:
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         value = jnp.asarray(value)
         dtype = value.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, kind):
         shape = tuple(np.shape(value))
-        raise TypeError(
-            f"`{name}` must have a floating dtype (float32, bfloat16, float16, ...), got "
-            f"{np.dtype(dtype).name} of shape {shape}"
-        )
+        raise TypeError(f"`{name}` must have {wanted}, got {np.dtype(dtype).name} of shape {shape}")
     return jnp.asarray(value)
+
+
+def accumulation_dtype(dtype: Any) -> np.dtype:
+    """Sums are taken in float32 for 16-bit inputs, else in the inputs' own precision (float64,
+    complex64, complex128: a complex sum keeps its imaginary part)."""
+    return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def rank(name: str, value: jax.Array, ranks: Sequence[int], layout: str) -> None:

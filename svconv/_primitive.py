@@ -51,6 +51,7 @@ from jax.interpreters import ad, batching, mlir
 
 from pallas_kernels.geometry import Geometry
 from svconv import sharding
+from svconv._checks import accumulation_dtype
 
 logger = logging.getLogger("svconv")
 
@@ -272,7 +273,7 @@ def _batch(args, axes, *, spec: Spec):
     out = bind(dataclasses.replace(spec, shared=shared), *folded)
     out = out.reshape(size, n, *out.shape[1:])
     if spec.target in spec.shared:  # a batch-shared result sums over the batch
-        out = jnp.sum(out, axis=1, dtype=jnp.float32).astype(out.dtype)
+        out = jnp.sum(out, axis=1, dtype=accumulation_dtype(out.dtype)).astype(out.dtype)
     return out, 0
 
 

@@ -89,11 +89,11 @@ def modulated_conv2d(
 
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted dtype of the inputs,
-      accumulated in float32.
+      accumulated in float32 (or the inputs' own float64 or complex dtype).
     """
-    x = _checks.float_array("x", x)
-    w = _checks.float_array("w", w)
-    d = _checks.float_array("d", d)
+    x = _checks.inexact_array("x", x)
+    w = _checks.inexact_array("w", w)
+    d = _checks.inexact_array("d", d)
     impl = _checks.impl(impl)
     geom = _weight_geometry(
         x, w, 4, "[kh, kw, in_channels, out_channels]", stride, padding, dilation, d=d
@@ -157,8 +157,8 @@ def local_conv2d(
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted input dtype.
     """
-    x = _checks.float_array("x", x)
-    w = _checks.float_array("w", w)
+    x = _checks.inexact_array("x", x)
+    w = _checks.inexact_array("w", w)
     impl = _checks.impl(impl)
     layout = "[out_height, out_width, kh, kw, in_channels, out_channels]"
     geom = _weight_geometry(x, w, 6, layout, stride, padding, dilation)
@@ -222,8 +222,8 @@ def pixel_filter2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
     """
-    x = _checks.float_array("x", x)
-    k = _checks.float_array("k", k)
+    x = _checks.inexact_array("x", x)
+    k = _checks.inexact_array("k", k)
     impl = _checks.impl(impl)
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     k6, groups = _pixel_kernels("k", k, x.shape[3])
@@ -327,8 +327,8 @@ def pixel_splat2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
     """
-    x = _checks.float_array("x", x)
-    k = _checks.float_array("k", k)
+    x = _checks.inexact_array("x", x)
+    k = _checks.inexact_array("k", k)
     impl = _checks.impl(impl)
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     k6, groups = _pixel_kernels("k", k, x.shape[3])
@@ -472,7 +472,7 @@ def gaussian_filter2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.
     """
-    x = _checks.float_array("x", x)
+    x = _checks.inexact_array("x", x)
     impl = _checks.impl(impl)
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     kernel_size = _checks.pair("size", size)
@@ -520,7 +520,7 @@ def gaussian_splat2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.
     """
-    x = _checks.float_array("x", x)
+    x = _checks.inexact_array("x", x)
     impl = _checks.impl(impl)
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     kernel_size = _checks.pair("size", size)

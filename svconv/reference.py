@@ -2,7 +2,8 @@
 right. They are the oracle for the tests; their gradients come from JAX autodiff.
 
 Every function takes normalised arguments (a :class:`~pallas_kernels.geometry.Geometry`) and
-computes in float32 at ``HIGHEST`` precision, returning the promoted input dtype.
+computes at ``HIGHEST`` precision in float32 (16-bit and float32 inputs) or in the inputs' own
+dtype (float64, complex), returning the promoted input dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.geometry import Geometry
+from svconv._checks import accumulation_dtype
 
 _HI = lax.Precision.HIGHEST
 
@@ -41,7 +43,7 @@ def modulated_conv2d(x, w, d, geom: Geometry, precision=None) -> jax.Array:
     """``y[b,i,j,o] = sum_{m,n,c} x[b,pos(i,m),pos(j,n),c] * w[m,n,c,o] * d[b,i,j,m,n]``."""
     del precision  # the reference is always exact
     dtype = jnp.result_type(x, w, d)
-    x, w, d = (a.astype(jnp.float32) for a in (x, w, d))
+    x, w, d = (a.astype(accumulation_dtype(dtype)) for a in (x, w, d))
     if d.ndim == 4:
         d = d[None]
     y = 0.0
@@ -55,7 +57,7 @@ def local_conv2d(x, w, geom: Geometry, precision=None) -> jax.Array:
     """``y[b,i,j,o] = sum_{m,n,c} x[b,pos(i,m),pos(j,n),c] * w[i,j,m,n,c,o]``."""
     del precision
     dtype = jnp.result_type(x, w)
-    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+    x, w = x.astype(accumulation_dtype(dtype)), w.astype(accumulation_dtype(dtype))
     y = 0.0
     for m, n in _taps(geom):
         y = y + jnp.einsum("bhwc,hwco->bhwo", tap(x, geom, m, n), w[:, :, m, n], precision=_HI)
@@ -68,7 +70,7 @@ def pixel_filter2d(x, k, geom: Geometry) -> jax.Array:
     ``k`` has the groups axis: ``[N, Ho, Wo, kh, kw, G]``.
     """
     dtype = jnp.result_type(x, k)
-    x, k = x.astype(jnp.float32), k.astype(jnp.float32)
+    x, k = x.astype(accumulation_dtype(dtype)), k.astype(accumulation_dtype(dtype))
     groups = k.shape[-1]
     per_group = x.shape[-1] // groups
     k = jnp.repeat(k, per_group, axis=-1)  # channel c uses group c // per_group
@@ -82,14 +84,14 @@ def pixel_splat2d(x, k, geom: Geometry) -> jax.Array:
     """Each source pixel ``(i, j)`` of ``x`` adds ``k[b,i,j,m,n,g(c)] * x[b,i,j,c]`` at input
     position ``(pos(i,m), pos(j,n))``; positions outside ``geom.in_size`` are dropped."""
     dtype = jnp.result_type(x, k)
-    x, k = x.astype(jnp.float32), k.astype(jnp.float32)
+    x, k = x.astype(accumulation_dtype(dtype)), k.astype(accumulation_dtype(dtype))
     groups = k.shape[-1]
     k = jnp.repeat(k, x.shape[-1] // groups, axis=-1)
     (h, w), (ho, wo) = geom.in_size, geom.out_size
     (sh, sw), (dh, dw), ((pt, pb), (pl, pr)) = geom.stride, geom.dilation, geom.padding
     # Scatter into the padded frame (all targets land inside it), then undo the padding (a
     # padding's transpose crops it; a negative padding's puts back the cropped zeros).
-    y = jnp.zeros((x.shape[0], h + pt + pb, w + pl + pr, x.shape[-1]), jnp.float32)
+    y = jnp.zeros((x.shape[0], h + pt + pb, w + pl + pr, x.shape[-1]), x.dtype)
     for m, n in _taps(geom):
         rows = sh * jnp.arange(ho) + m * dh
         cols = sw * jnp.arange(wo) + n * dw

@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.geometry import Geometry
+from svconv._checks import accumulation_dtype
 
 # ``spec`` below is a ``svconv._primitive.Spec``: its ``dims(slot)`` names the dimensions of every
 # slot's array ("b" batch, "h"/"w" input and "ho"/"wo" output height and width, ...).
@@ -265,7 +266,8 @@ def _lowering(
         if halo is not None and spec.target == "x":
             out = halo_fold(out, halo)
         if reduce_axes:
-            out = lax.psum(out.astype(jnp.float32), _name(reduce_axes)).astype(out.dtype)
+            summed = out.astype(accumulation_dtype(out.dtype))
+            out = lax.psum(summed, _name(reduce_axes)).astype(out.dtype)
         return out
 
     return lower, result_sharding, arg_shardings

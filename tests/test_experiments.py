@@ -7,7 +7,11 @@ import math
 
 import pytest
 
-# `make test` installs the experiments' dependencies: these tests must run, not skip.
+# `make test` installs the experiments' dependencies (`.[experiments]`) and these tests run; with
+# `.[test]` alone they skip, saying which package is missing.
+for _module in ("matplotlib", "skimage", "scipy", "tqdm"):
+    pytest.importorskip(_module, reason=f"the experiments need {_module} (the `experiments` extra)")
+
 EXPERIMENTS = [
     "learn_modulated_kernel",
     "gaussian_blur",

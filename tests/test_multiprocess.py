@@ -74,6 +74,8 @@ def test_processes_shut_down(runs):
 
 
 def test_data_parallel_processes(tmp_path):
+    for module in ("matplotlib", "skimage", "scipy", "tqdm"):
+        pytest.importorskip(module, reason=f"the experiment needs {module} (`experiments` extra)")
     # The experiment as a user runs it: it starts its own 2 processes; a new session lets the
     # time limit stop them together with their launcher.
     command = [sys.executable, "-m", "experiments.data_parallel", "--quick", "--steps", "2"]

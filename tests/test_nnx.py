@@ -250,7 +250,7 @@ CONSTRUCTOR_ERRORS = [
     ("modulated", {"strides": 0}, ValueError, r"`strides` must be >= 1, got 0"),
     ("modulated", {"kernel_dilation": "2"}, TypeError, r"`kernel_dilation` must be an int"),
     ("modulated", {"padding": "FULL"}, ValueError, r"`padding` must be 'SAME', 'VALID'"),
-    ("modulated", {"padding": -1}, ValueError, r"`padding` must be non-negative"),
+    ("modulated", {"padding": "CIRCULAR"}, ValueError, r"`padding` must be 'SAME', 'VALID'"),
     ("modulated", {"impl": "cuda"}, ValueError, r"`impl` must be one of"),
     ("modulated", {"precision": "fast"}, ValueError, r"`precision` is not a valid"),
     ("local", {"input_size": (8, 8, 1)}, ValueError, r"`input_size` must be an int or a"),
