@@ -1,0 +1,281 @@
+"""``python -m experiments.bench``: run the benchmark and write ``results/bench-<device>``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+# Let PyTorch share the GPU with JAX: no up-front reservation of most of its memory (read when
+# the backend starts, after the imports).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jaxlib  # noqa: E402
+
+import svconv  # noqa: E402
+from experiments.bench import report as rep  # noqa: E402
+from experiments.bench.cases import compile_cases, make_cases  # noqa: E402
+from experiments.bench.columns import (  # noqa: E402
+    DIFF,
+    JaxColumn,
+    fwd_bwd_fn,
+    jax_columns,
+    loss_and_grad_fn,
+    make_inputs,
+    op_fn,
+)
+from experiments.bench.targets import compute_targets  # noqa: E402
+from experiments.bench.timing import (  # noqa: E402
+    compile_seconds,
+    matmul_peak,
+    stream_bandwidth,
+    time_interleaved,
+)
+from experiments.bench.torch_proxy import TorchColumn, start_torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.bench",
+        description="svconv against plain convolution, patch formulations and PyTorch.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes, few repeats, no files written"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="samples per column")
+    parser.add_argument(
+        "--ops", default="modulated,pixel,local", help="comma-separated subset of the ops"
+    )
+    parser.add_argument("--no-torch", action="store_true", help="leave out the torch columns")
+    parser.add_argument(
+        "--torch-python",
+        default=None,
+        help="interpreter for the torch columns (default: this "
+        "one when torch imports here, else .venv-torch)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for bench-<device>.{json,md} (default results/; none for --quick)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds: no new case starts after this (the report says which were left out)",
+    )
+    parser.add_argument(
+        "--no-compile-times", action="store_true", help="leave out the compile-time cases"
+    )
+    return parser.parse_args(argv)
+
+
+def _compile_times(backend: str, quick: bool, log) -> list[dict]:
+    """Compile time of each op's default implementation, forward and value and gradient."""
+    out = []
+    for cc in compile_cases(quick):
+        case = cc.as_case()
+        args = {
+            k: jax.ShapeDtypeStruct(s, jax.numpy.dtype(case.dtype))
+            for k, s in case.shapes().items()
+        }
+        fwd = op_fn(case, None)
+        # The default implementation: Pallas on a GPU where it supports the case, else XLA.
+        record = {"op": cc.op, "id": cc.id, "impl": f"auto on {backend}"}
+        try:
+            record["fwd_s"] = compile_seconds(fwd, (args,))
+            record["grad_s"] = compile_seconds(loss_and_grad_fn(fwd, DIFF[cc.op]), (args,))
+        except Exception as e:  # unsupported case, out of memory while compiling, ...
+            first = (str(e).splitlines() or [""])[0]
+            record["error"] = f"failed: {type(e).__name__}: {first}"[:300]
+        log(
+            f"  compile {cc.id}: "
+            + ", ".join(f"{k} {record[k]:.2f} s" for k in ("fwd_s", "grad_s") if k in record)
+            + (f" {record['error']}" if "error" in record else "")
+        )
+        out.append(record)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    backend = jax.default_backend()
+    gpu = backend == "gpu"
+    rounds = args.rounds or (3 if args.quick else (20 if gpu else 15))
+    min_sample_s = 0.002 if args.quick else (0.01 if gpu else 0.05)
+    budget_s = 2.0 if args.quick else (5.0 if gpu else 20.0)
+    ops = set(args.ops.split(","))
+    cases = [c for c in make_cases(backend, args.quick) if c.op in ops]
+    if gpu:
+        stats = jax.devices()[0].memory_stats() or {}
+        mem_limit = int(0.5 * stats.get("bytes_limit", 16 * 2**30))
+    else:
+        mem_limit = 6 * 2**30
+    patch_limit = mem_limit // 2  # the patch formulations' backward holds about two of them
+    slug, machine = rep.machine_info(backend, jax.devices())
+    threads = os.cpu_count() or 1
+
+    proxy, torch_info = start_torch(
+        disabled=args.no_torch,
+        python=args.torch_python,
+        device="cuda" if gpu else "cpu",
+        threads=threads,
+    )
+    versions = {"python": platform.python_version(), "jax": jax.__version__}
+    versions["jaxlib"] = jaxlib.__version__
+    if proxy:
+        for k, v in torch_info["versions"].items():
+            versions["torch (python)" if k == "python" else k] = v
+        torch_desc = (
+            f"{torch_info['device']}, {torch_info['threads']} threads, in a subprocess with "
+            "OMP_WAIT_POLICY=PASSIVE"
+        )
+    else:
+        torch_desc = torch_info
+    sync = "blocking on the last call (in-order stream)" if gpu else "blocking on every call"
+    timing = (
+        f"median over {rounds} interleaved rounds (order rotated each round; a column stops "
+        f"after {budget_s:g} s with >= 3 samples), each sample >= {min_sample_s * 1e3:g} ms "
+        "of back-to-back calls after compilation and 2 warm-up calls (1 when a call takes "
+        f"> 1 s); {sync}; ± is half the interquartile range; peak MiB: XLA's planned temp + "
+        f"output buffers{', torch.cuda.max_memory_allocated' if gpu else ''}"
+    )
+    if not gpu:
+        timing += f"; JAX and torch each use the {threads} visible cores"
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": slug,
+        "backend": backend,
+        "machine": machine,
+        "versions": versions,
+        "timing": timing,
+        "torch": torch_desc,
+        "rounds": rounds,
+        "quick": args.quick,
+    }
+    print(f"svconv benchmark on {machine}; backend {backend}")
+    print(f"torch: {torch_desc}")
+
+    dtypes = sorted({c.dtype for c in cases} | {"float32"})
+    peaks = {
+        "stream": stream_bandwidth(backend, rounds, args.quick),
+        "matmul": {dt: matmul_peak(backend, dt, rounds, args.quick) for dt in dtypes},
+    }
+    print(f"stream bandwidth: {peaks['stream']['gb_per_s']:.3g} GB/s")
+    for dt, m in peaks["matmul"].items():
+        print(f"matrix product {dt}: {m['tflop_per_s']:.3g} TFLOP/s")
+
+    torch_setup = {}
+    if proxy:
+        specs = []
+        for c in cases:
+            skip = {}
+            if c.patch_bytes > patch_limit:
+                skip["torch unfold"] = (
+                    f"its unfold tensor ({c.patch_bytes / 2**30:.1f} GiB) exceeds the memory budget"
+                )
+            specs.append({**c.spec(), "skip": skip})
+        torch_setup = proxy.setup(specs)
+
+    results, skipped = [], {}
+    for c in cases:
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            skipped[c.id] = f"the run's time limit ({args.time_limit:g} s) was reached"
+            print(f"\n{c.id}: skipped, time limit")
+            continue
+        print(f"\n{c.id}")
+        inputs = make_inputs(c)
+        jcols, missing = jax_columns(c, backend, patch_limit)
+        if proxy:
+            missing.update(torch_setup[c.id]["missing"])
+        else:
+            missing["torch unfold"] = torch_desc
+            if c.op == "modulated" and gpu:
+                missing["deform_conv2d"] = torch_desc
+        for col, why in missing.items():
+            print(f"  no {col}: {why}")
+        res = {}
+        for mode in c.modes:
+            print(f"  {mode}")
+            columns = {}
+            for name, (fwd, diff) in jcols.items():
+                fn = fwd if mode == "fwd" else fwd_bwd_fn(fwd, diff)
+                columns[name] = JaxColumn(fn, inputs, block_each=not gpu, mem_limit=mem_limit)
+            if proxy:
+                for name in torch_setup[c.id]["columns"]:
+                    columns[name] = TorchColumn(proxy, c.id, name, mode)
+            res[mode] = time_interleaved(
+                columns, rounds=rounds, min_sample_s=min_sample_s, budget_s=budget_s, log=print
+            )
+            for name, st in res[mode].items():
+                if "median_ms" in st:
+                    print(f"    {name:14s} {st['median_ms']:10.3f} ms")
+        if proxy:
+            proxy.release(c.id)
+        del inputs
+        results.append(
+            {
+                **c.spec(),
+                "shapes": c.describe(),
+                "results": res,
+                "missing": missing,
+                "flops": c.flops,
+                "bytes": {m: c.min_bytes(m) for m in c.modes},
+                "patch_bytes": c.patch_bytes,
+            }
+        )
+    if proxy:
+        proxy.close()
+
+    compile_records = []
+    if not args.no_compile_times:
+        print("\ncompile time")
+        compile_records = _compile_times(backend, args.quick, print)
+
+    gaussian_note = (
+        "not measured by this benchmark yet"
+        if hasattr(svconv, "gaussian_filter2d")
+        else "svconv has no gaussian_filter2d yet"
+    )
+    targets = compute_targets(
+        results, backend, peaks, compile_records, quick=args.quick, gaussian_note=gaussian_note
+    )
+    # The same ratios from each column's fastest sample: on a loaded machine the medians and
+    # the minima can disagree, and both are worth seeing.
+    from_minima = compute_targets(
+        results,
+        backend,
+        peaks,
+        compile_records,
+        quick=args.quick,
+        stat="min_ms",
+        gaussian_note=gaussian_note,
+    )
+    for r, r_min in zip(targets, from_minima, strict=True):
+        r["value_from_minima"] = r_min["value"]
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    report = {
+        "meta": meta,
+        "peaks": peaks,
+        "cases": results,
+        "compile": compile_records,
+        "skipped": skipped,
+        "targets": targets,
+    }
+    print("\n" + rep.render_markdown(report))
+    out = args.out or (None if args.quick else str(ROOT / "results"))
+    if out:
+        base = rep.write(report, Path(out))
+        print(f"wrote {base}.json and {base}.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
