@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from experiments.bench import report, targets, timing
-from experiments.bench.cases import Case, compile_cases, make_cases
+from experiments.bench.cases import Case, CompileCase, compile_cases, make_cases
 from experiments.bench.columns import fwd_bwd_fn, jax_columns, loss_and_grad_fn, make_inputs
+from experiments.bench.compile_time import measure as measure_compile
 from experiments.bench.torch_proxy import start_torch
 
 
@@ -205,3 +206,11 @@ def test_torch_columns_say_why_they_are_missing(tmp_path):
     fake.chmod(0o755)
     proxy, why = start_torch(disabled=False, python=str(fake), device="cpu", threads=1)
     assert proxy is None and "torch does not import" in why
+
+
+def test_compile_time_is_stopped_at_its_limit():
+    slow = CompileCase("modulated", 1, 64, 64, 4, 4, 31)  # compiles for about a minute on a CPU
+    record = measure_compile(slow, limit_s=0.5)
+    assert record == {"fwd_s": 0.5, "stopped": ["fwd_s"]}
+    broken = measure_compile(CompileCase("pixel", 1, 8, 8, 1, 1, 3, "int32"), limit_s=30)
+    assert broken["error"].startswith("failed: ") and "fwd_s" not in broken

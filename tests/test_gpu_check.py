@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.gpu_check import __main__ as gpu_check
+from experiments.gpu_check import compare
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The dry run takes about a minute on 2 idle CPU cores; the bound only stops a hung run.
@@ -141,3 +143,25 @@ def test_pytest_counts(tmp_path):
     details = gpu_check._pytest_details(log)
     assert details["counts"] == {"passed": 1, "skipped": 1}
     assert details["counted_from"].startswith("per-test lines")
+
+
+def test_compare_tolerates_tf32_where_the_gpu_uses_it():
+    # The GPU's float32 default (TF32 dots) takes the emulated-TF32 tolerance: exercised here on
+    # the CPU, where the float32 dots are exact and pass it with room to spare.
+    problem = compare.Problem("modulated", 1, 6, 7, 3, 2, (3, 3), (1, 1), (1, 1), "SAME")
+    records = compare.compare_problem(problem, 0, [("float32", None)], "gpu", log=print)
+    assert [r["impl"] for r in records] == ["pallas", "xla"]
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["low_precision_reference"] == "reference on TF32-rounded inputs"
+        assert r["results"]["y"]["tol"] > 10 * compare.FLOOR["float32"]
+
+
+def test_random_problems_are_valid_and_varied():
+    rng = np.random.default_rng(0)
+    problems = [compare.draw_problem(rng, op, tiny=True) for op in compare.OPS for _ in range(8)]
+    assert any(
+        not isinstance(p.padding, str | int) and min(min(p.padding)) < 0 for p in problems
+    ), "no negative padding drawn"
+    assert any(p.groups and p.groups > 1 for p in problems)
+    assert {p.stride for p in problems} > {(1, 1)} and {p.dilation for p in problems} > {(1, 1)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import time
@@ -19,22 +20,10 @@ import jaxlib  # noqa: E402
 import svconv  # noqa: E402
 from experiments.bench import report as rep  # noqa: E402
 from experiments.bench.cases import compile_cases, make_cases  # noqa: E402
-from experiments.bench.columns import (  # noqa: E402
-    DIFF,
-    JaxColumn,
-    fwd_bwd_fn,
-    jax_columns,
-    loss_and_grad_fn,
-    make_inputs,
-    op_fn,
-)
-from experiments.bench.targets import compute_targets  # noqa: E402
-from experiments.bench.timing import (  # noqa: E402
-    compile_seconds,
-    matmul_peak,
-    stream_bandwidth,
-    time_interleaved,
-)
+from experiments.bench.columns import JaxColumn, fwd_bwd_fn, jax_columns, make_inputs  # noqa: E402
+from experiments.bench.compile_time import measure as measure_compile  # noqa: E402
+from experiments.bench.targets import COMPILE_LIMIT_S, compute_targets  # noqa: E402
+from experiments.bench.timing import matmul_peak, stream_bandwidth, time_interleaved  # noqa: E402
 from experiments.bench.torch_proxy import TorchColumn, start_torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--time-limit",
         type=float,
         default=None,
-        help="seconds: no new case starts after this (the report says which were left out)",
+        help="seconds for the run, roughly: no new case starts after 80%% of it, no compile-time "
+        "measurement runs past it (the report says what was left out)",
     )
     parser.add_argument(
         "--no-compile-times", action="store_true", help="leave out the compile-time cases"
@@ -76,27 +66,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _compile_times(backend: str, quick: bool, log) -> list[dict]:
-    """Compile time of each op's default implementation, forward and value and gradient."""
+def _compile_times(backend: str, quick: bool, deadline: float | None, log) -> list[dict]:
+    """Compile time of each op's default implementation, forward and value and gradient, each
+    in a fresh process and stopped at 10x the target (or at ``deadline``)."""
     out = []
     for cc in compile_cases(quick):
-        case = cc.as_case()
-        args = {
-            k: jax.ShapeDtypeStruct(s, jax.numpy.dtype(case.dtype))
-            for k, s in case.shapes().items()
-        }
-        fwd = op_fn(case, None)
-        # The default implementation: Pallas on a GPU where it supports the case, else XLA.
         record = {"op": cc.op, "id": cc.id, "impl": f"auto on {backend}"}
-        try:
-            record["fwd_s"] = compile_seconds(fwd, (args,))
-            record["grad_s"] = compile_seconds(loss_and_grad_fn(fwd, DIFF[cc.op]), (args,))
-        except Exception as e:  # unsupported case, out of memory while compiling, ...
-            first = (str(e).splitlines() or [""])[0]
-            record["error"] = f"failed: {type(e).__name__}: {first}"[:300]
+        left = math.inf if deadline is None else deadline - time.perf_counter()
+        # A measurement stopped before 10x the target would still say "at least that".
+        if left < 3 * 10 * COMPILE_LIMIT_S:
+            record["error"] = "not measured: the run's time limit was reached"
+        else:
+            limit = 10 * COMPILE_LIMIT_S
+            record.update(measure_compile(cc, limit_s=limit, startup_s=min(left - 2 * limit, 180)))
         log(
             f"  compile {cc.id}: "
             + ", ".join(f"{k} {record[k]:.2f} s" for k in ("fwd_s", "grad_s") if k in record)
+            + (f" (stopped: {', '.join(record['stopped'])})" if "stopped" in record else "")
             + (f" {record['error']}" if "error" in record else "")
         )
         out.append(record)
@@ -116,9 +102,11 @@ def main(argv=None) -> dict:
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         mem_limit = int(0.5 * stats.get("bytes_limit", 16 * 2**30))
+        patch_limit = mem_limit // 2  # the patch formulations' backward holds about two of them
     else:
         mem_limit = 6 * 2**30
-    patch_limit = mem_limit // 2  # the patch formulations' backward holds about two of them
+        # A larger patch tensor costs tens of seconds a call on a CPU (15x15 case: 26 s forward).
+        patch_limit = 2**30
     slug, machine = rep.machine_info(backend, jax.devices())
     threads = os.cpu_count() or 1
 
@@ -186,8 +174,8 @@ def main(argv=None) -> dict:
 
     results, skipped = [], {}
     for c in cases:
-        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
-            skipped[c.id] = f"the run's time limit ({args.time_limit:g} s) was reached"
+        if args.time_limit is not None and time.perf_counter() - started > 0.8 * args.time_limit:
+            skipped[c.id] = f"the run's time limit ({args.time_limit:g} s) was near"
             print(f"\n{c.id}: skipped, time limit")
             continue
         print(f"\n{c.id}")
@@ -234,46 +222,41 @@ def main(argv=None) -> dict:
     if proxy:
         proxy.close()
 
-    compile_records = []
-    if not args.no_compile_times:
-        print("\ncompile time")
-        compile_records = _compile_times(backend, args.quick, print)
-
     gaussian_note = (
         "not measured by this benchmark yet"
         if hasattr(svconv, "gaussian_filter2d")
         else "svconv has no gaussian_filter2d yet"
     )
-    targets = compute_targets(
-        results, backend, peaks, compile_records, quick=args.quick, gaussian_note=gaussian_note
-    )
-    # The same ratios from each column's fastest sample: on a loaded machine the medians and
-    # the minima can disagree, and both are worth seeing.
-    from_minima = compute_targets(
-        results,
-        backend,
-        peaks,
-        compile_records,
-        quick=args.quick,
-        stat="min_ms",
-        gaussian_note=gaussian_note,
-    )
-    for r, r_min in zip(targets, from_minima, strict=True):
-        r["value_from_minima"] = r_min["value"]
-    meta["seconds"] = round(time.perf_counter() - started, 1)
-    report = {
-        "meta": meta,
-        "peaks": peaks,
-        "cases": results,
-        "compile": compile_records,
-        "skipped": skipped,
-        "targets": targets,
-    }
-    print("\n" + rep.render_markdown(report))
     out = args.out or (None if args.quick else str(ROOT / "results"))
-    if out:
-        base = rep.write(report, Path(out))
-        print(f"wrote {base}.json and {base}.md")
+
+    def finish(compile_records: list[dict]) -> dict:
+        kw = dict(quick=args.quick, gaussian_note=gaussian_note)
+        targets = compute_targets(results, backend, peaks, compile_records, **kw)
+        # The same ratios from each column's fastest sample: on a loaded machine the medians
+        # and the minima can disagree, and both are worth seeing.
+        from_minima = compute_targets(results, backend, peaks, compile_records, stat="min_ms", **kw)
+        for r, r_min in zip(targets, from_minima, strict=True):
+            r["value_from_minima"] = r_min["value"]
+        meta["seconds"] = round(time.perf_counter() - started, 1)
+        report = {
+            "meta": meta,
+            "peaks": peaks,
+            "cases": results,
+            "compile": compile_records,
+            "skipped": skipped,
+            "targets": targets,
+        }
+        if out:
+            base = rep.write(report, Path(out))
+            print(f"wrote {base}.json and {base}.md")
+        return report
+
+    report = finish([])  # written now too: the compile times can take minutes
+    if not args.no_compile_times:
+        print("\ncompile time")
+        deadline = None if args.time_limit is None else started + args.time_limit
+        report = finish(_compile_times(backend, args.quick, deadline, print))
+    print("\n" + rep.render_markdown(report))
     return report
 
 

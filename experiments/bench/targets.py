@@ -178,13 +178,16 @@ def compute_targets(
             )
     for r in compile_times:
         for what, key in (("forward", "fwd_s"), ("value and gradient", "grad_s")):
+            note = r.get("error", "")
+            if key in r.get("stopped", ()):
+                note = f"stopped at {r[key]:g} s: at least that"
             t.add(
                 f"compile {r['id']}, {r['impl']}: {what}, s",
                 r.get(key),
                 1,
                 COMPILE_LIMIT_S,
                 None if gpu else "<=",
-                r.get("error", ""),
+                note,
             )
     if not gpu and not quick:
         t.add(

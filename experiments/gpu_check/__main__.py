@@ -302,7 +302,7 @@ def main(argv=None) -> int:
         compare_cmd += ["--tiny", "--problems", "1", "--rotate"]
     # 3. The benchmark.
     bench_cmd = [py, "-m", "experiments.bench", "--out", str(results)]
-    bench_cmd += ["--time-limit", f"{0.6 * limits['bench']:g}"]
+    bench_cmd += ["--time-limit", f"{limits['bench'] - 40:g}"]
     if args.dry_run:
         bench_cmd += ["--quick", "--no-torch"]
 
