@@ -210,7 +210,7 @@ def test_torch_columns_say_why_they_are_missing(tmp_path):
 
 def test_compile_time_is_stopped_at_its_limit():
     slow = CompileCase("modulated", 1, 64, 64, 4, 4, 31)  # compiles for about a minute on a CPU
-    record = measure_compile(slow, limit_s=0.5)
-    assert record == {"fwd_s": 0.5, "stopped": ["fwd_s"]}
+    record = measure_compile(slow, limit_s=0.05)
+    assert record == {"fwd_s": 0.05, "stopped": ["fwd_s"]}
     broken = measure_compile(CompileCase("pixel", 1, 8, 8, 1, 1, 3, "int32"), limit_s=30)
     assert broken["error"].startswith("failed: ") and "fwd_s" not in broken

@@ -66,6 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _load() -> float | None:
+    """The 1-minute load average: other work on the machine skews every column."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _compile_times(backend: str, quick: bool, deadline: float | None, log) -> list[dict]:
     """Compile time of each op's default implementation, forward and value and gradient, each
     in a fresh process and stopped at 10x the target (or at ``deadline``)."""
@@ -147,6 +155,7 @@ def main(argv=None) -> dict:
         "torch": torch_desc,
         "rounds": rounds,
         "quick": args.quick,
+        "load_average_at_start": _load(),
     }
     print(f"svconv benchmark on {machine}; backend {backend}")
     print(f"torch: {torch_desc}")
@@ -238,6 +247,7 @@ def main(argv=None) -> dict:
         for r, r_min in zip(targets, from_minima, strict=True):
             r["value_from_minima"] = r_min["value"]
         meta["seconds"] = round(time.perf_counter() - started, 1)
+        meta["load_average_at_end"] = _load()
         report = {
             "meta": meta,
             "peaks": peaks,

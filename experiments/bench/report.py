@@ -104,8 +104,13 @@ def render_markdown(report: dict) -> str:
         f"* versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
         f"* timing: {meta['timing']}",
         f"* torch: {meta['torch']}",
-        "",
     ]
+    if meta.get("load_average_at_start") is not None:
+        lines.append(
+            f"* load average (1 min) at the start and end: {meta['load_average_at_start']} / "
+            f"{meta.get('load_average_at_end')}"
+        )
+    lines.append("")
     s = peaks["stream"]
     lines.append(
         f"Measured peaks: stream bandwidth (in-place `x = x + 1`, float32, "

@@ -181,6 +181,8 @@ def compute_targets(
             note = r.get("error", "")
             if key in r.get("stopped", ()):
                 note = f"stopped at {r[key]:g} s: at least that"
+            elif key == "grad_s" and "fwd_s" in r.get("stopped", ()):
+                note = "not measured: the forward's compile was stopped"
             t.add(
                 f"compile {r['id']}, {r['impl']}: {what}, s",
                 r.get(key),
