@@ -66,8 +66,8 @@ def test_patch_columns_are_left_out_over_the_memory_budget():
 
 
 class _FakeColumn:
-    def __init__(self, seconds, fail=None):
-        self.seconds, self.fail, self.calls = seconds, fail, 0
+    def __init__(self, seconds, fail=None, dies_after=None):
+        self.seconds, self.fail, self.dies_after, self.samples = seconds, fail, dies_after, 0
         self.peak_bytes, self.temp_bytes = 2**20, None
 
     def prepare(self):
@@ -75,7 +75,9 @@ class _FakeColumn:
             raise self.fail
 
     def sample(self, inner):
-        self.calls += inner
+        self.samples += 1
+        if self.dies_after is not None and self.samples > self.dies_after:
+            raise RuntimeError("the torch worker exited (code -9)")
         return self.seconds
 
 
@@ -85,6 +87,7 @@ def test_time_interleaved():
         "slow": _FakeColumn(0.01),
         "oom": _FakeColumn(0, MemoryError("skipped: too big")),
         "broken": _FakeColumn(0, RuntimeError("no kernel\nfor this")),
+        "dies": _FakeColumn(0.01, dies_after=2),
     }
     stats = timing.time_interleaved(cols, rounds=4, min_sample_s=0.005, budget_s=10, log=print)
     assert stats["fast"]["median_ms"] == pytest.approx(1) and stats["fast"]["samples"] == 4
@@ -93,6 +96,7 @@ def test_time_interleaved():
     assert stats["slow"]["samples"] == 5 and stats["slow"]["calls_per_sample"] == 1
     assert stats["oom"] == {"missing": "skipped: too big"}
     assert stats["broken"]["missing"] == "failed: RuntimeError: no kernel"
+    assert stats["dies"]["missing"].startswith("failed while sampling: RuntimeError")
 
 
 def _record(case, medians):

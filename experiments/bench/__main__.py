@@ -179,7 +179,12 @@ def main(argv=None) -> dict:
                     f"its unfold tensor ({c.patch_bytes / 2**30:.1f} GiB) exceeds the memory budget"
                 )
             specs.append({**c.spec(), "skip": skip})
-        torch_setup = proxy.setup(specs)
+        try:
+            torch_setup = proxy.setup(specs)
+        except RuntimeError as e:
+            proxy.close()
+            proxy, torch_desc = None, f"the torch worker failed: {e}"
+            meta["torch"] = torch_desc
 
     results, skipped = [], {}
     for c in cases:

@@ -41,12 +41,20 @@ def time_interleaved(
     for r in range(rounds):
         order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for name in order:
-            if len(samples[name]) >= 3 and spent[name] > budget_s:
+            if name in stats or (len(samples[name]) >= 3 and spent[name] > budget_s):
                 continue
-            s = columns[name].sample(inner[name])
+            try:
+                s = columns[name].sample(inner[name])
+            except Exception as e:  # a worker that died, memory that ran out midway, ...
+                first = (str(e).splitlines() or [""])[0]
+                stats[name] = {"missing": f"failed while sampling: {type(e).__name__}: {first}"}
+                log(f"    {name}: {stats[name]['missing']}")
+                continue
             samples[name].append(s)
             spent[name] += s * inner[name]
     for name in live:
+        if name in stats:
+            continue
         xs = sorted(samples[name])
         q = np.percentile(xs, [25, 75])
         stats[name] = {

@@ -145,6 +145,8 @@ class TorchRunner:
                     cols.append("deform_conv2d")
                 except ImportError as e:
                     missing["deform_conv2d"] = f"torchvision is not installed ({e})"
+                except Exception as e:  # a torchvision built for another torch
+                    missing["deform_conv2d"] = f"torchvision does not load: {type(e).__name__}: {e}"
             missing.update({c: r for c, r in spec.get("skip", {}).items() if c in cols})
             self.cases[spec["id"]] = {"spec": spec, "inputs": None}
             out[spec["id"]] = {"columns": [c for c in cols if c not in missing], "missing": missing}
@@ -198,7 +200,7 @@ class TorchRunner:
             if self.device == "cuda":
                 res["peak_bytes"] = torch.cuda.max_memory_allocated() - base
             return res
-        except (RuntimeError, MemoryError) as e:  # out of memory, unsupported dtype, ...
+        except Exception as e:  # out of memory, an unsupported dtype, ...: the reply says so
             self.fns.pop((case_id, column, mode), None)
             return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
