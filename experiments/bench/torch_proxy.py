@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("torch_worker.py")
+WORKER = "experiments.bench.torch_worker"
 
 
 class TorchProxy:
@@ -28,8 +28,11 @@ class TorchProxy:
         # Idle OpenMP threads must sleep, not spin: they would steal the cores from JAX between
         # torch samples (and spinning barriers collapse on a loaded machine).
         env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        # As a module from the repository root (the packages on the way import nothing), so
+        # that no file beside the worker can shadow a module torch imports.
         self.proc = subprocess.Popen(
-            [python, str(WORKER), "--device", device, "--threads", str(threads)],
+            [python, "-m", WORKER, "--device", device, "--threads", str(threads)],
+            cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,10 +1,11 @@
 """PyTorch baselines for the benchmark: unfold + matmul/einsum, and torchvision's deform_conv2d.
 
 Standalone (imports torch, never jax or svconv), so that it runs in an interpreter of its own
-where torch and jax do not share one Python (``.venv-torch``): started by
-:mod:`experiments.bench.torch_proxy` as ``python torch_worker.py --device cpu|cuda``, it answers
-one JSON line on stdout per JSON request line on stdin (``info``, ``setup``, ``sample``,
-``release``, ``quit``), so the torch timings interleave with the JAX ones in one run.
+where torch and jax do not share one Python (``.venv-torch``). Started by
+:mod:`experiments.bench.torch_proxy` as ``python -m experiments.bench.torch_worker --device
+cpu|cuda`` from the repository root, it answers one JSON line on stdout per JSON request line
+on stdin (``info``, ``setup``, ``sample``, ``release``, ``quit``), so the torch timings
+interleave with the JAX ones in one run.
 
 Layouts are PyTorch's own (NCHW, OIHW, taps ordered kh-major), so each library runs in its native
 layout; the conversion is not timed. Random inputs are drawn fresh per case, never zeros.
