@@ -165,3 +165,24 @@ def test_random_problems_are_valid_and_varied():
     ), "no negative padding drawn"
     assert any(p.groups and p.groups > 1 for p in problems)
     assert {p.stride for p in problems} > {(1, 1)} and {p.dilation for p in problems} > {(1, 1)}
+
+
+def test_the_real_check_records_every_failing_stage(tmp_path, monkeypatch):
+    # The GPU path's plumbing without a GPU: a repository root with nothing in it, so that
+    # every stage fails at once, and the check still reports each one.
+    monkeypatch.setattr(gpu_check, "_probe", lambda env: {"backend": "gpu", "devices": ["fake"]})
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    (tmp_path / "results").mkdir()
+    limits = ["--pytest-limit", "120", "--compare-limit", "120", "--bench-limit", "120"]
+    assert gpu_check.main(["--out", str(tmp_path / "out"), *limits]) == 1
+    summary = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert [s["status"] for s in summary["stages"]] == ["failed"] * 3
+    pytest_cmd = stages["pytest"]["command"].split()
+    assert "--ignore=tests/test_gpu_check.py" in pytest_cmd and "tests" in pytest_cmd
+    assert "--dry-run" not in pytest_cmd and "--tiny" not in stages["compare"]["command"]
+    assert "--quick" not in stages["bench"]["command"]
+    assert "no bench-*.json" in stages["bench"]["details"]["error"]
+    assert "error" in stages["compare"]["details"]
+    assert (tmp_path / "out" / "gpu-check.md").read_text().count("| failed |") == 3
