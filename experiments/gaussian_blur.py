@@ -2,12 +2,16 @@
 
 Every pixel gets a Gaussian whose width depends on its own brightness,
 ``sigma(I) = s_max * sigmoid(k * (I - t))``: dark pixels stay sharp, bright ones spread (a
-crude model of blooming). The per-pixel filters come from ``svconv.gaussian_kernels`` and are
-applied with ``svconv.pixel_filter2d`` (the same filter to the three colour channels).
+crude model of blooming). ``svconv.gaussian_filter2d`` applies them (the same filter to the three
+colour channels) with the weights computed inside the kernels: no per-pixel weight array.
 
 Then the inverse problem: from sharp/blurred pairs of other photos (with a little sensor noise),
-recover ``(s_max, t, k)`` by gradient descent through both ops (Adam on unconstrained
-parameters).
+recover ``(s_max, t, k)`` by gradient descent through the op (Adam on unconstrained parameters).
+
+Last, an optics-style field-dependent point-spread function: elliptical Gaussians stretched
+along the radius and rotating with the angle around the centre (radial astigmatism), applied to
+a grid of point sources as a splat (``gaussian_splat2d``: each source spreads its own PSF, the
+physical model) and as a filter (``gaussian_filter2d``: each output gathers with its own PSF).
 """
 
 from __future__ import annotations
@@ -45,8 +49,27 @@ def sigma_law(intensity: jax.Array, law: dict[str, jax.Array]) -> jax.Array:
 def intensity_blur(image: jax.Array, law: dict[str, jax.Array], kernel: int) -> jax.Array:
     """Blur ``image [batch, h, w, 3]`` with per-pixel ``kernel x kernel`` Gaussians of width
     ``sigma_law``."""
-    sigma = sigma_law(luminance(image), law)
-    return svconv.pixel_filter2d(image, svconv.gaussian_kernels(sigma, kernel))
+    return svconv.gaussian_filter2d(image, sigma_law(luminance(image), law), kernel)
+
+
+def radial_astigmatism(size: int, *, core: float = 0.7, stretch: float = 2.0):
+    """Per-pixel ``(sigma_rows, sigma_cols), rho`` of ellipses whose long axis points away from
+    the image centre and grows with the distance to it: ``Sigma = a^2 r r^T + b^2 t t^T`` for the
+    radial and tangential unit vectors ``r``, ``t``, ``a = core + stretch * radius``, ``b =
+    core``."""
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    norm = np.hypot(yy, xx)
+    radius = norm / (size / 2)
+    # Unit radial vector (any at the very centre, where the ellipse is a circle).
+    ry = np.where(norm > 0, yy / np.maximum(norm, 1e-9), 1.0)
+    rx = np.where(norm > 0, xx / np.maximum(norm, 1e-9), 0.0)
+    a, b = core + stretch * radius, core
+    var_rows = a**2 * ry**2 + b**2 * rx**2
+    var_cols = a**2 * rx**2 + b**2 * ry**2
+    cov = (a**2 - b**2) * ry * rx
+    rho = cov / np.sqrt(var_rows * var_cols)
+    as_batch = lambda v: jnp.asarray(v, jnp.float32)[None]  # noqa: E731
+    return (as_batch(np.sqrt(var_rows)), as_batch(np.sqrt(var_cols))), as_batch(rho)
 
 
 # Adam works on unconstrained numbers: s_max and k are positive, so they are learned as logs.
@@ -112,9 +135,18 @@ def run(
         )
     )
 
+    psf_size = 96 if quick else 160
+    points = np.zeros((1, psf_size, psf_size, 1), np.float32)
+    step = psf_size // 8
+    points[0, step // 2 :: step, step // 2 :: step, 0] = 1.0
+    sigma, rho = radial_astigmatism(psf_size)
+    psf_kernel = 15 if quick else 21
+    splatted = svconv.gaussian_splat2d(jnp.asarray(points), sigma, psf_kernel, rho=rho)
+    filtered = svconv.gaussian_filter2d(jnp.asarray(points), sigma, psf_kernel, rho=rho)
     figures = [
         _plot_showcase(out, showcase[0], shown[0], true_law),
         _plot_recovery(out, losses, learned, intensities),
+        _plot_elliptical(out, points[0, ..., 0], splatted[0, ..., 0], filtered[0, ..., 0]),
     ]
     metrics = {
         "true": TRUE_LAW,
@@ -124,6 +156,9 @@ def run(
         "max_sigma_error_px": curve_error,
         "initial_loss": float(losses[0]),
         "final_loss": common.final_loss(losses),
+        # A splat conserves each source's energy (away from the borders); a filter need not.
+        "psf_splat_energy": float(jnp.sum(splatted) / points.sum()),
+        "psf_filter_energy": float(jnp.sum(filtered) / points.sum()),
     }
     fmt = ", ".join(f"{k} {learned[k]:.3f} (true {TRUE_LAW[k]:g})" for k in TRUE_LAW)
     summary = [
@@ -183,7 +218,7 @@ def _plot_showcase(out: Path, sharp: jax.Array, blurred: jax.Array, law) -> Path
         )
     )
     fig.suptitle(
-        "Intensity-dependent blur: gaussian_kernels(sigma(I)) + pixel_filter2d "
+        "Intensity-dependent blur: gaussian_filter2d(x, sigma(I)) "
         "(dark pixels sharp, bright ones blurred)",
         fontsize=10,
     )
@@ -211,6 +246,24 @@ def _plot_recovery(
     axes[1].set_title("sigma(I) = s_max * sigmoid(k (I - t))", fontsize=9)
     fig.tight_layout()
     return common.save_figure(fig, out, "recovery.png")
+
+
+def _plot_elliptical(out: Path, points: np.ndarray, splat: jax.Array, gather: jax.Array) -> Path:
+    """Point sources, their splat and their filter under the rotating elliptical PSF."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
+    common.show_image(axes[0], points, "point sources", cmap="gray")
+    for ax, image, title in [
+        (axes[1], splat, "gaussian_splat2d: each source spreads its own PSF"),
+        (axes[2], gather, "gaussian_filter2d: each output gathers with its own PSF"),
+    ]:
+        common.show_image(ax, np.asarray(image) ** 0.5, title + " (sqrt)", cmap="magma")
+    fig.suptitle(
+        "Field-dependent elliptical PSF (radial astigmatism): stretched along the radius, "
+        "rotating around the centre",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return common.save_figure(fig, out, "elliptical_psf.png")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ Ops (NHWC images, HWIO kernels; differentiable in every array argument; jit/vmap
 * :func:`local_conv2d` — a different kernel at every output pixel (locally connected).
 * :func:`pixel_filter2d` — per-pixel filters applied to every channel (or channel group).
 * :func:`pixel_splat2d` — the scatter form: each source pixel spreads its own kernel.
-* :func:`gaussian_kernels` — normalised per-pixel Gaussian filters from a sigma map.
+* :func:`gaussian_kernels` — normalised per-pixel Gaussian filters from a sigma map (isotropic,
+  axis-aligned or rotated ellipses).
+* :func:`gaussian_filter2d`, :func:`gaussian_splat2d` — ``pixel_filter2d`` / ``pixel_splat2d``
+  with those filters, their weights computed inside the kernels (no ``[.., kh, kw]`` array).
 
 Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`;
 the same layers for Flax NNX in :mod:`svconv.nnx` (imported on first use of ``svconv.nnx``).
@@ -16,7 +19,9 @@ import importlib
 
 from svconv.layers import KernelPredictionFilter, LocalConv, ModulatedConv, from_conv_local_kernel
 from svconv.ops import (
+    gaussian_filter2d,
     gaussian_kernels,
+    gaussian_splat2d,
     local_conv2d,
     modulated_conv2d,
     pixel_filter2d,
@@ -30,7 +35,9 @@ __all__ = [
     "LocalConv",
     "ModulatedConv",
     "from_conv_local_kernel",
+    "gaussian_filter2d",
     "gaussian_kernels",
+    "gaussian_splat2d",
     "local_conv2d",
     "modulated_conv2d",
     "pixel_filter2d",

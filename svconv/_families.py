@@ -3,11 +3,16 @@ target slot, and its Pallas support check (see :class:`svconv._primitive.Family`
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+
+from pallas_kernels import gaussian as pallas_gaussian
 from pallas_kernels import local as pallas_local
 from pallas_kernels import modulated as pallas_modulated
 from pallas_kernels import pixel as pallas_pixel
 from svconv import xla
-from svconv._primitive import Family
+from svconv._primitive import Family, Spec, bind
 
 MODULATED = Family(
     name="modulated",
@@ -57,4 +62,50 @@ PIXEL = Family(
     pallas={"y": pallas_pixel.forward, "x": pallas_pixel.grad_x, "k": pallas_pixel.grad_k},
     pallas_unsupported=pallas_pixel.unsupported_reason,
     dots=False,
+)
+
+
+def _gaussian_param_jvp(spec: Spec, values: dict, name: str, tangent: jax.Array) -> jax.Array:
+    """The tangent of a Gaussian partial for a tangent of ``eta`` or ``zeta``.
+
+    The weights are ``exp(eta . phi - zeta) * phi**moments``, so their derivative in ``eta[p]``
+    is the weight with one more power of ``phi[p]``, and in ``zeta`` minus the weight: the same
+    partial with ``moments`` raised, scaled per pixel by the tangent. The scale ``s`` is that
+    per-pixel factor, so it takes the tangent (or, when ``s`` is the target, the result does).
+    """
+    if name == "zeta":
+        terms = [(spec.moments, -tangent)]
+    else:
+        terms = [
+            (tuple(a + (q == p) for q, a in enumerate(spec.moments)), tangent[..., p])
+            for p in range(tangent.shape[-1])
+        ]
+    dtype = values[spec.slot_operands[0]].dtype
+    total = None
+    for moments, per_pixel in terms:
+        sub = dataclasses.replace(spec, moments=moments, unit=())
+        if spec.target == "s":
+            term = bind(sub, *(values[n] for n in sub.operands)) * per_pixel.astype(dtype)
+        else:
+            scale = values.get("s")
+            scale = per_pixel if scale is None else scale * per_pixel
+            args = {**values, "s": scale.astype(dtype)}
+            term = bind(sub, *(args[n] for n in sub.operands))
+        total = term if total is None else total + term
+    return total
+
+
+GAUSSIAN = Family(
+    name="gaussian",
+    dims={"x": ("b", "h", "w", "c"), "s": ("b", "ho", "wo"), "y": ("b", "ho", "wo", "c")},
+    xla={"y": xla.gaussian_forward, "x": xla.gaussian_grad_x, "s": xla.gaussian_grad_s},
+    pallas={
+        "y": pallas_gaussian.forward,
+        "x": pallas_gaussian.grad_x,
+        "s": pallas_gaussian.grad_s,
+    },
+    pallas_unsupported=pallas_gaussian.unsupported_reason,
+    dots=False,
+    params={"eta": ("b", "ho", "wo", "p"), "zeta": ("b", "ho", "wo")},
+    param_jvp=_gaussian_param_jvp,
 )

@@ -8,17 +8,24 @@ Each family is a multilinear form in the arrays of its slots (its record in
 * ``local``:     ``T(x, w, y)    = <y, local_conv2d(x, w)>``
 * ``pixel``:     ``T(x, k, y)    = <y, pixel_filter2d(x, k)>``
 
+* ``gaussian``:  ``T(x, s, y; eta, zeta) = <y, s * gaussian_filter2d(x)>`` with the Gaussian
+  weights ``exp(eta . phi_tap - zeta)`` computed from per-pixel parameters (see
+  :mod:`svconv.gaussian`)
+
 One primitive per family computes the partial derivative of ``T`` with respect to one slot, the
 *target* (``y``: the op itself; ``x``: its transpose in ``x``, which is also ``pixel_splat2d``;
-``w``, ``d``, ``k``: the other gradients), given the arrays of the other slots. Since ``T`` is
-linear in each slot:
+``w``, ``d``, ``k``, ``s``: the other gradients), given the arrays of the other slots. Since
+``T`` is linear in each slot:
 
 * the JVP of a partial is the sum of the same partial with each tangent in its slot;
 * its transpose with respect to slot ``j`` is the partial with respect to ``j``, with the
   cotangent in the target's slot.
 
-So every derivative, in forward or reverse mode and to any order, is again one of the family's
-fused kernels, and every partial is transposable (``jax.linear_transpose``).
+A family may also take *parameters*: arrays the form depends on nonlinearly (the Gaussian's
+``eta`` and ``zeta``), after the slots' arrays. Their tangents go through the family's own
+rule, again in terms of the family's partials, and they are never transposed. So every
+derivative, in forward or reverse mode and to any order, is again one of the family's fused
+kernels, and every partial is transposable in its slots (``jax.linear_transpose``).
 
 The implementation is chosen when lowering, per platform: lowered for ``cuda``, ``impl="auto"``
 takes the compiled Pallas kernels when they support the case (else XLA, the reason logged at
@@ -74,6 +81,11 @@ class Family:
       pallas_unsupported: ``(geom, shapes, dtype) -> reason or None``, ``shapes`` the shape of
         every slot by name.
       dots: whether the kernels contract with dots (and take ``precision``).
+      params: parameter name -> dimension names, in order: arrays the form depends on
+        nonlinearly, passed after the slots (and to the kernels after the slots, with
+        ``moments``). ``p`` is the parameters' own axis.
+      param_jvp: ``(spec, values, name, tangent) -> tangent of the partial`` for a tangent of
+        parameter ``name``; ``values`` maps every operand's name to its array.
     """
 
     name: str
@@ -82,6 +94,8 @@ class Family:
     pallas: Mapping[str, Callable[..., jax.Array]]
     pallas_unsupported: Callable[..., str | None]
     dots: bool
+    params: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    param_jvp: Callable[..., jax.Array] | None = None
     primitive: Primitive = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -105,6 +119,9 @@ class Spec:
       precision: ``lax`` precision of the dots.
       shared: slots whose array has no batch dimension (shared over the batch).
       groups: filter groups (the size of dimension ``g``).
+      unit: slots whose array is all ones and not passed (the Gaussian's scale ``s``).
+      moments: for families with parameters, the powers of the tap features that weight the
+        taps (the Gaussian's derivatives in its parameters).
       block_sizes: Pallas tiling, or None for the family's heuristic.
       interpret: Pallas kernels run in the interpreter (set when lowering).
     """
@@ -116,17 +133,27 @@ class Spec:
     precision: Any = None
     shared: tuple[str, ...] = ()
     groups: int = 1
+    unit: tuple[str, ...] = ()
+    moments: tuple[int, ...] = ()
     block_sizes: Any = None
     interpret: bool = False
 
     @property
-    def operands(self) -> tuple[str, ...]:
+    def slot_operands(self) -> tuple[str, ...]:
         """The slots whose arrays the partial takes, in slot order."""
-        return tuple(s for s in self.family.slots if s != self.target)
+        return tuple(s for s in self.family.slots if s != self.target and s not in self.unit)
 
-    def dims(self, slot: str) -> tuple[str, ...]:
-        dims = self.family.dims[slot]
-        return tuple(d for d in dims if d != "b") if slot in self.shared else dims
+    @property
+    def operands(self) -> tuple[str, ...]:
+        """The names of the partial's arrays: its slots', then the family's parameters."""
+        return self.slot_operands + tuple(self.family.params)
+
+    def dims(self, name: str) -> tuple[str, ...]:
+        """The dimension names of a slot's or parameter's array."""
+        if name in self.family.params:
+            return self.family.params[name]
+        dims = self.family.dims[name]
+        return tuple(d for d in dims if d != "b") if name in self.shared else dims
 
     def retarget(self, target: str) -> Spec:
         return dataclasses.replace(self, target=target)
@@ -148,10 +175,12 @@ class Spec:
         return sizes
 
     def shapes(self, operand_shapes: tuple[tuple[int, ...], ...]) -> dict[str, tuple[int, ...]]:
-        """The shape of every slot (the target's included) from the operands' shapes."""
+        """The shape of every slot (the target's included) and parameter from the operands'
+        shapes."""
         given = dict(zip(self.operands, map(tuple, operand_shapes), strict=True))
         sizes = self.sizes(given)
-        return {s: tuple(sizes[d] for d in self.dims(s)) for s in self.family.slots}
+        names = (*self.family.slots, *self.family.params)
+        return {s: tuple(sizes[d] for d in self.dims(s)) for s in names}
 
     def pallas_reason(self, shapes: Mapping[str, tuple[int, ...]], dtype: Any) -> str | None:
         """Why the Pallas kernels cannot take this case, or None when they can."""
@@ -159,8 +188,8 @@ class Spec:
 
 
 def bind(spec: Spec, *operands: jax.Array) -> jax.Array:
-    """The partial ``spec.target`` of ``spec.family``'s form at ``operands`` (one dtype, in
-    ``spec.operands`` order)."""
+    """The partial ``spec.target`` of ``spec.family``'s form at ``operands`` (in
+    ``spec.operands`` order; the slots' arrays of one dtype, the result's)."""
     return spec.family.primitive.bind(*operands, spec=spec)
 
 
@@ -175,8 +204,12 @@ def _abstract_eval(*avals, spec: Spec):
 def _jvp(primals, tangents, *, spec: Spec):
     out = bind(spec, *primals)
     terms = []
-    for i, tangent in enumerate(tangents):
+    for i, (name, tangent) in enumerate(zip(spec.operands, tangents, strict=True)):
         if type(tangent) is ad.Zero:
+            continue
+        if name in spec.family.params:
+            values = dict(zip(spec.operands, primals, strict=True))
+            terms.append(spec.family.param_jvp(spec, values, name, tangent))
             continue
         args = list(primals)
         args[i] = tangent
@@ -195,6 +228,8 @@ def _transpose(ct, *args, spec: Spec):
         )
     (i,) = linear
     slot, aval = spec.operands[i], args[i].aval
+    if slot in spec.family.params:
+        raise ValueError(f"{spec.family.name}: the op is not linear in its parameter `{slot}`")
     if type(ct) is ad.Zero:
         result = ad.Zero(aval)
     else:
@@ -212,7 +247,8 @@ def _batch(args, axes, *, spec: Spec):
     size = next(a.shape[d] for a, d in zip(args, axes, strict=True) if d is not None)
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, axes, strict=True)]
     mapped = {s for s, d in zip(spec.operands, axes, strict=True) if d is not None}
-    batch_dims = {s for s in spec.family.slots if "b" in spec.family.dims[s]}
+    batch_dims = {s for s in (*spec.family.slots, *spec.family.params) if "b" in spec.dims(s)}
+    batch_dims |= set(spec.shared)
     if not mapped <= batch_dims or spec.target not in batch_dims:
         return _map(args, axes, spec), 0
     n = next(
@@ -283,12 +319,17 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     options: dict[str, Any] = {"geom": spec.geom, "out_shape": out_shape}
     if spec.family.dots:
         options["precision"] = spec.precision
+    if spec.family.params:
+        options["moments"] = spec.moments
     if spec.impl == "pallas":
         kernel = spec.family.pallas[spec.target]
         options.update(block_sizes=spec.block_sizes, interpret=spec.interpret)
     else:
         kernel = spec.family.xla[spec.target]
-    return kernel(*operands, **options)
+    # Every slot but the target, in slot order (None for a unit slot), then the parameters.
+    values = dict(zip(spec.operands, operands, strict=True))
+    slots = [values.get(s) for s in spec.family.slots if s != spec.target]
+    return kernel(*slots, *(values[p] for p in spec.family.params), **options)
 
 
 _run_partitioned = sharding.partitioned(run_kernel)

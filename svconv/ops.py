@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from svconv import _checks, reference
-from svconv._families import LOCAL, MODULATED, PIXEL
+from svconv import _checks, gaussian, reference
+from svconv._families import GAUSSIAN, LOCAL, MODULATED, PIXEL
 from svconv._primitive import Family, Spec, bind
 
 PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
@@ -258,18 +258,45 @@ def pixel_filter2d(
     )
 
 
-def _splat_output_size(source_size, kernel_size, stride, dilation, padding):
-    """The natural output size of a splat: that of ``lax.conv_transpose`` (``SAME``: source
-    size times stride; otherwise the smallest input whose filter output is the source)."""
-    if isinstance(padding, str) and padding.upper() in ("SAME", "SAME_LOWER"):
-        return tuple(s * st for s, st in zip(source_size, stride, strict=True))
-    pads = _checks.padding_pairs(padding, (1, 1), kernel_size, stride, dilation)
-    return tuple(
-        (s - 1) * st + (k - 1) * dl + 1 - lo - hi
-        for s, k, st, dl, (lo, hi) in zip(
-            source_size, kernel_size, stride, dilation, pads, strict=True
+def _splat_geometry(op, x, kernel_size, stride, padding, dilation, output_size, shapes):
+    """The geometry of the filter a splat of the source ``x`` transposes. The natural output size
+    is that of ``lax.conv_transpose`` (``SAME``: source size times stride; otherwise the smallest
+    input whose filter output is the source)."""
+    stride = _checks.pair("stride", stride)
+    dilation = _checks.pair("dilation", dilation)
+    shapes = {"x": x.shape, **shapes}
+    if output_size is not None:
+        size = _checks.pair("output_size", output_size)
+    elif isinstance(padding, str) and padding.upper() in ("SAME", "SAME_LOWER"):
+        size = tuple(s * st for s, st in zip(x.shape[1:3], stride, strict=True))
+    else:
+        pads = _checks.padding_pairs(padding, (1, 1), kernel_size, stride, dilation)
+        size = tuple(
+            (s - 1) * st + (k - 1) * dl + 1 - lo - hi
+            for s, k, st, dl, (lo, hi) in zip(
+                x.shape[1:3], kernel_size, stride, dilation, pads, strict=True
+            )
         )
+    arrays = ", ".join(f"`{n}` of shape {tuple(v)}" for n, v in shapes.items())
+    if min(size) < 1:
+        raise ValueError(
+            f"{op}: the output size {size} is empty for {arrays}, kernel {kernel_size} and "
+            f"padding {padding!r}; pass `output_size`"
+        )
+    geom = _checks.geometry(
+        in_size=size,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        shapes=shapes,
     )
+    if geom.out_size != tuple(x.shape[1:3]):
+        raise ValueError(
+            f"`output_size` {size}: a filter of that size gives {geom.out_size} pixels, not the "
+            f"{tuple(x.shape[1:3])} of the source: {arrays}"
+        )
+    return geom
 
 
 def pixel_splat2d(
@@ -307,31 +334,9 @@ def pixel_splat2d(
     k6, groups = _pixel_kernels("k", k, x.shape[3])
     kh, kw = k6.shape[3:5]
     _checks.shape("k", k, (*x.shape[:3], *k.shape[3:]), "[batch, height, width, kh, kw(, groups)]")
-    stride_pair = _checks.pair("stride", stride)
-    dilation_pair = _checks.pair("dilation", dilation)
-    if output_size is None:
-        size = _splat_output_size(x.shape[1:3], (kh, kw), stride_pair, dilation_pair, padding)
-    else:
-        size = _checks.pair("output_size", output_size)
-    if min(size) < 1:
-        raise ValueError(
-            f"pixel_splat2d: the output size {size} is empty for `x` of shape {tuple(x.shape)}, "
-            f"kernel {(kh, kw)} and padding {padding!r}; pass `output_size`"
-        )
-    geom = _checks.geometry(
-        in_size=size,
-        kernel_size=(kh, kw),
-        stride=stride_pair,
-        padding=padding,
-        dilation=dilation_pair,
-        shapes={"x": x.shape, "k": k.shape},
+    geom = _splat_geometry(
+        "pixel_splat2d", x, (kh, kw), stride, padding, dilation, output_size, {"k": k.shape}
     )
-    if geom.out_size != tuple(x.shape[1:3]):
-        raise ValueError(
-            f"`output_size` {size}: a pixel_filter2d of that size gives {geom.out_size} pixels, "
-            f"not the {tuple(x.shape[1:3])} of `x` of shape {tuple(x.shape)} (`k` of shape "
-            f"{tuple(k.shape)})"
-        )
     dtype = _checks.common_dtype(x=x, k=k)
     x, k6 = x.astype(dtype), k6.astype(dtype)
     if impl == "reference":
@@ -348,30 +353,183 @@ def pixel_splat2d(
     )
 
 
-def gaussian_kernels(sigma: jax.Array, size: IntOrPair) -> jax.Array:
+SigmaLike = jax.Array | tuple[jax.Array, jax.Array]
+
+
+def _gaussian_arguments(sigma, rho, grid: tuple[int, ...] | None, layout: str):
+    """Check ``sigma`` (an array or a pair of arrays) and ``rho``: floating, one shape (``grid``
+    when given), ``rho`` in (-1, 1) where it is concrete. Returns them as arrays."""
+    pair = isinstance(sigma, (tuple, list))
+    if pair and len(sigma) != 2:
+        raise ValueError(
+            f"`sigma` must be an array or a pair (sigma_rows, sigma_cols), got {len(sigma)} arrays"
+        )
+    names = ("sigma[0]", "sigma[1]") if pair else ("sigma",)
+    arrays = [
+        _checks.float_array(n, v) for n, v in zip(names, sigma if pair else (sigma,), strict=True)
+    ]
+    if rho is not None:
+        names, arrays = (*names, "rho"), [*arrays, _checks.float_array("rho", rho)]
+    want = grid if grid is not None else tuple(arrays[0].shape)
+    for name, value in zip(names, arrays, strict=True):
+        if tuple(value.shape) != tuple(want):
+            given = ", ".join(f"`{n}` {tuple(v.shape)}" for n, v in zip(names, arrays, strict=True))
+            raise ValueError(f"`{name}` must be {layout} of shape {tuple(want)}; got {given}")
+    if rho is not None:
+        rho = arrays[-1]
+        if not isinstance(rho, jax.core.Tracer) and rho.size:
+            low, high = float(jnp.min(rho)), float(jnp.max(rho))
+            if not (-1 < low and high < 1):
+                raise ValueError(f"`rho` must lie in (-1, 1), got values in [{low}, {high}]")
+        arrays = arrays[:-1]
+    return (tuple(arrays) if pair else arrays[0]), rho
+
+
+def gaussian_kernels(
+    sigma: SigmaLike, size: IntOrPair, *, rho: jax.Array | None = None
+) -> jax.Array:
     """Normalised Gaussian filters, one per element of ``sigma``.
 
-    ``out[..., m, n] ∝ exp(-((m - cy)^2 + (n - cx)^2) / (2 sigma^2))`` with the centre
-    ``(cy, cx) = ((kh - 1) / 2, (kw - 1) / 2)``, normalised to sum 1 over ``(m, n)``. As
-    ``sigma -> 0`` the filter becomes a delta at the centre (for odd sizes: the identity filter),
-    never NaN; the result is differentiable in ``sigma``. Only ``sigma**2`` matters, so a
-    negative ``sigma`` acts like its absolute value.
+    ``out[..., m, n] ∝ exp(-q / 2)`` with ``q = [u, v] Sigma^-1 [u, v]^T`` for the offset
+    ``(u, v) = (m - (kh - 1) / 2, n - (kw - 1) / 2)`` of tap ``(m, n)`` from the window's centre
+    and ``Sigma = [[sr^2, rho sr sc], [rho sr sc, sc^2]]``, normalised to sum 1 over ``(m, n)``.
+    As ``sigma -> 0`` the filter becomes a delta at the centre (for odd sizes: the identity
+    filter), never NaN; the result is differentiable in ``sigma`` and ``rho``. Only the squares
+    of the sigmas matter.
 
     Args:
-      sigma: standard deviations in pixels, any shape ``[...]``, floating dtype.
+      sigma: standard deviations in pixels, any shape ``[...]`` (isotropic), or a pair
+        ``(sigma_rows, sigma_cols)`` of arrays of one shape (axis-aligned ellipses).
       size: ``kh`` (square) or ``(kh, kw)``.
+      rho: optional correlation in (-1, 1), the shape of ``sigma`` (rotated ellipses; with a
+        single ``sigma``, ``sr = sc = sigma``).
 
     Returns:
-      ``[..., kh, kw]`` in ``sigma``'s dtype; feed it to :func:`pixel_filter2d` as ``k``.
+      ``[..., kh, kw]`` in the promoted dtype of ``sigma`` (and ``rho``); feed it to
+      :func:`pixel_filter2d` as ``k``. :func:`gaussian_filter2d` applies the same filters
+      without building this array.
     """
-    sigma = _checks.float_array("sigma", sigma)
-    kh, kw = _checks.pair("size", size)
-    rows = jnp.arange(kh, dtype=jnp.float32) - (kh - 1) / 2
-    cols = jnp.arange(kw, dtype=jnp.float32) - (kw - 1) / 2
-    r2 = (rows[:, None] ** 2 + cols[None, :] ** 2).reshape(-1)
-    # A softmax over taps of -r^2 / (2 sigma^2): stable for tiny sigma (the centre logit is 0 and
-    # the others go to -huge, never -inf), with a floor on sigma^2 so sigma == 0 is no 0/0.
-    var = jnp.maximum(jnp.square(sigma.astype(jnp.float32)), 1e-12)
-    logits = -r2 / (2.0 * var[..., None])
-    weights = jax.nn.softmax(logits, axis=-1)
-    return weights.reshape(*sigma.shape, kh, kw).astype(sigma.dtype)
+    kernel_size = _checks.pair("size", size)
+    sigma, rho = _gaussian_arguments(sigma, rho, None, "an array")
+    parts = sigma if isinstance(sigma, tuple) else (sigma,)
+    dtype = jnp.result_type(*parts, *(() if rho is None else (rho,)))
+    if rho is not None and not isinstance(sigma, tuple):
+        sigma = (sigma, sigma)
+    weights = gaussian.explicit_weights(gaussian.parameters(sigma, rho), kernel_size)
+    return weights.astype(dtype)
+
+
+def _gaussian_call(op, target, x, sigma, rho, geom, impl, block_sizes, operand):
+    """Bind the Gaussian family for ``gaussian_filter2d`` (target ``y``) or ``gaussian_splat2d``
+    (target ``x``); ``operand`` is the name of the image's slot."""
+    parts = sigma if isinstance(sigma, tuple) else (sigma,)
+    dtype = jnp.result_type(x, *parts, *(() if rho is None else (rho,)))
+    if rho is not None and not isinstance(sigma, tuple):
+        sigma = (sigma, sigma)
+    eta = gaussian.parameters(sigma, rho)
+    zeta = gaussian.log_normalizer(eta, geom.kernel_size)
+    return _call(
+        op,
+        GAUSSIAN,
+        target,
+        {operand: x.astype(dtype), "eta": eta, "zeta": zeta},
+        geom=geom,
+        impl=impl,
+        unit=("s",),
+        moments=(0,) * eta.shape[-1],
+        block_sizes=block_sizes,
+    )
+
+
+def gaussian_filter2d(
+    x: jax.Array,
+    sigma: SigmaLike,
+    size: IntOrPair,
+    *,
+    rho: jax.Array | None = None,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    impl: str | None = None,
+    block_sizes: Any = None,
+) -> jax.Array:
+    """A Gaussian filter per output pixel, its weights computed where they are used.
+
+    Exactly ``pixel_filter2d(x, gaussian_kernels(sigma, size, rho=rho), ...)``, without the
+    ``[batch, out_height, out_width, kh, kw]`` weights: forward and backward take memory of the
+    order of the images. Differentiable in ``x``, ``sigma`` and ``rho``, in reverse and forward
+    mode, with the weights' derivatives recomputed inside the kernels.
+
+    Args:
+      x: input ``[batch, height, width, channels]``.
+      sigma: per output pixel ``[batch, out_height, out_width]`` (isotropic), or a pair
+        ``(sigma_rows, sigma_cols)`` of such arrays (axis-aligned ellipses), in pixels (taps).
+      size: ``kh`` or ``(kh, kw)``.
+      rho: optional correlation in (-1, 1) per output pixel (rotated ellipses).
+      stride, padding, dilation, impl: as in :func:`pixel_filter2d`.
+      block_sizes: optional Pallas tiling (``pallas_kernels.pixel.PixelBlockSizes``).
+
+    Returns:
+      ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.
+    """
+    x = _checks.float_array("x", x)
+    impl = _checks.impl(impl)
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+    kernel_size = _checks.pair("size", size)
+    geom = _checks.geometry(
+        in_size=x.shape[1:3],
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        shapes={"x": x.shape},
+    )
+    layout = "[batch, out_height, out_width]"
+    sigma, rho = _gaussian_arguments(sigma, rho, (x.shape[0], *geom.out_size), layout)
+    if impl == "reference":
+        k = gaussian_kernels(sigma, kernel_size, rho=rho)
+        dtype = jnp.result_type(x, k)
+        return reference.pixel_filter2d(x.astype(dtype), k[..., None].astype(dtype), geom)
+    return _gaussian_call("gaussian_filter2d", "y", x, sigma, rho, geom, impl, block_sizes, "x")
+
+
+def gaussian_splat2d(
+    x: jax.Array,
+    sigma: SigmaLike,
+    size: IntOrPair,
+    *,
+    rho: jax.Array | None = None,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    output_size: tuple[int, int] | None = None,
+    impl: str | None = None,
+    block_sizes: Any = None,
+) -> jax.Array:
+    """Every source pixel spreads its own Gaussian point-spread function.
+
+    Exactly ``pixel_splat2d(x, gaussian_kernels(sigma, size, rho=rho), ...)``, the transpose of
+    :func:`gaussian_filter2d` in ``x``, without the weights array (see there).
+
+    Args:
+      x: source image ``[batch, height, width, channels]``.
+      sigma, rho: per source pixel, ``[batch, height, width]`` (or a pair of such arrays).
+      size: ``kh`` or ``(kh, kw)``.
+      stride, padding, dilation, output_size, impl, block_sizes: as in :func:`pixel_splat2d`.
+
+    Returns:
+      ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.
+    """
+    x = _checks.float_array("x", x)
+    impl = _checks.impl(impl)
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+    kernel_size = _checks.pair("size", size)
+    sigma, rho = _gaussian_arguments(sigma, rho, tuple(x.shape[:3]), "[batch, height, width]")
+    geom = _splat_geometry(
+        "gaussian_splat2d", x, kernel_size, stride, padding, dilation, output_size, {}
+    )
+    if impl == "reference":
+        k = gaussian_kernels(sigma, kernel_size, rho=rho)
+        dtype = jnp.result_type(x, k)
+        return reference.pixel_splat2d(x.astype(dtype), k[..., None].astype(dtype), geom)
+    return _gaussian_call("gaussian_splat2d", "x", x, sigma, rho, geom, impl, block_sizes, "y")

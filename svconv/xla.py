@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.geometry import Geometry
+from svconv import gaussian
 
 _F32 = jnp.float32
 
@@ -372,3 +373,74 @@ def pixel_forward_patches(x, k, *, geom: Geometry):
         preferred_element_type=_F32,
     )
     return y.reshape(n, ho, wo, -1).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------- Gaussian filters
+#
+# The weights are computed per tap from the per-pixel parameters (svconv.gaussian), in a rolled
+# loop over the taps: no [.., kh, kw] array, and the compile time does not grow with the window.
+
+
+def _accumulation_dtype(*arrays):
+    """float32, or float64 when an input is float64."""
+    return jnp.result_type(_F32, *arrays)
+
+
+def gaussian_forward(x, s, eta, zeta, *, geom: Geometry, out_shape, moments):
+    """``y = s * sum_tap w[tap] * x[pos]`` with Gaussian weights ``w`` (svconv.gaussian)."""
+    acc_dtype = _accumulation_dtype(x, eta)
+    xp = _pad(x, geom.padding)
+
+    def tap(t, acc):
+        xs = _tap_at(xp, t, geom.kernel_size, geom.out_size, geom.stride, geom.dilation)
+        w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments)
+        return acc + xs.astype(acc_dtype) * w[..., None].astype(acc_dtype)
+
+    y = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(out_shape, acc_dtype))
+    if s is not None:
+        y = y * s[..., None].astype(acc_dtype)
+    return y.astype(x.dtype)
+
+
+def gaussian_grad_x(s, dy, eta, zeta, *, geom: Geometry, out_shape, moments):
+    """Transpose of :func:`gaussian_forward` in ``x`` (the splat): ``[N, H, W, C]``.
+
+    Each tap's contribution is placed into the padded frame with a dynamic update (strided
+    outputs interleaved with zeros), and the padding is removed at the end.
+    """
+    acc_dtype = _accumulation_dtype(dy, eta)
+    (pt, pb), (pl, pr) = geom.padding
+    (h, w), (sh, sw), (dh, dw) = geom.in_size, geom.stride, geom.dilation
+    kw = geom.kernel_size[1]
+    scale = dy.astype(acc_dtype)
+    if s is not None:
+        scale = scale * s[..., None].astype(acc_dtype)
+    zero = jnp.zeros((), acc_dtype)
+    interleave = ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0))
+
+    def tap(t, acc):
+        w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments).astype(acc_dtype)
+        contrib = lax.pad(scale * w[..., None], zero, interleave)
+        start = (0, (t // kw) * dh, (t % kw) * dw, 0)
+        current = lax.dynamic_slice(acc, start, contrib.shape)
+        return lax.dynamic_update_slice(acc, current + contrib, start)
+
+    frame = (dy.shape[0], h + pt + pb, w + pl + pr, dy.shape[3])
+    acc = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(frame, acc_dtype))
+    dx = lax.pad(acc, zero, ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
+    return dx.reshape(out_shape).astype(dy.dtype)
+
+
+def gaussian_grad_s(x, dy, eta, zeta, *, geom: Geometry, out_shape, moments):
+    """Gradient of :func:`gaussian_forward` in its scale ``s``: ``[N, Ho, Wo]``."""
+    acc_dtype = _accumulation_dtype(x, eta)
+    xp = _pad(x, geom.padding)
+    dyf = dy.astype(acc_dtype)
+
+    def tap(t, acc):
+        xs = _tap_at(xp, t, geom.kernel_size, geom.out_size, geom.stride, geom.dilation)
+        w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments).astype(acc_dtype)
+        return acc + w * jnp.sum(xs.astype(acc_dtype) * dyf, axis=-1)
+
+    ds = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(out_shape, acc_dtype))
+    return ds.astype(x.dtype)

@@ -50,7 +50,7 @@ class Check:
         return f"{self.op}-{self.impl}-{self.mode}{extra}{'-explicit' if self.explicit else ''}"
 
 
-OPS = ("modulated", "modulated_shared", "local", "pixel", "splat")
+OPS = ("modulated", "modulated_shared", "local", "pixel", "splat", "gaussian")
 CHECKS = (
     *(Check("modulated", impl, "batch") for impl in ("xla", "pallas")),
     *(Check(op, impl, "height") for impl in ("xla", "pallas") for op in OPS),
@@ -126,6 +126,19 @@ def _setup(check: Check):
                 lambda x, f: svconv.pixel_splat2d(x, f, **geo),
                 [normal(N, H, W, 2 * GROUPS), normal(N, H, W, k, k, GROUPS)],
                 [image, image],
+            )
+        case "gaussian":
+            # Rotated elliptical Gaussians: sigmas and rho per output pixel, sharded like it.
+            import jax.numpy as jnp
+
+            def gaussian(x, sr, sc, r):
+                return svconv.gaussian_filter2d(x, (sr, sc), k, rho=jnp.tanh(r), **geo)
+
+            sigma = [0.5 + np.abs(normal(N, ho, wo)) for _ in range(2)]
+            return (
+                gaussian,
+                [normal(N, H, W, 2), *sigma, normal(N, ho, wo)],
+                [image, image, image, image],
             )
     raise ValueError(check.op)
 

@@ -63,8 +63,10 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One op call: ``family`` is ``modulated``, ``local``, ``filter`` (``pixel_filter2d``) or
-    ``splat`` (``pixel_splat2d``); ``groups`` applies to the pixel ops, ``shared_d`` (one ``d``
+    """One op call: ``family`` is ``modulated``, ``local``, ``filter`` (``pixel_filter2d``),
+    ``splat`` (``pixel_splat2d``) or ``gaussian`` (``gaussian_filter2d`` with rotated elliptical
+    Gaussians: its gradients run the splat and the scale-gradient kernels); ``groups`` applies
+    to the pixel ops, ``shared_d`` (one ``d``
     for the whole batch) to ``modulated``. The op is called with its default ``precision`` and
     lowered under JAX's default matmul precision ``precision``: ``"default"`` (float32 dots on
     TF32 tensor cores) or ``"highest"`` (exact float32 FMA dots)."""
@@ -85,7 +87,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        pixel = self.family in ("filter", "splat")
+        pixel = self.family in ("filter", "splat", "gaussian")
         channels = f"C{self.cin}" if pixel else f"{self.cin}to{self.cout}"
         parts = [
             self.family,
@@ -105,15 +107,29 @@ class Case:
         return "-".join([*parts, self.dtype])
 
     def op(self) -> Callable[..., jax.Array]:
+        geometry = {"stride": self.stride, "dilation": self.dilation, "padding": "SAME"}
+        if self.family == "gaussian":
+
+            def gaussian(x, sigma_rows, sigma_cols, rho):
+                sigma = (sigma_rows, sigma_cols)
+                return svconv.gaussian_filter2d(
+                    x, sigma, self.k, rho=rho, **geometry, impl="pallas"
+                )
+
+            return gaussian
         fn = {
             "modulated": svconv.modulated_conv2d,
             "local": svconv.local_conv2d,
             "filter": svconv.pixel_filter2d,
             "splat": svconv.pixel_splat2d,
         }[self.family]
-        return functools.partial(
-            fn, stride=self.stride, dilation=self.dilation, padding="SAME", impl="pallas"
-        )
+        return functools.partial(fn, **geometry, impl="pallas")
+
+    @property
+    def kernels(self) -> int:
+        """Distinct kernels in the forward and every gradient: the forward and one per slot it
+        is differentiated in (the Gaussian's parameters share one kernel, for the scale)."""
+        return {"modulated": 4, "local": 3, "filter": 3, "splat": 3, "gaussian": 3}[self.family]
 
     def args(self) -> list[jax.ShapeDtypeStruct]:
         """Abstract arguments: the kernels are compiled, never run, so no arrays are needed."""
@@ -131,6 +147,7 @@ class Case:
             "local": [x, (ho, wo, *k, self.cin, self.cout)],
             "filter": [x, (self.n, ho, wo, *k, *tail)],
             "splat": [x, (self.n, self.h, self.w, *k, *tail)],
+            "gaussian": [x, *[(self.n, ho, wo)] * 3],
         }[self.family]
         return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
 
@@ -154,6 +171,8 @@ def _sweep(dtypes: Callable[[int], Iterable[str]]) -> list[Case]:
         Case("filter", 2, 33, 31, 7, 7, 5, "", stride=2, groups=7),
         Case("filter", 2, 32, 32, 6, 6, 3, "", dilation=2, groups=3),
         Case("splat", 2, 16, 16, 5, 5, 5, "", stride=2),
+        Case("gaussian", 2, 32, 32, 3, 3, 31, ""),
+        Case("gaussian", 2, 33, 31, 5, 5, 7, "", stride=2, dilation=2),
     ]
     return [
         dataclasses.replace(case, dtype=dtype)
@@ -172,6 +191,7 @@ def _design() -> list[Case]:
             Case("local", 8, 64, 64, 32, 32, 3, dtype),
             Case("filter", 8, 256, 256, 64, 64, 7, dtype),
             Case("filter", 8, 256, 256, 64, 64, 15, dtype),
+            Case("gaussian", 8, 256, 256, 3, 3, 31, dtype),
         )
     ]
 
@@ -193,6 +213,7 @@ JVP_CASES: list[Case] = [
     Case("local", 8, 64, 64, 32, 32, 3, "bf16"),
     Case("filter", 8, 256, 256, 64, 64, 7, "bf16"),
     Case("splat", 2, 16, 16, 5, 5, 5, "bf16", stride=2),
+    Case("gaussian", 2, 32, 32, 3, 3, 15, "bf16"),
 ]
 
 

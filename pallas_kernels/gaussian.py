@@ -1,0 +1,300 @@
+"""Per-pixel Gaussian filters (Pallas, Triton backend) whose weights are computed in the kernel.
+
+Shapes (NHWC): x, dy: [N, H, W, C] or [N, Ho, Wo, C]; per output pixel (on the filter's output
+grid, which is the splat's source grid) the parameters eta [N, Ho, Wo, P], the log-normaliser
+zeta [N, Ho, Wo] and an optional scale s [N, Ho, Wo]. Tap ``(m, n)`` of pixel ``p`` weighs
+
+    w[p, tap] = exp(eta[p] . phi(tap) - zeta[p]) * prod_q phi(tap)_q ** moments[q]
+
+with the features ``phi`` of :func:`features` (``svconv.gaussian`` derives ``eta`` and ``zeta``
+from sigma and rho; ``moments`` > 0 are the derivatives in ``eta``). Three kernels, the partials of
+``T(x, s, y) = sum y[p, c] * s[p] * w[p, tap] * x[pos(p, tap), c]``:
+
+* `forward`: ``y = s * sum_tap w * x[pos]`` (the filter);
+* `grad_x`: its transpose in x (the splat), in gather form per stride phase as `pixel.grad_x`;
+* `grad_s`: ``ds[p] = sum_tap w[p, tap] sum_c x[pos, c] dy[p, c]``.
+
+The weights are recomputed for every tap and never stored: memory is that of the images. Tiling
+and addressing (whole-array refs, masks for padding, strides, dilation and ragged tiles) follow
+`pixel`'s kernels, with one filter for all channels.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels._common import (
+    common_unsupported_reason,
+    compiler_params,
+    contributing_taps,
+    exact_div,
+    sweep,
+)
+from pallas_kernels.geometry import Geometry
+from pallas_kernels.pixel import PixelBlockSizes, pixel_block_sizes
+
+_F32 = jnp.float32
+_ANY = pl.BlockSpec(memory_space=pl.ANY)
+_REUSED = "evict_last"
+
+
+def features(u, v, parts: int) -> list:
+    """``phi`` of a tap at offset ``(u, v)`` from the window's centre: ``-q / 2 = eta . phi``
+    for the isotropic (1), axis-aligned (2) and rotated (3) parameterisations."""
+    if parts == 1:
+        return [-(u * u + v * v) / 2]
+    if parts == 2:
+        return [-(u * u) / 2, -(v * v) / 2]
+    return [-(u * u) / 2, u * v, -(v * v) / 2]
+
+
+def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
+    """None when the kernels handle this case, else why not (one line). ``shapes``: the shape
+    of every slot and parameter by name."""
+    del geom  # every geometry the API accepts
+    return common_unsupported_reason(shapes, dtype)
+
+
+def _tile_pixels(ti, tj, bs: PixelBlockSizes):
+    """Row and column of every pixel of tile (ti, tj), each [P, 1]."""
+    p = jnp.arange(bs.block_h * bs.block_w)[:, None]
+    return ti * bs.block_h + lax.div(p, bs.block_w), tj * bs.block_w + lax.rem(p, bs.block_w)
+
+
+def _inside(r, c, h: int, w: int):
+    return (r >= 0) & (r < h) & (c >= 0) & (c < w)
+
+
+def _split(pid, inner: int):
+    return lax.div(pid, inner), lax.rem(pid, inner)
+
+
+def _pixel_params(eta_ref, zeta_ref, b, i, j, ok):
+    """eta (a list of P arrays) and zeta of pixels (i, j) of image b, each like i."""
+    parts = eta_ref.shape[-1]
+    eta = [plt.load(eta_ref.at[b, i, j, q], mask=ok, other=0.0).astype(_F32) for q in range(parts)]
+    return eta, plt.load(zeta_ref.at[b, i, j], mask=ok, other=0.0).astype(_F32)
+
+
+def _weight(eta, zeta, m, n, kernel_size, moments):
+    """The weight of tap (m, n) (traced int32 scalars) for pixels with parameters eta, zeta."""
+    kh, kw = kernel_size
+    u = m.astype(_F32) - (kh - 1) / 2
+    v = n.astype(_F32) - (kw - 1) / 2
+    phi = features(u, v, len(eta))
+    w = jnp.exp(sum(e * f for e, f in zip(eta, phi, strict=True)) - zeta)
+    for f, power in zip(phi, moments, strict=True):
+        for _ in range(power):
+            w = w * f
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel bodies
+# ------------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, y_ref, *, g, bs, moments, n_th):
+    _, h, w, c = x_ref.shape
+    _, ho, wo, _ = y_ref.shape
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    b, ti = _split(pl.program_id(2), n_th)
+    rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
+    chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
+    pix_ok = (rows < ho) & (cols < wo)
+    eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
+
+    def tap(t, acc):
+        m, n = lax.div(t, kw), lax.rem(t, kw)
+        r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
+        xt = plt.load(
+            x_ref.at[b, r, q, chans],
+            mask=pix_ok & _inside(r, q, h, w) & (chans < c),
+            other=0.0,
+            eviction_policy=_REUSED,
+        )
+        return acc + xt.astype(_F32) * _weight(eta, zeta, m, n, (kh, kw), moments)
+
+    acc = jnp.zeros((rows.shape[0], bs.block_channels), _F32)
+    acc = lax.fori_loop(0, kh * kw, tap, acc)
+    if s_ref is not None:
+        acc = acc * plt.load(s_ref.at[b, rows, cols], mask=pix_ok, other=0.0).astype(_F32)
+    plt.store(y_ref.at[b, rows, cols, chans], acc.astype(y_ref.dtype), mask=pix_ok & (chans < c))
+
+
+def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, dx_ref, *, g, bs, moments, n_th, n_tw):
+    _, ho, wo, c = dy_ref.shape
+    _, h, w, _ = dx_ref.shape
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    phw, tj = _split(pl.program_id(1), n_tw)
+    b, rest = _split(pl.program_id(2), sh * n_th)
+    phh, ti = _split(rest, n_th)
+    # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
+    # of that phase reach them, each from source pixel (R + const, Q + const).
+    big_r, big_q = _tile_pixels(ti, tj, bs)
+    rows, cols = big_r * sh + phh, big_q * sw + phw
+    chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
+    m0, m_count, m_step = contributing_taps(lax.rem(phh + ptop % sh, sh), kh, sh, dh)
+    n0, n_count, n_step = contributing_taps(lax.rem(phw + pleft % sw, sw), kw, sw, dw)
+
+    def tap(m, n, acc):
+        i = big_r + exact_div(phh + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
+        j = big_q + exact_div(phw + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
+        ok = _inside(i, j, ho, wo)
+        eta, zeta = _pixel_params(eta_ref, zeta_ref, b, i, j, ok)
+        weight = _weight(eta, zeta, m, n, (kh, kw), moments)
+        if s_ref is not None:
+            weight = weight * plt.load(s_ref.at[b, i, j], mask=ok, other=0.0).astype(_F32)
+        dyt = plt.load(
+            dy_ref.at[b, i, j, chans], mask=ok & (chans < c), other=0.0, eviction_policy=_REUSED
+        )
+        return acc + dyt.astype(_F32) * weight
+
+    def row(u, acc):
+        m = m0 + u * m_step
+        return lax.fori_loop(0, n_count, lambda t, a: tap(m, n0 + t * n_step, a), acc)
+
+    acc = jnp.zeros((rows.shape[0], bs.block_channels), _F32)
+    acc = lax.fori_loop(0, m_count, row, acc)
+    ok = (rows < h) & (cols < w) & (chans < c)
+    plt.store(dx_ref.at[b, rows, cols, chans], acc.astype(dx_ref.dtype), mask=ok)
+
+
+def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, n_th):
+    _, h, w, c = x_ref.shape
+    _, ho, wo = ds_ref.shape
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    b, ti = _split(pl.program_id(2), n_th)
+    rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
+    pix_ok = (rows < ho) & (cols < wo)
+    eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
+    blocks = [
+        jnp.arange(bs.block_channels)[None, :] + k * bs.block_channels
+        for k in range(pl.cdiv(c, bs.block_channels))
+    ]
+    # dy is the same for every tap: read it once.
+    dys = [
+        plt.load(dy_ref.at[b, rows, cols, ch], mask=pix_ok & (ch < c), other=0.0).astype(_F32)
+        for ch in blocks
+    ]
+
+    def tap(t, acc):
+        m, n = lax.div(t, kw), lax.rem(t, kw)
+        r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
+        inner = jnp.zeros_like(acc)
+        for ch, dyt in zip(blocks, dys, strict=True):
+            xt = plt.load(
+                x_ref.at[b, r, q, ch],
+                mask=pix_ok & _inside(r, q, h, w) & (ch < c),
+                other=0.0,
+                eviction_policy=_REUSED,
+            )
+            inner += jnp.sum(xt.astype(_F32) * dyt, axis=1, keepdims=True)
+        return acc + inner * _weight(eta, zeta, m, n, (kh, kw), moments)
+
+    acc = lax.fori_loop(0, kh * kw, tap, jnp.zeros((rows.shape[0], 1), _F32))
+    plt.store(ds_ref.at[b, rows, cols], acc.astype(ds_ref.dtype), mask=pix_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call wrappers
+# ------------------------------------------------------------------------------------------------
+
+
+def _call(kernel, grid, out_shape, dtype, bs, interpret, name, operands):
+    # A unit scale is not passed: the kernel gets None for it.
+    present = [a for a in operands if a is not None]
+    slots = [a is not None for a in operands]
+
+    def body(*refs):
+        refs = list(refs)
+        full = [refs.pop(0) if here else None for here in slots]
+        return kernel(*full, *refs)
+
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=grid,
+        in_specs=[_ANY] * len(present),
+        out_specs=_ANY,
+        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name=f"svconv_gaussian_{name}",
+    )(*present)
+
+
+def forward(
+    x: jax.Array,
+    s: jax.Array | None,
+    eta: jax.Array,
+    zeta: jax.Array,
+    *,
+    geom: Geometry,
+    out_shape: tuple[int, ...],
+    moments: tuple[int, ...],
+    block_sizes: PixelBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The Gaussian filter: x [N, H, W, C] -> y [N, Ho, Wo, C] (``out_shape``)."""
+    n, ho, wo, c = out_shape
+    bs = block_sizes or pixel_block_sizes(
+        "gather", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
+    )
+    n_th = pl.cdiv(ho, bs.block_h)
+    grid = (pl.cdiv(c, bs.block_channels), pl.cdiv(wo, bs.block_w), n * n_th)
+    kernel = functools.partial(_forward_kernel, g=geom, bs=bs, moments=moments, n_th=n_th)
+    return _call(kernel, grid, out_shape, x.dtype, bs, interpret, "forward", (x, s, eta, zeta))
+
+
+def grad_x(
+    s: jax.Array | None,
+    dy: jax.Array,
+    eta: jax.Array,
+    zeta: jax.Array,
+    *,
+    geom: Geometry,
+    out_shape: tuple[int, ...],
+    moments: tuple[int, ...],
+    block_sizes: PixelBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The filter's transpose in x (the splat): dy [N, Ho, Wo, C] -> [N, H, W, C]."""
+    n, h, w, c = out_shape
+    sh, sw = geom.stride
+    hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
+    bs = block_sizes or pixel_block_sizes(
+        "scatter", channels=c, groups=1, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
+    )
+    n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
+    grid = (pl.cdiv(c, bs.block_channels), sw * n_tw, n * sh * n_th)
+    kernel = functools.partial(_grad_x_kernel, g=geom, bs=bs, moments=moments, n_th=n_th, n_tw=n_tw)
+    return _call(kernel, grid, out_shape, dy.dtype, bs, interpret, "grad_x", (s, dy, eta, zeta))
+
+
+def grad_s(
+    x: jax.Array,
+    dy: jax.Array,
+    eta: jax.Array,
+    zeta: jax.Array,
+    *,
+    geom: Geometry,
+    out_shape: tuple[int, ...],
+    moments: tuple[int, ...],
+    block_sizes: PixelBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The filter's gradient in its scale: ``ds[p] = sum_tap w sum_c x[pos] dy[p]``,
+    [N, Ho, Wo] (``out_shape``)."""
+    n, ho, wo = out_shape
+    c = x.shape[3]
+    bs = block_sizes or pixel_block_sizes(
+        "correlate", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
+    )
+    n_th = pl.cdiv(ho, bs.block_h)
+    grid = (1, pl.cdiv(wo, bs.block_w), n * n_th)
+    kernel = functools.partial(_grad_s_kernel, g=geom, bs=bs, moments=moments, n_th=n_th)
+    return _call(kernel, grid, out_shape, x.dtype, bs, interpret, "grad_s", (x, dy, eta, zeta))
