@@ -34,11 +34,11 @@ def test_design_cases():
     gpu = make_cases("gpu", quick=False)
     assert {c.dtype for c in gpu if c.op == "modulated"} == {"float32", "bfloat16"}
     assert {c.k for c in gpu if c.op == "pixel"} == {7, 15}
-    assert {c.op for c in compile_cases(quick=False)} == {"modulated", "pixel", "local"}
+    assert {c.op for c in compile_cases(quick=False)} == {"modulated", "pixel", "local", "gaussian"}
     assert {c.k for c in compile_cases(quick=False)} == {31}
 
 
-@pytest.mark.parametrize("op", ["modulated", "pixel", "local"])
+@pytest.mark.parametrize("op", ["modulated", "pixel", "local", "gaussian"])
 def test_columns_compute_the_same_function(op):
     case = Case(op, 2, 6, 7, 3, 4, 3, "float32")
     inputs = make_inputs(case)
@@ -155,6 +155,21 @@ def test_cpu_targets():
     assert rows[f"{p}: fwd, xla patches / svconv xla"]["met"] is None  # no column
     assert rows["compile local-x, auto on cpu: forward, s"]["met"] is True
     assert rows["compile local-x, auto on cpu: value and gradient, s"]["met"] is False
+    gauss = _record(
+        Case("gaussian", 1, 256, 256, 3, 3, 31, "float32"),
+        {
+            "fwd": {"svconv xla": 1, "explicit kernels": 3},
+            "fwd+bwd": {"svconv xla": 4, "explicit kernels": 6},
+        },
+    )
+    gauss["results"]["fwd"]["explicit kernels"]["peak_mib"] = 1000.0
+    gauss["results"]["fwd"]["svconv xla"]["peak_mib"] = 10.0
+    rows = {r["ratio"]: r for r in targets.compute_targets([gauss], "cpu", PEAKS, [], quick=False)}
+    g = gauss["id"]
+    assert rows[f"{g}: fwd, svconv xla / explicit kernels"]["met"] is True  # 1/3 <= 1/2
+    assert rows[f"{g}: fwd+bwd, svconv xla / explicit kernels"]["met"] is False  # 2/3
+    assert rows[f"{g}: fwd, svconv xla peak buffers / explicit kernels'"]["value"] == 0.01
+    assert rows[f"{g}: fwd+bwd, svconv xla peak buffers / explicit kernels'"]["met"] is None
     quick = targets.compute_targets([mod], "cpu", PEAKS, compiled, quick=True)
     assert all(r["target"] is None and r["met"] is None for r in quick)
 
@@ -192,8 +207,7 @@ def test_report_renders_every_row():
     }
     md = report.render_markdown(rep)
     assert "| svconv xla | 2 (±0%) |" in md and "`lax local` fwd+bwd failed" in md
-    # the gaussian_filter2d row is not measured either
-    assert "0 met, 1 not met, 2 not measured" in md and "`other-case` not run: time limit" in md
+    assert "0 met, 1 not met, 1 not measured" in md and "`other-case` not run: time limit" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert all(any(line.startswith(f"| {r['ratio']}") for line in table) for r in rows)
 

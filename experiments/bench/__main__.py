@@ -17,7 +17,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jaxlib  # noqa: E402
 
-import svconv  # noqa: E402
 from experiments.bench import report as rep  # noqa: E402
 from experiments.bench.cases import compile_cases, make_cases  # noqa: E402
 from experiments.bench.columns import JaxColumn, fwd_bwd_fn, jax_columns, make_inputs  # noqa: E402
@@ -27,6 +26,7 @@ from experiments.bench.timing import matmul_peak, stream_bandwidth, time_interle
 from experiments.bench.torch_proxy import TorchColumn, start_torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+TORCH_OPS = ("modulated", "pixel", "local")  # the ops with a PyTorch formulation
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=None, help="samples per column")
     parser.add_argument(
-        "--ops", default="modulated,pixel,local", help="comma-separated subset of the ops"
+        "--ops",
+        default="modulated,pixel,local,gaussian",
+        help="comma-separated subset of the ops",
     )
     parser.add_argument("--no-torch", action="store_true", help="leave out the torch columns")
     parser.add_argument(
@@ -172,7 +174,7 @@ def main(argv=None) -> dict:
     torch_setup = {}
     if proxy:
         specs = []
-        for c in cases:
+        for c in (c for c in cases if c.op in TORCH_OPS):
             skip = {}
             if c.patch_bytes > patch_limit:
                 skip["torch unfold"] = (
@@ -196,8 +198,8 @@ def main(argv=None) -> dict:
         inputs = make_inputs(c)
         jcols, missing = jax_columns(c, backend, patch_limit)
         if proxy:
-            missing.update(torch_setup[c.id]["missing"])
-        else:
+            missing.update(torch_setup.get(c.id, {}).get("missing", {}))
+        elif c.op in TORCH_OPS:
             missing["torch unfold"] = torch_desc
             if c.op == "modulated" and gpu:
                 missing["deform_conv2d"] = torch_desc
@@ -211,7 +213,7 @@ def main(argv=None) -> dict:
                 fn = fwd if mode == "fwd" else fwd_bwd_fn(fwd, diff)
                 columns[name] = JaxColumn(fn, inputs, block_each=not gpu, mem_limit=mem_limit)
             if proxy:
-                for name in torch_setup[c.id]["columns"]:
+                for name in torch_setup.get(c.id, {}).get("columns", []):
                     columns[name] = TorchColumn(proxy, c.id, name, mode)
             res[mode] = time_interleaved(
                 columns, rounds=rounds, min_sample_s=min_sample_s, budget_s=budget_s, log=print
@@ -236,15 +238,10 @@ def main(argv=None) -> dict:
     if proxy:
         proxy.close()
 
-    gaussian_note = (
-        "not measured by this benchmark yet"
-        if hasattr(svconv, "gaussian_filter2d")
-        else "svconv has no gaussian_filter2d yet"
-    )
     out = args.out or (None if args.quick else str(ROOT / "results"))
 
     def finish(compile_records: list[dict]) -> dict:
-        kw = dict(quick=args.quick, gaussian_note=gaussian_note)
+        kw = dict(quick=args.quick)
         targets = compute_targets(results, backend, peaks, compile_records, **kw)
         # The same ratios from each column's fastest sample: on a loaded machine the medians
         # and the minima can disagree, and both are worth seeing.

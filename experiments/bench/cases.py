@@ -10,13 +10,21 @@ import dataclasses
 
 MODES = ("fwd", "fwd+bwd")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-OP_NAMES = {"modulated": "modulated_conv2d", "pixel": "pixel_filter2d", "local": "local_conv2d"}
+OP_NAMES = {
+    "modulated": "modulated_conv2d",
+    "pixel": "pixel_filter2d",
+    "local": "local_conv2d",
+    "gaussian": "gaussian_filter2d",
+}
+# The ops with one filter per pixel for every channel (cout is cin).
+PIXEL_OPS = ("pixel", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One timed problem: ``op`` is ``modulated``, ``pixel`` (``pixel_filter2d``, one filter per
-    pixel for every channel) or ``local``; ``cout`` is ``cin`` for ``pixel``."""
+    pixel for every channel), ``local`` or ``gaussian`` (``gaussian_filter2d``: a sigma per
+    pixel); ``cout`` is ``cin`` for the last two."""
 
     op: str
     n: int
@@ -30,7 +38,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        channels = f"{self.cin}" if self.op == "pixel" else f"{self.cin}to{self.cout}"
+        channels = f"{self.cin}" if self.op in PIXEL_OPS else f"{self.cin}to{self.cout}"
         return f"{self.op}-N{self.n}-{self.h}x{self.w}-{channels}-{self.k}x{self.k}-{self.dtype}"
 
     @property
@@ -45,12 +53,15 @@ class Case:
             return {"x": x, "w": (k, k, cin, cout), "d": (n, h, w, k, k), "g": (n, h, w, cout)}
         if self.op == "pixel":
             return {"x": x, "k": (n, h, w, k, k), "g": x}
+        if self.op == "gaussian":
+            return {"x": x, "sigma": (n, h, w), "g": x}
         return {"x": x, "w": (h, w, k, k, cin, cout), "g": (n, h, w, cout)}
 
     @property
     def flops(self) -> int:
-        """Multiply-adds x 2 of the forward pass (a dense conv's count for the modulated op)."""
-        per_pixel = self.cin if self.op == "pixel" else self.cin * self.cout
+        """Multiply-adds x 2 of the forward pass (a dense conv's count for the modulated op; the
+        filtering alone for the Gaussian)."""
+        per_pixel = self.cin if self.op in PIXEL_OPS else self.cin * self.cout
         return 2 * self.n * self.h * self.w * self.taps * per_pixel
 
     def min_bytes(self, mode: str) -> int:
@@ -61,7 +72,9 @@ class Case:
 
     @property
     def patch_bytes(self) -> int:
-        """Size of the ``kh*kw``-times patch tensor that the patch formulations build."""
+        """Size of the ``kh*kw``-times patch tensor that the patch formulations build (the
+        channels' ``kh*kw``-times copy; the Gaussian's explicit weights are one per channel
+        group of it)."""
         return self.n * self.h * self.w * self.cin * self.taps * ITEMSIZE[self.dtype]
 
     def describe(self) -> str:
@@ -89,6 +102,7 @@ def make_cases(backend: str, quick: bool) -> list[Case]:
             Case("modulated", 2, 32, 32, 8, 8, 3, "float32"),
             Case("pixel", 2, 32, 32, 8, 8, 7, "float32"),
             Case("local", 2, 16, 16, 4, 4, 3, "float32"),
+            Case("gaussian", 1, 32, 32, 3, 3, 7, "float32"),
         ]
     if backend == "gpu":
         return [
@@ -97,12 +111,14 @@ def make_cases(backend: str, quick: bool) -> list[Case]:
             Case("pixel", 8, 256, 256, 64, 64, 7, "float32"),
             Case("local", 8, 128, 128, 32, 32, 3, "float32"),
             Case("pixel", 8, 256, 256, 64, 64, 15, "float32"),
+            Case("gaussian", 8, 256, 256, 3, 3, 31, "float32"),
         ]
     return [
         Case("modulated", 4, 128, 128, 32, 32, 3, "float32"),
         Case("pixel", 4, 128, 128, 32, 32, 7, "float32"),
         Case("pixel", 4, 128, 128, 32, 32, 15, "float32"),
         Case("local", 4, 64, 64, 16, 16, 3, "float32"),
+        Case("gaussian", 1, 256, 256, 3, 3, 31, "float32"),
     ]
 
 
@@ -122,7 +138,7 @@ class CompileCase:
 
     @property
     def id(self) -> str:
-        channels = f"{self.cin}" if self.op == "pixel" else f"{self.cin}to{self.cout}"
+        channels = f"{self.cin}" if self.op in PIXEL_OPS else f"{self.cin}to{self.cout}"
         return f"{self.op}-N{self.n}-{self.h}x{self.w}-{channels}-{self.k}x{self.k}"
 
     def as_case(self) -> Case:
@@ -130,11 +146,12 @@ class CompileCase:
 
 
 def compile_cases(quick: bool) -> list[CompileCase]:
-    """The design's compile-time cases: every op at 31x31 (3x3 for the smoke test)."""
+    """The design's compile-time cases: the ops at 31x31 (3x3 for the smoke test)."""
     if quick:
         return [CompileCase("modulated", 1, 16, 16, 2, 2, 3)]
     return [
         CompileCase("modulated", 1, 64, 64, 4, 4, 31),
         CompileCase("pixel", 1, 256, 256, 3, 3, 31),
         CompileCase("local", 1, 32, 32, 2, 2, 31),
+        CompileCase("gaussian", 1, 256, 256, 3, 3, 31),
     ]

@@ -1,6 +1,7 @@
 """The JAX columns of a case: svconv's implementations, the XLA path's patch formulation,
-``lax.conv_general_dilated`` / ``conv_general_dilated_local`` and the reference, each a jitted
-function of one dict of inputs, forward or forward+backward."""
+``lax.conv_general_dilated`` / ``conv_general_dilated_local``, the reference, and for the
+Gaussian the explicit-kernel route; each a jitted function of one dict of inputs, forward or
+forward+backward."""
 
 from __future__ import annotations
 
@@ -18,12 +19,18 @@ from svconv import xla as svxla
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # The arrays each op is differentiated with respect to (the plain conv: x and w).
-DIFF = {"modulated": ("x", "w", "d"), "pixel": ("x", "k"), "local": ("x", "w")}
+DIFF = {
+    "modulated": ("x", "w", "d"),
+    "pixel": ("x", "k"),
+    "local": ("x", "w"),
+    "gaussian": ("x", "sigma"),
+}
 
 
 def make_inputs(case: Case) -> dict[str, jax.Array]:
     """Fresh random inputs (never zeros), seeded by the case id: normal ``x``, ``g`` and weights
-    scaled by the fan-in, positive modulations and filters around their nominal value."""
+    scaled by the fan-in, positive modulations and filters around their nominal value, sigmas
+    from sharp to a sixth of the window."""
     shapes = case.shapes()
     seed = jax.random.key(zlib.crc32(case.id.encode()))
     keys = dict(zip(shapes, jax.random.split(seed, len(shapes)), strict=True))
@@ -35,6 +42,8 @@ def make_inputs(case: Case) -> dict[str, jax.Array]:
             out[name] = jax.random.uniform(keys[name], shape, dt, 0.5, 1.5)
         elif name == "k":
             out[name] = jax.random.uniform(keys[name], shape, dt, 0.5, 1.5) / case.taps
+        elif name == "sigma":
+            out[name] = jax.random.uniform(keys[name], shape, dt, 0.2, max(0.5, case.k / 6))
         elif name == "w":
             out[name] = jax.random.normal(keys[name], shape, dt) / fan_in**0.5
         else:
@@ -48,6 +57,8 @@ def op_fn(case: Case, impl: str | None):
         return lambda a: svconv.modulated_conv2d(a["x"], a["w"], a["d"], impl=impl)
     if case.op == "pixel":
         return lambda a: svconv.pixel_filter2d(a["x"], a["k"], impl=impl)
+    if case.op == "gaussian":
+        return lambda a: svconv.gaussian_filter2d(a["x"], a["sigma"], case.k, impl=impl)
     return lambda a: svconv.local_conv2d(a["x"], a["w"], impl=impl)
 
 
@@ -93,19 +104,28 @@ def jax_columns(
             lambda a: svxla.pixel_forward_patches(a["x"], a["k"][..., None], geom=geom),
             diff,
         )
+    elif case.op == "gaussian":
+        # The route gaussian_filter2d replaces: the [N, H, W, kh, kw] weights, then the filter
+        # (both with the default implementation).
+        cols["explicit kernels"] = (
+            lambda a: svconv.pixel_filter2d(a["x"], svconv.gaussian_kernels(a["sigma"], case.k)),
+            diff,
+        )
     else:
         cols["lax local"] = (_lax_local, diff)
-    cols["reference"] = (op_fn(case, "reference"), diff)
 
     missing = {}
     if backend != "gpu":
         del cols["svconv pallas"]
         missing["svconv pallas"] = "no GPU (off a GPU, Pallas runs only in its slow interpreter)"
-    else:
-        del cols["reference"]
+    if backend == "gpu":
         missing["reference"] = "left out on the GPU: the tests' oracle, not a contender"
-    patch_col = "lax local" if case.op == "local" else "xla patches"
-    if case.patch_bytes > patch_limit:
+    elif case.op == "gaussian":
+        missing["reference"] = "left out: the explicit-kernel route is the comparison here"
+    else:
+        cols["reference"] = (op_fn(case, "reference"), diff)
+    patch_col = {"local": "lax local", "gaussian": None}.get(case.op, "xla patches")
+    if patch_col and case.patch_bytes > patch_limit:
         del cols[patch_col]
         missing[patch_col] = (
             f"its patch tensor ({case.patch_bytes / 2**30:.1f} GiB) exceeds the "

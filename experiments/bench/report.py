@@ -15,6 +15,7 @@ _RATE_NOTE = {
     "modulated": "TFLOP/s (forward+backward counted as 3 convs)",
     "pixel": "GB/s, each input read once and each output written once",
     "local": "GB/s, each input read once and each output written once",
+    "gaussian": "GB/s, each input read once and each output written once",
 }
 
 

@@ -52,7 +52,6 @@ def compute_targets(
     *,
     quick: bool,
     stat: str = "median_ms",
-    gaussian_note: str = "",
 ) -> list[dict]:
     """Target rows from this run's medians (or another statistic of the samples, ``stat``).
 
@@ -63,7 +62,6 @@ def compute_targets(
       compile_times: records of ``op``, ``id``, ``fwd_s`` and ``grad_s`` (``None``: failed).
       quick: smoke-test shapes: every row for information only.
       stat: the statistic of each column's samples that the ratios use.
-      gaussian_note: why the ``gaussian_filter2d`` target has no value (CPU only).
     """
     gpu = backend == "gpu"
     t = _Rows(quick)
@@ -146,6 +144,29 @@ def compute_targets(
                     ">=",
                     FASTEST_XLA if tag == "xla" else "",
                 )
+        elif c["op"] == "gaussian":
+            for mode in MODES:
+                t.add(
+                    f"{cid}: {mode}, svconv {tag} / explicit kernels",
+                    get(c, mode, fast),
+                    get(c, mode, "explicit kernels"),
+                    1 if gpu else 0.5,
+                    "<=",
+                    "pixel_filter2d(x, gaussian_kernels(sigma, size))",
+                )
+            for mode in MODES:
+                peak = {
+                    col: c["results"].get(mode, {}).get(col, {}).get("peak_mib")
+                    for col in (fast, "explicit kernels")
+                }
+                t.add(
+                    f"{cid}: {mode}, svconv {tag} peak buffers / explicit kernels'",
+                    peak[fast],
+                    peak["explicit kernels"],
+                    0.1,
+                    None if gpu else "<=",
+                    "XLA's planned buffers",
+                )
         else:
             for mode in MODES:
                 t.add(
@@ -156,7 +177,7 @@ def compute_targets(
                     ">=",
                     FASTEST_XLA if tag == "xla" else "",
                 )
-        if c["op"] in ("pixel", "local") and stream:
+        if c["op"] in ("pixel", "local", "gaussian") and stream:
             ms = get(c, "fwd", fast)
             gbs = None if ms is None else c["bytes"]["fwd"] / (ms * 1e-3) / 1e9
             t.add(
@@ -164,9 +185,11 @@ def compute_targets(
                 gbs,
                 stream,
                 0.7,
-                ">=" if gpu else None,
+                ">=" if gpu and c["op"] != "gaussian" else None,
             )
-        if c["op"] != "local":  # (local's weights, and their gradient, outweigh its patches)
+        # (local's weights, and their gradient, outweigh its patches; the Gaussian's memory
+        # has rows of its own)
+        if c["op"] in ("modulated", "pixel"):
             temp = c["results"].get("fwd+bwd", {}).get(fast, {}).get("temp_mib")
             t.add(
                 f"{cid}: fwd+bwd, svconv {tag} temporary buffers / patch tensor",
@@ -191,13 +214,4 @@ def compute_targets(
                 None if gpu else "<=",
                 note,
             )
-    if not gpu and not quick:
-        t.add(
-            "gaussian_filter2d 31x31 / pixel_filter2d(x, gaussian_kernels(...))",
-            None,
-            None,
-            0.5,
-            "<=",
-            gaussian_note,
-        )
     return t.rows

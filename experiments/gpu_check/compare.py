@@ -1,7 +1,8 @@
 """Randomized comparison of ``impl="pallas"`` and ``impl="xla"`` with ``impl="reference"``:
 forward, ``jax.vjp`` with a random cotangent and ``jax.jvp`` with random tangents, for every op
 (``modulated_conv2d`` with a per-image and a batch-shared ``d``, ``local_conv2d``,
-``pixel_filter2d`` and ``pixel_splat2d`` with and without channel groups), on random geometries
+``pixel_filter2d`` and ``pixel_splat2d`` with and without channel groups, ``gaussian_filter2d``
+and ``gaussian_splat2d`` with and without ``rho``), on random geometries
 (kernel sizes 1-7, strides, dilations, ``"SAME"``/``"VALID"``/int/explicit paddings including
 negative ones, odd channel counts) and every dtype.
 
@@ -10,12 +11,13 @@ shapes keep that short).
 
 Tolerance, in the manner of FlashAttention's tests: for every result (the output, each gradient,
 the JVP's tangent) the error of an implementation against the exact answer must be at most twice
-the error of the reference computed in the low precision, plus a small floor. Errors are
-Frobenius-norm relative, ``||a - exact|| / ||exact||``. The exact answer is the reference in
-float32 at ``HIGHEST`` precision on the (upcast) low-precision inputs. The reference computes in
-float32 and rounds its results to the input dtype, so "the reference in low precision" is the
-exact answer rounded to that dtype. For float32 dots at the default precision on a GPU (TF32
-tensor cores) it is the reference on inputs rounded to TF32 (10 mantissa bits).
+the error of the reference computed in the low precision, plus a small floor (one unit roundoff
+of the dtype). Errors are Frobenius-norm relative, ``||a - exact|| / ||exact||``. The exact
+answer is the reference on the low-precision inputs upcast to float32, at ``HIGHEST`` precision;
+the reference in low precision is the same reference on the bfloat16/float16 inputs themselves
+(it accumulates in float32 and rounds its results, and the Gaussian's weights, to the dtype).
+For float32 dots at the default precision on a GPU (TF32 tensor cores) it is the reference on
+inputs rounded to TF32 (10 mantissa bits).
 
 ``python -m experiments.gpu_check.compare [--tiny] [--problems N] [--time-limit S] [--out F]``
 prints one line per comparison and writes a JSON record; exit status 1 if any comparison failed.
@@ -36,7 +38,8 @@ from jax import lax
 
 import svconv
 
-OPS = ("modulated", "modulated_shared", "local", "filter", "splat")
+OPS = ("modulated", "modulated_shared", "local", "filter", "splat", "gaussian", "gaussian_splat")
+PIXEL_OPS = ("filter", "splat", "gaussian", "gaussian_splat")
 DOT_OPS = ("modulated", "modulated_shared", "local")
 # (dtype, precision): each op at its default precision in every dtype, and the dot ops' exact
 # float32 path.
@@ -50,7 +53,7 @@ IMPLS = ("pallas", "xla")
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One op call's shapes and geometry; ``groups`` is for the pixel ops (``None``: a 5-D
-    kernel, one filter for all channels)."""
+    kernel, one filter for all channels), ``rho`` for the Gaussian ones (rotated ellipses)."""
 
     op: str
     n: int
@@ -63,6 +66,7 @@ class Problem:
     dilation: tuple[int, int]
     padding: object
     groups: int | None = None
+    rho: bool = False
 
     @property
     def id(self) -> str:
@@ -71,8 +75,9 @@ class Problem:
                 return str(v)
             return "x".join(fmt(e) for e in v)
 
-        chans = f"c{self.cin}" if self.op in ("filter", "splat") else f"c{self.cin}o{self.cout}"
+        chans = f"c{self.cin}" if self.op in PIXEL_OPS else f"c{self.cin}o{self.cout}"
         groups = "" if self.groups is None else f"-g{self.groups}"
+        groups += "-rho" if self.rho else ""
         return (
             f"{self.op}-N{self.n}-H{self.h}W{self.w}-{chans}{groups}-k{fmt(self.kernel)}"
             f"-s{fmt(self.stride)}-d{fmt(self.dilation)}-p{fmt(self.padding)}"
@@ -98,8 +103,10 @@ class Problem:
         """The arrays the op is called with (``x`` first); the splat's ``x`` is its source."""
         n, kh, kw = self.n, *self.kernel
         x = (n, self.h, self.w, self.cin)
-        if self.op in ("filter", "splat"):
-            grid = self._out_size() if self.op == "filter" else (self.h, self.w)
+        if self.op in PIXEL_OPS:
+            grid = self._out_size() if self.op in ("filter", "gaussian") else (self.h, self.w)
+            if self.op in ("gaussian", "gaussian_splat"):
+                return {"x": x, "sigma": (n, *grid)} | ({"rho": (n, *grid)} if self.rho else {})
             tail = () if self.groups is None else (self.groups,)
             return {"x": x, "k": (n, *grid, kh, kw, *tail)}
         ho, wo = self._out_size()
@@ -118,7 +125,11 @@ class Problem:
             "local": svconv.local_conv2d,
             "filter": svconv.pixel_filter2d,
             "splat": svconv.pixel_splat2d,
+            "gaussian": svconv.gaussian_filter2d,
+            "gaussian_splat": svconv.gaussian_splat2d,
         }[self.op]
+        if self.op in ("gaussian", "gaussian_splat"):
+            return lambda x, sigma, rho=None: op(x, sigma, self.kernel, rho=rho, impl=impl, **kw)
         return lambda *arrays: op(*arrays, impl=impl, **kw)
 
 
@@ -143,6 +154,7 @@ def draw_problem(rng: np.random.Generator, op: str, tiny: bool) -> Problem:
             ],
         )
         groups, cin = None, _choice(rng, odd)
+        rho = op in ("gaussian", "gaussian_splat") and rng.random() < 0.5
         if op in ("filter", "splat") and rng.random() < 0.6:
             groups = _choice(rng, (1, 2, 3))
             cin = groups * _choice(rng, odd)
@@ -159,6 +171,7 @@ def draw_problem(rng: np.random.Generator, op: str, tiny: bool) -> Problem:
             dilation=_choice(rng, [(1, 1), (2, 2), (1, 2)]),
             padding=padding,
             groups=groups,
+            rho=rho,
         )
         try:
             shapes = problem.shapes()
@@ -196,10 +209,19 @@ def _f64(tree) -> dict[str, np.ndarray]:
 
 
 def _inputs(problem: Problem, seed: int, dtype):
-    """Random arrays, cotangent and tangents in ``dtype`` (normal; never zeros)."""
+    """Random arrays, cotangent and tangents in ``dtype`` (never zeros): normal, but sigmas from
+    sharp to wide and correlations within (-0.7, 0.7)."""
     shapes = problem.shapes()
     keys = iter(jax.random.split(jax.random.key(seed), 2 * len(shapes) + 1))
-    arrays = [jax.random.normal(next(keys), s, jnp.float32).astype(dtype) for s in shapes.values()]
+    bounds = {"sigma": (0.3, 2.5), "rho": (-0.7, 0.7)}
+    arrays = [
+        (
+            jax.random.uniform(next(keys), s, jnp.float32, *bounds[name])
+            if name in bounds
+            else jax.random.normal(next(keys), s, jnp.float32)
+        ).astype(dtype)
+        for name, s in shapes.items()
+    ]
     out = jax.eval_shape(problem.fn("reference", None), *arrays)
     cotangent = jax.random.normal(next(keys), out.shape, jnp.float32).astype(dtype)
     tangents = [jax.random.normal(next(keys), a.shape, jnp.float32).astype(dtype) for a in arrays]
@@ -233,12 +255,11 @@ def compare_problem(problem: Problem, seed: int, variants, backend: str, log) ->
                 rnd = lambda a: lax.reduce_precision(a, 8, TF32_MANTISSA_BITS)  # noqa: E731
                 low = _f64(exact_run(up(arrays, rnd), up(cot, rnd), up(tans, rnd)))
                 low_what = "reference on TF32-rounded inputs"
+            elif dtype_name == "float32":
+                low, low_what = exact, "exact"
             else:
-                low = {
-                    k: np.asarray(jnp.asarray(v).astype(dtype).astype(jnp.float32), np.float64)
-                    for k, v in exact.items()
-                }
-                low_what = f"exact answer rounded to {dtype_name}"
+                low = _f64(exact_run(arrays, cot, tans))
+                low_what = f"reference on the {dtype_name} inputs"
         err_low = {k: _rel(low[k], exact[k]) for k in exact}
         variant = dtype_name + ("" if precision is None else f"/{precision}")
         for impl in IMPLS:
@@ -310,6 +331,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (for the interpreter)")
     parser.add_argument("--problems", type=int, default=3, help="random problems per op")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of the ops")
     parser.add_argument(
         "--dtypes",
         default="float32,bfloat16,float16",
@@ -336,9 +358,10 @@ def main(argv=None) -> int:
         + ("compiled" if backend == "gpu" else "interpreted"),
         flush=True,
     )
+    ops = [op for op in OPS if op in args.ops.split(",")]
     records, stopped = [], None
     for round_ in range(args.problems):
-        for i, op in enumerate(OPS):
+        for i, op in enumerate(ops):
             if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
                 stopped = f"time limit ({args.time_limit:g} s) reached in round {round_ + 1}"
                 break
@@ -347,7 +370,7 @@ def main(argv=None) -> int:
             mine = variants
             if args.rotate:  # the dot ops take turns over every variant, the others over dtypes
                 own = [v for v in variants if v[1] is None or op in DOT_OPS]
-                mine = [own[(round_ * len(OPS) + i) % len(own)]]
+                mine = [own[(round_ * len(ops) + i) % len(own)]]
             records += compare_problem(problem, seed, mine, backend, lambda s: print(s, flush=True))
         if stopped:
             break
