@@ -231,7 +231,9 @@ def _inputs(problem: Problem, seed: int, dtype):
 def compare_problem(problem: Problem, seed: int, variants, backend: str, log) -> list[dict]:
     """Every implementation in every variant against the exact answer; one record each."""
     records = []
-    exact_run = _runner(problem, "reference", "highest")  # compiled once, float32 inputs
+    # One jitted reference: the exact answer (float32 inputs) and, traced again per dtype, the
+    # reference in low precision.
+    exact_run = _runner(problem, "reference", "highest")
     runners = {}
     for vi, (dtype_name, precision) in enumerate(variants):
         if precision is not None and problem.op not in DOT_OPS:
