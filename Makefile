@@ -1,5 +1,7 @@
 # svconv — `make test`, `make demo`, `make bench`. Each target creates .venv (Python >= 3.12) if
-# it is missing and installs what it needs from this repository's own files.
+# it is missing and installs what it needs from this repository's own files; `make gpu-check`
+# uses the packages already installed on a GPU machine (no venv, no network). `make help` lists
+# the targets.
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -20,7 +22,20 @@ if command -v pyenv >/dev/null 2>&1; then \
 exit 1
 endef
 
-.PHONY: test demo bench lint venv clean
+.PHONY: help test demo bench gpu-check lint venv clean
+
+help:
+	@echo "make test       create .venv, install svconv and the test deps, run the test suite"
+	@echo "make demo       create .venv, run the worked examples (quick mode)"
+	@echo "make bench      benchmark on this machine -> results/bench-<device>.{md,json}; also"
+	@echo "                the static traffic report (results/traffic.md); BENCH_ARGS=--quick"
+	@echo "make gpu-check  on a machine with an NVIDIA GPU and the packages preinstalled: the"
+	@echo "                tests with the kernels compiled, a randomized comparison with the"
+	@echo "                reference, the GPU benchmark -> results/, summary and logs in"
+	@echo "                out/gpu-check/ (GPU_CHECK_ARGS=--out DIR); DRY_RUN=1: the same on a"
+	@echo "                CPU with tiny shapes (the test suite runs this)"
+	@echo "make lint       ruff check and format check"
+	@echo "make clean      remove .venv and caches"
 
 $(PY):
 	@py="$$( $(FIND_PYTHON) )" || { \
@@ -49,6 +64,15 @@ bench: $(PY) .venv-torch
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[bench]'
 	$(PY) -m experiments.static.traffic
 	$(PY) -m experiments.bench $(BENCH_ARGS)
+
+# The GPU machine's own Python and packages (jax with its CUDA plugin, torch, pytest): no venv.
+GPU_CHECK_PY   ?= python3
+GPU_CHECK_ARGS ?=
+DRY_RUN        ?=
+
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m experiments.gpu_check \
+	  $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
 
 .PHONY: .venv-torch
 .venv-torch:

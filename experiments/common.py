@@ -307,10 +307,10 @@ def plot_losses(
 
 def output_dir(name: str, *, quick: bool, out_dir: str | Path | None) -> Path:
     """Where an experiment writes: ``out_dir`` if given, else ``out/<name>`` for quick runs
-    (git-ignored) and ``experiments/results/<name>`` for full ones (committed, shown in the
-    README). Created if missing."""
+    (git-ignored) and ``results/<name>`` for full ones (committed, shown in the README).
+    Created if missing."""
     if out_dir is None:
-        base = REPO_ROOT / "out" if quick else REPO_ROOT / "experiments" / "results"
+        base = REPO_ROOT / "out" if quick else REPO_ROOT / "results"
         out_dir = base / name
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -398,7 +398,7 @@ def main(run: Callable[..., dict[str, Any]], name: str, description: str) -> Non
     parser.add_argument(
         "--out",
         default=None,
-        help="output folder (default: out/<name>/ quick, experiments/results/<name>/ full)",
+        help="output folder (default: out/<name>/ quick, results/<name>/ full)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 ``make demo`` runs ``python -m experiments.demo``. Each experiment writes its figures and a
 ``results.json`` to ``out/<name>/``; the full-size runs behind the README's figures are
-``python -m experiments.<name>`` (written to ``experiments/results/<name>/``).
+``python -m experiments.<name>`` (written to ``results/<name>/``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
         common.print_summary(record, out)
     print(
         f"\nall {len(done)} experiments in {time.perf_counter() - started:.0f} s; full-size "
-        "runs: python -m experiments.<name> (figures in experiments/results/<name>/)"
+        "runs: python -m experiments.<name> (figures in results/<name>/)"
     )
 
 

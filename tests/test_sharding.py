@@ -23,7 +23,13 @@ def results(request) -> dict[str, dict]:
         for item in request.session.items
         if item.originalname == "test_sharding" and hasattr(item, "callspec")
     ]
-    env = {**os.environ, "XLA_FLAGS": sharding_checks.xla_flags(os.environ.get("XLA_FLAGS"))}
+    # The 8 devices are forced host (CPU) devices: on a GPU machine JAX would otherwise pick the
+    # GPU, a single device.
+    env = {
+        **os.environ,
+        "XLA_FLAGS": sharding_checks.xla_flags(os.environ.get("XLA_FLAGS")),
+        "JAX_PLATFORMS": "cpu",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharding_checks", *selected],
         cwd=REPO_ROOT,
