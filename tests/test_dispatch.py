@@ -21,8 +21,11 @@ from tests.conftest import assert_close, rands
 
 def test_auto_uses_xla_on_cpu_and_logs_why(caplog):
     x, w, d = rands(51, (1, 6, 7, 2), (3, 3, 2, 2), (6, 7, 3, 3))
-    with caplog.at_level(logging.DEBUG, logger="svconv"):
-        y = svconv.modulated_conv2d(x, w, d)
+    # On the CPU device also in a process whose default backend is a GPU: a computation placed
+    # there must run XLA, not kernels it cannot run.
+    cpu = jax.devices("cpu")[0]
+    with caplog.at_level(logging.DEBUG, logger="svconv"), jax.default_device(cpu):
+        y = svconv.modulated_conv2d(*(jax.device_put(a, cpu) for a in (x, w, d)))
     assert "using XLA, not Pallas: no GPU kernels on platform 'cpu'" in caplog.text
     assert_close(y, svconv.modulated_conv2d(x, w, d, impl="reference"))
 

@@ -27,7 +27,7 @@ def test_export_round_trip_forward_and_gradient():
     args = _args()
     for fn in (jax.jit(_model), jax.jit(jax.grad(lambda *a: jnp.sum(_model(*a) ** 2)))):
         exported = export.deserialize(export.export(fn)(*args).serialize())
-        assert exported.platforms == ("cpu",)
+        assert len(exported.platforms) == 1  # the default backend's
         assert_close(exported.call(*args), fn(*args))
 
 
