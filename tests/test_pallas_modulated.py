@@ -13,6 +13,7 @@ from jax import lax
 from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import modulated as mk
 from pallas_kernels.geometry import Geometry
+from tests.conftest import assert_close
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -99,10 +100,6 @@ CASES = [
     Case(1, (9, 7), 3, 5, 3, stride=(2, 2), padding=_pad(1), shared=True, dtype="float16"),
 ]
 
-# Max |error| / max |oracle| allowed: fp32 with HIGHEST is exact up to summation order; the
-# 16-bit kernels round the modulated tile (x * d) to the input dtype before the dot.
-TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
-
 
 def oracle(x, w, d, *, stride, dilation, padding):
     """Strided slices of the zero-padded input, one per tap, contracted in one fp32 einsum."""
@@ -155,20 +152,6 @@ def _expected(case: Case, x, w, d, dy):
     )
 
 
-def _rel_error(got, want, dtype):
-    assert got.shape == want.shape
-    assert got.dtype == jnp.dtype(dtype)
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    scale = np.abs(want).max()
-    assert scale > 0
-    return np.abs(got - want).max() / scale
-
-
-def _assert_close(got, want, dtype):
-    err = _rel_error(got, want, dtype)
-    assert err <= TOL[str(jnp.dtype(dtype))], f"relative max error {err:.3g}"
-
-
 def _kwargs(case, out_shape, precision=HIGHEST, interpret=INTERPRET):
     return dict(
         geom=case.geom,
@@ -198,12 +181,9 @@ def test_kernels_match_oracle(case):
     operands = {"forward": (x, w, d), "grad_x": (w, d, dy), "grad_w": (x, d, dy)}
     operands["grad_d"] = (x, w, dy)
     got = {name: jax.jit(k[name], compiler_options=_FAST_COMPILE)(*operands[name]) for name in k}
-    errors = {
-        name: _rel_error(g, want, case.dtype)
-        for (name, g), want in zip(got.items(), _expected(case, x, w, d, dy), strict=True)
-    }
-    bad = {k: f"{v:.3g}" for k, v in errors.items() if not v <= TOL[case.dtype]}
-    assert not bad, f"relative max errors above {TOL[case.dtype]}: {bad}"
+    for (name, g), want in zip(got.items(), _expected(case, x, w, d, dy), strict=True):
+        assert g.dtype == jnp.dtype(case.dtype), name
+        assert_close(g, want, case.dtype, what=name)
 
 
 ONES_CASES = [
@@ -221,8 +201,8 @@ def test_fwd_unmodulated_matches_lax_conv(case):
         x, w, case.stride, case.padding, rhs_dilation=case.dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST,
     )  # fmt: skip
-    _assert_close(_jit(oracle, **case.geometry())(x, w, d), want, case.dtype)
-    _assert_close(jax.jit(_kernels(case)["forward"])(x, w, d), want, case.dtype)
+    assert_close(_jit(oracle, **case.geometry())(x, w, d), want, case.dtype)
+    assert_close(jax.jit(_kernels(case)["forward"])(x, w, d), want, case.dtype)
 
 
 def test_vmap():
@@ -235,7 +215,7 @@ def test_vmap():
     fwd = _kernels(case)["forward"]
     got = jax.jit(jax.vmap(fwd), compiler_options=_FAST_COMPILE)(x, w, d)
     for i in range(2):
-        _assert_close(got[i], oracle(x[i], w[i], d[i], **case.geometry()), case.dtype)
+        assert_close(got[i], oracle(x[i], w[i], d[i], **case.geometry()), case.dtype)
 
 
 def test_unsupported_reason_and_bad_block_sizes():
