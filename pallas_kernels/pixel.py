@@ -1,11 +1,12 @@
 """Per-pixel filter kernels (Pallas, Triton backend): gather, its transpose in x, its gradient in k.
 
-Shapes (NHWC): x, v: [N, H, W, C]; k: [N, Ho, Wo, kh, kw, G], channel c in group c // (C // G).
+Shapes (NHWC): x: [N, H, W, C], dy: [N, Ho, Wo, C]; k: [N, Ho, Wo, kh, kw, G], channel c in group
+c // (C // G).
 
-* `pixel_gather(x, k)[b, i, j, c] =
-  sum_{m,n} xpad[b, i*sh + m*dh, j*sw + n*dw, c] * k[b, i, j, m, n, g(c)]`
-* `pixel_scatter(v, k)`: its transpose in x (each source pixel spreads its own filter).
-* `pixel_correlate(x, v)`: its transpose in k (the gradient with respect to k).
+* `forward(x, k)[b, i, j, c] =
+  sum_{m,n} xpad[b, i*sh + m*dh, j*sw + n*dw, c] * k[b, i, j, m, n, g(c)]` (a gather);
+* `grad_x(k, dy)`: its transpose in x (a scatter: each source pixel spreads its own filter);
+* `grad_k(x, dy)`: its transpose in k (a correlation).
 
 Every program owns a tile of output pixels and a block of channels, held as a
 [pixels, groups, channels-of-a-group] array: a per-(pixel, group) filter value then broadcasts over
@@ -52,7 +53,7 @@ class PixelBlockSizes:
     """Work of one program.
 
     Attributes:
-      block_h, block_w: output pixels per program (for `pixel_scatter`: pixels of one stride phase).
+      block_h, block_w: output pixels per program (for `grad_x`: pixels of one stride phase).
       block_groups: groups per program.
       block_channels: channels of one group per program (a group wider than this is split).
       num_warps, num_stages: Triton launch settings.
@@ -91,7 +92,7 @@ def pixel_block_sizes(
     block_channels = min(next_pow2(cpg), lanes)
     block_groups = min(next_pow2(groups), max(lanes // block_channels, 1))
     channel_programs = pl.cdiv(groups, block_groups) * pl.cdiv(cpg, block_channels)
-    # correlate keeps every channel block of its groups live (the v tiles); the others one.
+    # correlate keeps every channel block of its groups live (the dy tiles); the others one.
     live = block_groups * block_channels
     if op == "correlate":
         live *= pl.cdiv(cpg, block_channels)
@@ -173,10 +174,10 @@ def _gather_kernel(x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_s
 
 
 def _scatter_kernel(
-    v_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
+    dy_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
 ):
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    _, ho, wo, c = v_ref.shape
+    _, ho, wo, c = dy_ref.shape
     _, h, w, _ = o_ref.shape
     groups = k_ref.shape[-1]
     gb, sb = _split(pl.program_id(0), n_sub)
@@ -196,11 +197,11 @@ def _scatter_kernel(
         i = big_r + exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
         j = big_q + exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
         ok = _inside(i, j, ho, wo)
-        vt = plt.load(
-            v_ref.at[b, i, j, chan], mask=ok & chan_ok, other=0.0, eviction_policy=_REUSED
+        dyt = plt.load(
+            dy_ref.at[b, i, j, chan], mask=ok & chan_ok, other=0.0, eviction_policy=_REUSED
         )
         kt = plt.load(k_ref.at[b, i, j, m, n, grp], mask=ok & (grp < groups), other=0.0)
-        return acc + vt.astype(jnp.float32) * kt.astype(jnp.float32)
+        return acc + dyt.astype(jnp.float32) * kt.astype(jnp.float32)
 
     def row(u, acc):
         m = m0 + u * m_step
@@ -212,7 +213,7 @@ def _scatter_kernel(
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=ok)
 
 
-def _correlate_kernel(x_ref, v_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_th: int):
+def _correlate_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_th: int):
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = o_ref.shape
@@ -225,9 +226,9 @@ def _correlate_kernel(x_ref, v_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, 
     blocks = [
         _block_channels(gb, sb, cpg, groups, bs) for sb in range(pl.cdiv(cpg, bs.block_channels))
     ]
-    # v is the same for every tap: read it once.
-    vts = [
-        plt.load(v_ref.at[b, rows3, cols3, chan], mask=pix_ok & ok, other=0.0).astype(jnp.float32)
+    # dy is the same for every tap: read it once.
+    dyts = [
+        plt.load(dy_ref.at[b, rows3, cols3, chan], mask=pix_ok & ok, other=0.0).astype(jnp.float32)
         for _, chan, ok in blocks
     ]
     grp = blocks[0][0][..., 0]  # [1, TG]
@@ -237,14 +238,14 @@ def _correlate_kernel(x_ref, v_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, 
         r = rows3 * sh + m * dh - ptop
         q = cols3 * sw + n * dw - pleft
         acc = jnp.zeros((rows.shape[0], bs.block_groups), jnp.float32)
-        for (_, chan, ok), vt in zip(blocks, vts, strict=True):
+        for (_, chan, ok), dyt in zip(blocks, dyts, strict=True):
             xt = plt.load(
                 x_ref.at[b, r, q, chan],
                 mask=_inside(r, q, h, w) & ok,
                 other=0.0,
                 eviction_policy=_REUSED,
             )
-            acc += jnp.sum(xt.astype(jnp.float32) * vt, axis=2)
+            acc += jnp.sum(xt.astype(jnp.float32) * dyt, axis=2)
         plt.store(o_ref.at[b, rows, cols, m, n, grp], acc.astype(o_ref.dtype), mask=out_ok)
         return carry
 
