@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.geometry import Geometry
 from svconv import _checks
 
 
@@ -36,17 +37,28 @@ def tolerance(dtype, terms: int = 4096) -> float:
     return 3 * unit_roundoff(dtype) + unit_roundoff(accumulation) * math.sqrt(terms)
 
 
+_DTYPE_IDS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
+    """One test geometry: ``x [n, h, w, cin]``, ``cout`` output channels (the pixel ops use
+    ``cin``), a ``k`` window, the geometry keywords as the ops take them, and the options some
+    tests vary: filter groups, a batch-shared modulation, the dtype, Pallas block sizes."""
+
     n: int
     h: int
     w: int
     cin: int
     cout: int
-    k: tuple[int, int]
-    stride: tuple[int, int] | int
-    dilation: tuple[int, int] | int
-    padding: object
+    k: int | tuple[int, int] = 3
+    stride: tuple[int, int] | int = 1
+    dilation: tuple[int, int] | int = 1
+    padding: object = 0
+    groups: int = 1
+    shared: bool = False
+    dtype: object = jnp.float32
+    block_sizes: object = None
 
     @property
     def id(self) -> str:
@@ -55,15 +67,26 @@ class Case:
                 return str(v)
             return "x".join(fmt(e) if not isinstance(e, int) else str(e) for e in v)
 
-        return (
-            f"N{self.n}-H{self.h}W{self.w}-c{self.cin}o{self.cout}-k{fmt(self.k)}"
-            f"-s{fmt(self.stride)}-d{fmt(self.dilation)}-p{fmt(self.padding)}"
-        )
+        parts = [
+            f"N{self.n}-H{self.h}W{self.w}-c{self.cin}o{self.cout}-k{fmt(self.k)}",
+            f"s{fmt(self.stride)}-d{fmt(self.dilation)}-p{fmt(self.padding)}",
+        ]
+        if self.groups != 1:
+            parts.append(f"g{self.groups}")
+        if self.shared:
+            parts.append("dshared")
+        dtype = jnp.dtype(self.dtype).name
+        if dtype != "float32":
+            parts.append(_DTYPE_IDS.get(dtype, dtype))
+        if self.block_sizes is not None:
+            parts.append("tiled")
+        return "-".join(parts)
 
-    def geom(self) -> _checks.Geometry:
+    def geom(self) -> Geometry:
+        """The normalised geometry (pairs, explicit padding, the output size)."""
         return _checks.geometry(
             in_size=(self.h, self.w),
-            kernel_size=self.k,
+            kernel_size=_checks.pair("k", self.k),
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,

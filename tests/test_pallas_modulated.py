@@ -13,68 +13,27 @@ from jax import lax
 from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import modulated as mk
 from pallas_kernels.geometry import Geometry
-from tests.conftest import assert_close
+from tests.conftest import Case, assert_close
 
 HIGHEST = lax.Precision.HIGHEST
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    n: int
-    hw: tuple[int, int]
-    cin: int
-    cout: int
-    k: int
-    stride: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-    shared: bool = False
-    dtype: str = "float32"
-    block_sizes: mk.ModulatedBlockSizes | None = None
+def _geometry(case: Case) -> dict:
+    """The normalised geometry keywords of the oracle."""
+    g = case.geom()
+    return dict(stride=g.stride, dilation=g.dilation, padding=g.padding)
 
-    @property
-    def out_hw(self):
-        return tuple(
-            (n + lo + hi - (self.k - 1) * dl - 1) // s + 1
-            for n, s, dl, (lo, hi) in zip(
-                self.hw, self.stride, self.dilation, self.padding, strict=True
-            )
-        )
 
-    @property
-    def id(self):
-        def pair(v):
-            return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
-
-        (pt, pb), (pl_, pr) = self.padding
-        pad = str(pt) if pt == pb == pl_ == pr else f"{pt}{pb}{pl_}{pr}"
-        parts = [
-            f"N{self.n}-H{self.hw[0]}W{self.hw[1]}-c{self.cin}o{self.cout}-k{self.k}",
-            f"s{pair(self.stride)}-d{pair(self.dilation)}-p{pad}",
-            "dshared" if self.shared else "dbatch",
-            {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[self.dtype],
-        ]
-        if self.block_sizes is not None:
-            parts.append("blocks")
-        return "-".join(parts)
-
-    def geometry(self):
-        return dict(stride=self.stride, dilation=self.dilation, padding=self.padding)
-
-    @property
-    def geom(self) -> Geometry:
-        return Geometry.of(self.hw, (self.k, self.k), self.stride, self.dilation, self.padding)
-
-    def shapes(self):
-        """Shapes of x, w, d, y."""
-        ho, wo = self.out_hw
-        d = (ho, wo, self.k, self.k) if self.shared else (self.n, ho, wo, self.k, self.k)
-        return (
-            (self.n, *self.hw, self.cin),
-            (self.k, self.k, self.cin, self.cout),
-            d,
-            (self.n, ho, wo, self.cout),
-        )
+def _shapes(case: Case):
+    """Shapes of x, w, d, y."""
+    (ho, wo), (kh, kw) = case.geom().out_size, case.geom().kernel_size
+    d = (ho, wo, kh, kw) if case.shared else (case.n, ho, wo, kh, kw)
+    return (
+        (case.n, case.h, case.w, case.cin),
+        (kh, kw, case.cin, case.cout),
+        d,
+        (case.n, ho, wo, case.cout),
+    )
 
 
 def _pad(p):
@@ -87,17 +46,17 @@ SMALL_BLOCKS = mk.ModulatedBlockSizes(
 )  # fmt: skip
 
 CASES = [
-    Case(2, (9, 7), 3, 5, 3, padding=_pad(1)),
-    Case(2, (9, 7), 3, 5, 3, stride=(2, 2), padding=_pad(1)),
-    Case(2, (8, 7), 4, 6, 1, shared=True),
-    Case(2, (6, 5), 3, 4, 3, padding=((3, 0), (0, 4)), shared=True),
-    Case(1, (13, 11), 3, 2, 2, stride=(4, 3)),
-    Case(1, (11, 10), 5, 3, 3, (2, 1), (2, 2), ((0, 2), (3, 0)), shared=True),
-    Case(1, (12, 13), 17, 33, 5, (2, 2), (1, 2), ((2, 1), (0, 0))),
-    Case(1, (10, 9), 3, 4, 7, padding=_pad(3)),
-    Case(2, (10, 9), 20, 18, 3, (1, 2), (2, 1), ((1, 0), (2, 1)), block_sizes=SMALL_BLOCKS),
-    Case(2, (9, 9), 8, 8, 3, dilation=(2, 2), padding=_pad(2), dtype="bfloat16"),
-    Case(1, (9, 7), 3, 5, 3, stride=(2, 2), padding=_pad(1), shared=True, dtype="float16"),
+    Case(2, 9, 7, 3, 5, 3, padding=_pad(1)),
+    Case(2, 9, 7, 3, 5, 3, stride=(2, 2), padding=_pad(1)),
+    Case(2, 8, 7, 4, 6, 1, shared=True),
+    Case(2, 6, 5, 3, 4, 3, padding=((3, 0), (0, 4)), shared=True),
+    Case(1, 13, 11, 3, 2, 2, stride=(4, 3)),
+    Case(1, 11, 10, 5, 3, 3, (2, 1), (2, 2), ((0, 2), (3, 0)), shared=True),
+    Case(1, 12, 13, 17, 33, 5, (2, 2), (1, 2), ((2, 1), (0, 0))),
+    Case(1, 10, 9, 3, 4, 7, padding=_pad(3)),
+    Case(2, 10, 9, 20, 18, 3, (1, 2), (2, 1), ((1, 0), (2, 1)), block_sizes=SMALL_BLOCKS),
+    Case(2, 9, 9, 8, 8, 3, dilation=(2, 2), padding=_pad(2), dtype=jnp.bfloat16),
+    Case(1, 9, 7, 3, 5, 3, stride=(2, 2), padding=_pad(1), shared=True, dtype=jnp.float16),
 ]
 
 
@@ -119,14 +78,13 @@ def oracle(x, w, d, *, stride, dilation, padding):
 
 
 def _inputs(case: Case, seed=0):
-    ho, wo = case.out_hw
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     dt = jnp.dtype(case.dtype)
-    x = jax.random.normal(keys[0], (case.n, *case.hw, case.cin)).astype(dt)
-    w = jax.random.normal(keys[1], (case.k, case.k, case.cin, case.cout)).astype(dt)
-    d_shape = (ho, wo, case.k, case.k) if case.shared else (case.n, ho, wo, case.k, case.k)
-    d = jax.random.uniform(keys[2], d_shape, minval=-1.0, maxval=2.0).astype(dt)
-    dy = jax.random.normal(keys[3], (case.n, ho, wo, case.cout)).astype(dt)
+    xs, ws, ds, ys = _shapes(case)
+    x = jax.random.normal(keys[0], xs).astype(dt)
+    w = jax.random.normal(keys[1], ws).astype(dt)
+    d = jax.random.uniform(keys[2], ds, minval=-1.0, maxval=2.0).astype(dt)
+    dy = jax.random.normal(keys[3], ys).astype(dt)
     return x, w, d, dy
 
 
@@ -144,7 +102,7 @@ def _expected(case: Case, x, w, d, dy):
     """Oracle forward and vjp in fp32 from the same (rounded) inputs: (y, dx, dw, dd)."""
 
     def fwd_and_vjp(x, w, d, dy):
-        y, vjp = jax.vjp(functools.partial(oracle, **case.geometry()), x, w, d)
+        y, vjp = jax.vjp(functools.partial(oracle, **_geometry(case)), x, w, d)
         return (y, *vjp(dy))
 
     return jax.jit(fwd_and_vjp, compiler_options=_FAST_COMPILE)(
@@ -154,7 +112,7 @@ def _expected(case: Case, x, w, d, dy):
 
 def _kwargs(case, out_shape, precision=HIGHEST, interpret=INTERPRET):
     return dict(
-        geom=case.geom,
+        geom=case.geom(),
         out_shape=out_shape,
         precision=precision,
         block_sizes=case.block_sizes,
@@ -164,7 +122,7 @@ def _kwargs(case, out_shape, precision=HIGHEST, interpret=INTERPRET):
 
 def _kernels(case, **options):
     """The four kernels of `case`, each a function of its operands (slot order)."""
-    xs, ws, ds, ys = case.shapes()
+    xs, ws, ds, ys = _shapes(case)
     return {
         "forward": functools.partial(mk.forward, **_kwargs(case, ys, **options)),
         "grad_x": functools.partial(mk.grad_x, **_kwargs(case, xs, **options)),
@@ -187,8 +145,8 @@ def test_kernels_match_oracle(case):
 
 
 ONES_CASES = [
-    Case(2, (9, 7), 3, 5, 3, stride=(2, 1), dilation=(1, 2), padding=((1, 0), (2, 1))),
-    Case(1, (10, 8), 6, 4, 5, stride=(2, 2), padding=_pad(2)),
+    Case(2, 9, 7, 3, 5, 3, stride=(2, 1), dilation=(1, 2), padding=((1, 0), (2, 1))),
+    Case(1, 10, 8, 6, 4, 5, stride=(2, 2), padding=_pad(2)),
 ]
 
 
@@ -196,17 +154,17 @@ ONES_CASES = [
 def test_fwd_unmodulated_matches_lax_conv(case):
     """d == 1 must be lax.conv_general_dilated; also checks the loop oracle on the same case."""
     x, w, _, _ = _inputs(case)
-    d = jnp.ones((case.n, *case.out_hw, case.k, case.k))
+    d = jnp.ones(_shapes(case)[2])
     want = lax.conv_general_dilated(
-        x, w, case.stride, case.padding, rhs_dilation=case.dilation,
+        x, w, case.geom().stride, case.geom().padding, rhs_dilation=case.geom().dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST,
     )  # fmt: skip
-    assert_close(_jit(oracle, **case.geometry())(x, w, d), want, case.dtype)
+    assert_close(_jit(oracle, **_geometry(case))(x, w, d), want, case.dtype)
     assert_close(jax.jit(_kernels(case)["forward"])(x, w, d), want, case.dtype)
 
 
 def test_vmap():
-    case = Case(2, (9, 7), 3, 5, 3, stride=(2, 1), padding=_pad(1))
+    case = Case(2, 9, 7, 3, 5, 3, stride=(2, 1), padding=_pad(1))
     xs, ws, ds = [], [], []
     for seed in range(2):
         x, w, d, _ = _inputs(case, seed)
@@ -215,15 +173,15 @@ def test_vmap():
     fwd = _kernels(case)["forward"]
     got = jax.jit(jax.vmap(fwd), compiler_options=_FAST_COMPILE)(x, w, d)
     for i in range(2):
-        assert_close(got[i], oracle(x[i], w[i], d[i], **case.geometry()), case.dtype)
+        assert_close(got[i], oracle(x[i], w[i], d[i], **_geometry(case)), case.dtype)
 
 
 def test_unsupported_reason_and_bad_block_sizes():
     case = CASES[0]
-    shapes = dict(zip("xwdy", case.shapes(), strict=True))
+    shapes = dict(zip("xwdy", _shapes(case), strict=True))
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-        assert mk.unsupported_reason(case.geom, shapes, jnp.dtype(dtype)) is None
-    assert "float64" in mk.unsupported_reason(case.geom, shapes, np.dtype(np.float64))
+        assert mk.unsupported_reason(case.geom(), shapes, jnp.dtype(dtype)) is None
+    assert "float64" in mk.unsupported_reason(case.geom(), shapes, np.dtype(np.float64))
     with pytest.raises(ValueError, match="block_m"):
         dataclasses.replace(SMALL_BLOCKS, block_m=48)
 
@@ -244,21 +202,21 @@ def test_block_size_heuristic_targets_wgmma_on_large_problems():
 # ---------------------------------------------------------------------------------------------
 
 LOWER_CASES = [
-    Case(2, (16, 16), 3, 5, 3, padding=_pad(1)),
-    Case(2, (17, 15), 5, 7, 3, stride=(2, 2), padding=_pad(1), dtype="bfloat16"),
-    Case(1, (16, 16), 64, 64, 3, dilation=(2, 2), padding=_pad(2), shared=True, dtype="float16"),
-    Case(1, (12, 12), 24, 40, 1, stride=(2, 1), dtype="bfloat16"),
-    Case(2, (20, 18), 17, 33, 5, stride=(2, 2), padding=((2, 1), (0, 2))),
-    Case(1, (16, 16), 96, 160, 7, padding=_pad(3), shared=True, dtype="bfloat16"),
-    Case(8, (128, 128), 64, 64, 3, padding=_pad(1), dtype="bfloat16"),
-    Case(2, (10, 9), 20, 18, 3, (1, 2), (2, 1), ((1, 0), (2, 1)), block_sizes=SMALL_BLOCKS),
+    Case(2, 16, 16, 3, 5, 3, padding=_pad(1)),
+    Case(2, 17, 15, 5, 7, 3, stride=(2, 2), padding=_pad(1), dtype=jnp.bfloat16),
+    Case(1, 16, 16, 64, 64, 3, dilation=(2, 2), padding=_pad(2), shared=True, dtype=jnp.float16),
+    Case(1, 12, 12, 24, 40, 1, stride=(2, 1), dtype=jnp.bfloat16),
+    Case(2, 20, 18, 17, 33, 5, stride=(2, 2), padding=((2, 1), (0, 2))),
+    Case(1, 16, 16, 96, 160, 7, padding=_pad(3), shared=True, dtype=jnp.bfloat16),
+    Case(8, 128, 128, 64, 64, 3, padding=_pad(1), dtype=jnp.bfloat16),
+    Case(2, 10, 9, 20, 18, 3, (1, 2), (2, 1), ((1, 0), (2, 1)), block_sizes=SMALL_BLOCKS),
 ]
 
 
 def _operands(case, lead=()):
     """Abstract x, w, d, dy (with extra leading axes `lead`)."""
     dt = jnp.dtype(case.dtype)
-    return [jax.ShapeDtypeStruct((*lead, *s), dt) for s in case.shapes()]
+    return [jax.ShapeDtypeStruct((*lead, *s), dt) for s in _shapes(case)]
 
 
 def _lower_all(case, precision):
@@ -275,7 +233,7 @@ def _lower_all(case, precision):
 @pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: c.id)
 def test_lowers_for_cuda(case):
     # fp32 lowers twice: TF32 tensor cores (the default) and exact IEEE fp32 (HIGHEST).
-    precisions = [None, HIGHEST] if case.dtype == "float32" else [None]
+    precisions = [None, HIGHEST] if jnp.dtype(case.dtype) == jnp.float32 else [None]
     for precision in precisions:
         lowered = _lower_all(case, precision)
         for name, text in lowered.items():
@@ -284,7 +242,7 @@ def test_lowers_for_cuda(case):
 
 def test_vmap_lowers_for_cuda():
     """vmap adds a grid axis to every kernel (6 axes for grad_w): the launch grid must fold."""
-    case = Case(2, (12, 10), 5, 6, 3, stride=(2, 1), padding=_pad(1), dtype="bfloat16")
+    case = Case(2, 12, 10, 5, 6, 3, stride=(2, 1), padding=_pad(1), dtype=jnp.bfloat16)
     x, w, d, dy = _operands(case, lead=(3,))
     kernels = _kernels(case, interpret=False)
     operands = {"forward": (x, w, d), "grad_x": (w, d, dy), "grad_w": (x, d, dy)}
