@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import signal
+import subprocess
+from pathlib import Path
 
 # The suite is dominated by XLA compile time of many small tap loops; LLVM's heavy optimisation
 # buys nothing at these sizes. Set before the CPU backend starts.
@@ -19,6 +23,8 @@ import pytest
 
 from pallas_kernels.geometry import Geometry
 from svconv import _checks
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def unit_roundoff(dtype) -> float:
@@ -141,6 +147,54 @@ def rand(key_or_seed, shape, dtype=jnp.float32) -> jax.Array:
 def rands(seed: int, *shapes, dtype=jnp.float32) -> list[jax.Array]:
     keys = jax.random.split(jax.random.key(seed), len(shapes))
     return [rand(k, s, dtype) for k, s in zip(keys, shapes, strict=True)]
+
+
+def check_vmapped_kernels(run, oracle, inputs, ops, family: str, interpret: bool) -> None:
+    """Each kernel ``run(op, interpret, *inputs)`` vmapped over the two sets of ``inputs``
+    (stacked): lowered for CUDA it is still one kernel (vmap adds a grid axis), and each slice
+    equals ``oracle_with_vjp(oracle, slice, ops)``'s entry for the op."""
+    from experiments.static.lowering import lower_for_cuda, triton_kernel_names
+
+    stacked = [jnp.stack(pair) for pair in zip(*inputs, strict=True)]
+    for op in ops:
+        text = lower_for_cuda(jax.vmap(functools.partial(run, op, False)), *stacked)
+        assert triton_kernel_names(text) == [f"svconv_{family}_{op}"]
+        got = jax.vmap(functools.partial(run, op, interpret))(*stacked)
+        for i in range(len(inputs)):
+            assert_close(got[i], oracle_with_vjp(oracle, inputs[i], ops)[op], what=op)
+
+
+def run_bounded(command: list[str], timeout: float, **kwargs) -> tuple[int, str]:
+    """Run ``command`` in a new session (so that a time limit stops its children too); returns
+    the exit status and the output, or fails the test at the limit with the output's end."""
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{output[-4000:]}")
+    return proc.returncode, output
+
+
+def oracle_with_vjp(oracle, args, names: tuple[str, ...]) -> dict:
+    """``oracle(*args[:-1])`` and its VJP with the cotangent ``args[-1]``, in float32, jitted:
+    ``{names[0]: output, names[1]: gradient in args[0], ...}``."""
+
+    @jax.jit
+    def run(*args):
+        y, vjp = jax.vjp(oracle, *args[:-1])
+        return dict(zip(names, (y, *vjp(args[-1])), strict=True))
+
+    return run(*(a.astype(jnp.float32) for a in args))
 
 
 def assert_close(actual, expected, dtype=jnp.float32, tol=None, what="", terms: int = 4096):

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
+
+from tests.sharding_checks import collectives, forward_and_grad, on_mesh, run_checks
 
 PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -182,21 +181,8 @@ def _mesh(check: Check):
     return Mesh(grid, ("data", "rows"), axis_types=(axis_type,) * 2)
 
 
-def _collectives(text: str) -> dict[str, list[list[int]]]:
-    """Result shapes of every collective in compiled HLO text, by kind."""
-    found: dict[str, list[list[int]]] = {}
-    pattern = (
-        r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? "
-        r"(all-gather|all-to-all|collective-permute|all-reduce)(?:-start)?\("
-    )
-    for dims, kind in re.findall(pattern, text):
-        found.setdefault(kind, []).append([int(v) for v in dims.split(",") if v])
-    return found
-
-
 def run_check(check: Check) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
 
@@ -206,30 +192,19 @@ def run_check(check: Check) -> None:
         spans = {len({d.process_index for d in group}) for group in mesh.devices}
         assert spans == {1 if check.mode == "height" else PROCESSES}, f"height groups {spans}"
 
-    def forward_and_grad(*args):
-        # The gradient of sum(sin(y)) with respect to every array argument, and y.
-        y, vjp = jax.vjp(fn, *args)
-        return y, vjp(jnp.cos(y))
-
     # One device of this process, no mesh: what a single process computes.
+    step = forward_and_grad(fn)
     one = jax.local_devices()[0]
-    expected = jax.jit(forward_and_grad)(*(jax.device_put(a, one) for a in arrays))
-    expected = jax.tree.map(np.asarray, expected)
+    expected = jax.jit(step)(*(jax.device_put(a, one) for a in arrays))
+    expected = [np.asarray(e) for e in jax.tree.leaves(expected)]
 
     shardings = [NamedSharding(mesh, s) for s in specs]
     sharded = [
         jax.make_array_from_callback(a.shape, s, lambda index, a=a: a[index])
         for a, s in zip(arrays, shardings, strict=True)
     ]
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(forward_and_grad).lower(*sharded).compile()
-        got = compiled(*sharded)
-
-    pairs = [
-        ("output", got[0], expected[0]),
-        *((f"grad {i}", a, b) for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True))),
-    ]
-    for what, a, b in pairs:
+    compiled, got, named = on_mesh(step, sharded, mesh)
+    for (what, a), b in zip(named, expected, strict=True):
         assert not a.is_fully_addressable, f"{what} is not a global array"
         assert len(a.addressable_shards) == LOCAL_DEVICES, f"{what}: {a.addressable_shards}"
         scale = max(1.0, float(np.max(np.abs(b))))
@@ -247,7 +222,7 @@ def run_check(check: Check) -> None:
         assert g.sharding.is_equivalent_to(a.sharding, a.ndim), (
             f"grad {i} sharded as {g.sharding.spec}, its input as {a.sharding.spec}"
         )
-    coll = _collectives(compiled.as_text())
+    coll = collectives(compiled.as_text())
     for kind in ("all-gather", "all-to-all"):
         assert kind not in coll, f"{kind} of shapes {coll[kind]}"
     permutes = coll.get("collective-permute", [])
@@ -284,19 +259,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        for check in CHECKS:
-            if args.names and check.name not in args.names:
-                continue
-            start = time.perf_counter()
-            try:
-                run_check(check)
-                result = {"name": check.name, "ok": True}
-            except Exception:  # noqa: BLE001 - every failure is reported, then the next check runs
-                failed += 1
-                result = {"name": check.name, "ok": False, "error": traceback.format_exc()}
-            result["process"] = args.process_id
-            result["seconds"] = round(time.perf_counter() - start, 2)
-            print(MARK + json.dumps(result), flush=True)
+        failed = run_checks(CHECKS, args.names, run_check, MARK, process=args.process_id)
     finally:
         jax.distributed.shutdown()
     print(SHUT_DOWN, flush=True)

@@ -143,7 +143,7 @@ def _setup(check: Check):
     raise ValueError(check.op)
 
 
-def _collectives(text: str) -> dict[str, list[list[int]]]:
+def collectives(text: str) -> dict[str, list[list[int]]]:
     """Result shapes of every collective in compiled HLO text, by kind."""
     found: dict[str, list[list[int]]] = {}
     pattern = (
@@ -155,9 +155,32 @@ def _collectives(text: str) -> dict[str, list[list[int]]]:
     return found
 
 
-def run_check(check: Check) -> None:
+def forward_and_grad(fn):
+    """``args -> (y, the gradient of sum(sin(y)) with respect to every array argument)``."""
     import jax
     import jax.numpy as jnp
+
+    def run(*args):
+        y, vjp = jax.vjp(fn, *args)
+        return y, vjp(jnp.cos(y))
+
+    return run
+
+
+def on_mesh(fn, sharded, mesh):
+    """``fn`` compiled for the sharded arrays on ``mesh`` and its result: ``(compiled, result,
+    [(what, part of the result)])`` with the output and each gradient named."""
+    import jax
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(fn).lower(*sharded).compile()
+        got = compiled(*sharded)
+    named = [("output", got[0]), *((f"grad {i}", g) for i, g in enumerate(got[1]))]
+    return compiled, got, named
+
+
+def run_check(check: Check) -> None:
+    import jax
     import numpy as np
     from jax.sharding import AxisType, NamedSharding
 
@@ -167,29 +190,18 @@ def run_check(check: Check) -> None:
     axis_type = AxisType.Explicit if check.explicit else AxisType.Auto
     mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
-    def forward_and_grad(*args):
-        # The gradient of sum(sin(y)) with respect to every array argument, and y.
-        y, vjp = jax.vjp(fn, *args)
-        return y, vjp(jnp.cos(y))
-
-    expected = jax.jit(forward_and_grad)(*arrays)
+    step = forward_and_grad(fn)
+    expected = jax.tree.leaves(jax.jit(step)(*arrays))
     sharded = [
         jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(arrays, specs, strict=True)
     ]
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(forward_and_grad).lower(*sharded).compile()
-        got = compiled(*sharded)
-
-    pairs = [
-        ("output", got[0], expected[0]),
-        *((f"grad {i}", a, b) for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True))),
-    ]
-    for what, a, b in pairs:
+    compiled, got, named = on_mesh(step, sharded, mesh)
+    for (what, a), b in zip(named, expected, strict=True):
         scale = max(1.0, float(np.max(np.abs(b))))
         err = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
         assert err < 2e-5, f"{what}: relative error {err:.3g} against one device"
 
-    coll = _collectives(compiled.as_text())
+    coll = collectives(compiled.as_text())
     if not check.split:
         # The documented fallback: height is gathered (this also proves the HLO scan works).
         assert "all-gather" in coll, f"no all-gather in the fallback: {coll}"
@@ -218,19 +230,26 @@ def main(names: list[str]) -> int:
     if jax.device_count() < DEVICES:
         print(f"needs {DEVICES} devices: run with XLA_FLAGS={DEVICE_FLAG}", file=sys.stderr)
         return 2
+    return run_checks(CHECKS, names, run_check, MARK)
+
+
+def run_checks(checks, names, run, mark: str, **extra) -> int:
+    """Run every check named in ``names`` (all when empty), printing one JSON line each after
+    ``mark`` (with ``extra``); 1 when one failed. A failure is reported and the next check
+    runs."""
     failed = 0
-    for check in CHECKS:
+    for check in checks:
         if names and check.name not in names:
             continue
         start = time.perf_counter()
         try:
-            run_check(check)
+            run(check)
             result = {"name": check.name, "ok": True}
-        except Exception:  # noqa: BLE001 - every failure is reported, then the next check runs
+        except Exception:  # noqa: BLE001
             failed += 1
             result = {"name": check.name, "ok": False, "error": traceback.format_exc()}
-        result["seconds"] = round(time.perf_counter() - start, 2)
-        print(MARK + json.dumps(result), flush=True)
+        result.update(extra, seconds=round(time.perf_counter() - start, 2))
+        print(mark + json.dumps(result), flush=True)
     return 1 if failed else 0
 
 

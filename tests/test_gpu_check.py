@@ -6,8 +6,6 @@ pytest's output)."""
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 
 from experiments.gpu_check import __main__ as gpu_check
 from experiments.gpu_check import compare
+from tests.conftest import run_bounded
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The dry run takes about a minute on 2 idle CPU cores; the bound only stops a hung run.
@@ -42,21 +41,7 @@ def test_dry_run_end_to_end(tmp_path):
         ]
     else:
         cmd = [sys.executable, "-m", "experiments.gpu_check", "--dry-run", "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO_ROOT,
-        env=_child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate()
-        pytest.fail(f"the dry run did not finish in {TIMEOUT} s:\n{stdout[-4000:]}")
+    returncode, stdout = run_bounded(cmd, TIMEOUT, env=_child_env())
     summary = json.loads((out / "gpu-check.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
     comparison = json.loads((out / "compare.json").read_text())
@@ -64,7 +49,7 @@ def test_dry_run_end_to_end(tmp_path):
     # kernels' own tests hold their tolerances): a numerical miss fails the check's exit status
     # and is listed, while everything else must pass.
     misses = [r for r in comparison["records"] if r["status"] == "fail"]
-    assert proc.returncode == (1 if misses else 0), stdout[-4000:]
+    assert returncode == (1 if misses else 0), stdout[-4000:]
     assert summary["result"] == ("failed: compare failed" if misses else "passed"), misses
     assert summary["dry_run"] and summary["jax"]["backend"] == "cpu" and summary["versions"]["jax"]
     assert [s["name"] for s in summary["stages"]] == ["pytest", "compare", "bench"]

@@ -7,15 +7,13 @@ Every run is bounded in time, and every process is gone (shut down, or killed at
 before its results are read."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests import multiprocess_checks
+from tests.conftest import run_bounded
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Each run takes 20-40 s on 2 CPU cores; the bound only stops a hung process.
@@ -80,21 +78,8 @@ def test_data_parallel_processes(tmp_path):
     # time limit stop them together with their launcher.
     command = [sys.executable, "-m", "experiments.data_parallel", "--quick", "--steps", "2"]
     command += ["--processes", "2", "--out", str(tmp_path)]
-    proc = subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output[-6000:]
+    returncode, output = run_bounded(command, TIMEOUT)
+    assert returncode == 0, output[-6000:]
     assert output.count("== data_parallel") == 1, output[-6000:]  # process 0 reports
 
     record = json.loads((tmp_path / "results.json").read_text())

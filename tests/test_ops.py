@@ -46,17 +46,20 @@ def _check_vjp(f, g, args, seed, dtype=jnp.float32, what=""):
         assert_close(a, b, dtype, what=f"{what} grad of arg {i}")
 
 
-def _oracle_conv(x, w, case: Case):
+def _lax_geometry(case: Case) -> dict:
+    """``case``'s geometry as lax's convolutions take it, exact in float32."""
     geom = case.geom()
-    return lax.conv_general_dilated(
-        x,
-        w,
-        geom.stride,
-        geom.padding,
-        rhs_dilation=geom.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST,
-    )
+    return {
+        "window_strides": geom.stride,
+        "padding": geom.padding,
+        "rhs_dilation": geom.dilation,
+        "dimension_numbers": ("NHWC", "HWIO", "NHWC"),
+        "precision": lax.Precision.HIGHEST,
+    }
+
+
+def _oracle_conv(x, w, case: Case):
+    return lax.conv_general_dilated(x, w, **_lax_geometry(case))
 
 
 # ------------------------------------------------------------------------------ modulated
@@ -131,20 +134,10 @@ def test_modulated_xla_forward_in_row_blocks(case, shared_d):
 
 
 def _oracle_local(x, w, case: Case):
-    geom = case.geom()
     ho, wo, kh, kw, cin, cout = w.shape
     # lax's local kernel flattens the patch features in (in, kh, kw) order.
     rhs = w.transpose(0, 1, 4, 2, 3, 5).reshape(ho, wo, cin * kh * kw, cout)
-    return lax.conv_general_dilated_local(
-        x,
-        rhs,
-        geom.stride,
-        geom.padding,
-        geom.kernel_size,
-        rhs_dilation=geom.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST,
-    )
+    return lax.conv_general_dilated_local(x, rhs, filter_shape=(kh, kw), **_lax_geometry(case))
 
 
 @pytest.mark.parametrize("impl,case", _params())

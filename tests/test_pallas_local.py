@@ -11,7 +11,7 @@ from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import local
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.local import LocalBlockSizes
-from tests.conftest import Case, assert_close
+from tests.conftest import Case, assert_close, check_vmapped_kernels, oracle_with_vjp, rands
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -84,30 +84,23 @@ def _loops(x, w, case):
 
 
 def _inputs(case, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    n, (ho, wo) = case.n, case.geom().out_size
-    x = jax.random.normal(keys[0], (n, case.h, case.w, case.cin), case.dtype)
-    w = jax.random.normal(
-        keys[1], (ho, wo, *case.geom().kernel_size, case.cin, case.cout), case.dtype
+    n, (ho, wo), k = case.n, case.geom().out_size, case.geom().kernel_size
+    shapes = (
+        (n, case.h, case.w, case.cin),
+        (ho, wo, *k, case.cin, case.cout),
+        (n, ho, wo, case.cout),
     )
-    dy = jax.random.normal(keys[2], (n, ho, wo, case.cout), case.dtype)
-    return x, w, dy
+    return rands(seed, *shapes, dtype=case.dtype)
 
 
 @functools.cache
 def _expected(case):
     """Oracle forward and its vjp in x and in w, from float32 copies of the inputs."""
-
-    @jax.jit
-    def oracle(x, w, dy):
-        y, vjp = jax.vjp(lambda a, b: _oracle(a, b, case), x, w)
-        dx, dw = vjp(dy)
-        return {"forward": y, "grad_x": dx, "grad_w": dw}
-
-    return oracle(*(a.astype(F32) for a in _inputs(case)))
+    oracle = functools.partial(_oracle, case=case)
+    return oracle_with_vjp(oracle, _inputs(case), OPS)
 
 
-def _run(op, case, interpret, x, w, dy, precision=None):
+def _run(case, op, interpret, x, w, dy, precision=None):
     """Kernel `op` of `case` on its operands (slot order)."""
     n, (ho, wo) = case.n, case.geom().out_size
     kwargs = dict(
@@ -131,22 +124,17 @@ def test_oracle_matches_tap_loops():
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kernels_match_oracle(op, case):
-    out = _run(op, case, INTERPRET, *_inputs(case))
+    out = _run(case, op, INTERPRET, *_inputs(case))
     assert out.dtype == case.dtype
     assert_close(out, _expected(case)[op], case.dtype)
 
 
 def test_vmap():
     case = Case(2, 7, 6, 3, 4, 3, stride=(1, 2), padding=((1, 0), (1, 1)))
-    xs, ws, dys = (jnp.stack(pair) for pair in zip(_inputs(case, 1), _inputs(case, 2), strict=True))
-    for op in OPS:
-        text = lower_for_cuda(jax.vmap(functools.partial(_run, op, case, False)), xs, ws, dys)
-        assert triton_kernel_names(text) == [f"svconv_local_{op}"]
-        got = jax.vmap(functools.partial(_run, op, case, INTERPRET))(xs, ws, dys)
-        for i in range(2):
-            y, vjp = jax.vjp(lambda a, b: _oracle(a, b, case), xs[i], ws[i])
-            want = {"forward": y, "grad_x": vjp(dys[i])[0], "grad_w": vjp(dys[i])[1]}[op]
-            assert_close(got[i], want, F32)
+    run = functools.partial(_run, case)
+    oracle = functools.partial(_oracle, case=case)
+    inputs = [_inputs(case, 1), _inputs(case, 2)]
+    check_vmapped_kernels(run, oracle, inputs, OPS, "local", INTERPRET)
 
 
 def test_precision_reaches_the_dot():
@@ -154,7 +142,7 @@ def test_precision_reaches_the_dot():
     x, w, _ = _inputs(case)
     texts = {
         precision: lower_for_cuda(
-            functools.partial(_run, "forward", case, False, precision=precision), x, w, None
+            functools.partial(_run, case, "forward", False, precision=precision), x, w, None
         )
         for precision in (jax.lax.Precision.DEFAULT, HIGHEST)
     }
@@ -186,5 +174,5 @@ def test_lowers_for_cuda(case):
         jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.eval_shape(lambda: _inputs(case))
     )
     for op in OPS:
-        text = lower_for_cuda(lambda x, w, dy, op=op: _run(op, case, False, x, w, dy), x, w, dy)
+        text = lower_for_cuda(lambda x, w, dy, op=op: _run(case, op, False, x, w, dy), x, w, dy)
         assert triton_kernel_names(text) == [f"svconv_local_{op}"]

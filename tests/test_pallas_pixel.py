@@ -11,7 +11,7 @@ from experiments.static.lowering import lower_for_cuda, triton_kernel_names
 from pallas_kernels import pixel
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.pixel import PixelBlockSizes
-from tests.conftest import Case, assert_close
+from tests.conftest import Case, assert_close, check_vmapped_kernels, oracle_with_vjp, rands
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -105,32 +105,22 @@ def test_oracle_matches_tap_loops():
 
 
 def _inputs(case, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    n, (ho, wo) = case.n, case.geom().out_size
-    x = jax.random.normal(keys[0], (n, case.h, case.w, case.cin), case.dtype)
-    k = jax.random.normal(keys[1], (n, ho, wo, *case.geom().kernel_size, case.groups), case.dtype)
-    v = jax.random.normal(keys[2], (n, ho, wo, case.cin), case.dtype)
-    return x, k, v
+    n, (ho, wo), k = case.n, case.geom().out_size, case.geom().kernel_size
+    shapes = (n, case.h, case.w, case.cin), (n, ho, wo, *k, case.groups), (n, ho, wo, case.cin)
+    return rands(seed, *shapes, dtype=case.dtype)
 
 
 @functools.cache
 def _expected(case):
     """Oracle gather, and its vjp in x (= scatter) and in k (= correlate), from float32 copies."""
-
-    @jax.jit
-    def oracle(x, k, v):
-        y, vjp = jax.vjp(lambda a, b: _oracle_gather(a, b, case), x, k)
-        dx, dk = vjp(v)
-        return {"forward": y, "grad_x": dx, "grad_k": dk}
-
-    return oracle(*(a.astype(F32) for a in _inputs(case)))
+    return oracle_with_vjp(functools.partial(_oracle_gather, case=case), _inputs(case), OPS)
 
 
 # Kernels compile on a GPU and run in Pallas's interpreter elsewhere.
 INTERPRET = jax.default_backend() != "gpu"
 
 
-def _run(op, case, interpret, x, k, v):
+def _run(case, op, interpret, x, k, v):
     """Kernel `op` ("forward", "grad_x", "grad_k") of `case` on its operands (slot order)."""
     n, (ho, wo) = case.n, case.geom().out_size
     options = dict(geom=case.geom(), block_sizes=case.block_sizes, interpret=interpret)
@@ -149,22 +139,17 @@ OPS = ["forward", "grad_x", "grad_k"]
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kernels_match_oracle(op, case):
-    out = _run(op, case, INTERPRET, *_inputs(case))
+    out = _run(case, op, INTERPRET, *_inputs(case))
     assert out.dtype == case.dtype
     assert_close(out, _expected(case)[op], case.dtype)
 
 
 def test_vmap():
     case = Case(2, 8, 7, 6, 6, 3, groups=2, stride=(2, 1), padding=((1, 2), (0, 1)))
-    xs, ks, vs = (jnp.stack(pair) for pair in zip(_inputs(case, 1), _inputs(case, 2), strict=True))
-    for op in OPS:
-        text = lower_for_cuda(jax.vmap(functools.partial(_run, op, case, False)), xs, ks, vs)
-        assert triton_kernel_names(text) == [f"svconv_pixel_{op}"]
-        got = jax.vmap(functools.partial(_run, op, case, INTERPRET))(xs, ks, vs)
-        for i in range(2):
-            y, vjp = jax.vjp(lambda a, b: _oracle_gather(a, b, case), xs[i], ks[i])
-            want = {"forward": y, "grad_x": vjp(vs[i])[0], "grad_k": vjp(vs[i])[1]}[op]
-            assert_close(got[i], want, F32)
+    run = functools.partial(_run, case)
+    oracle = functools.partial(_oracle_gather, case=case)
+    inputs = [_inputs(case, 1), _inputs(case, 2)]
+    check_vmapped_kernels(run, oracle, inputs, OPS, "pixel", INTERPRET)
 
 
 def test_unsupported():
@@ -193,5 +178,5 @@ def test_lowers_for_cuda(case):
         jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.eval_shape(lambda: _inputs(case))
     )
     for op in OPS:
-        text = lower_for_cuda(lambda x, k, v, op=op: _run(op, case, False, x, k, v), x, k, v)
+        text = lower_for_cuda(lambda x, k, v, op=op: _run(case, op, False, x, k, v), x, k, v)
         assert triton_kernel_names(text) == [f"svconv_pixel_{op}"]

@@ -19,26 +19,28 @@ CASE = Case(2, 7, 6, 3, 4, (3, 3), (2, 1), 1, ((1, 0), (2, 1)))
 GEOM = CASE.geom()
 
 
-def _ops(impl):
-    """Each op as a function of its arrays, with its random arguments."""
-    kw = {**CASE.kw(), "impl": impl}
-    n, (ho, wo) = CASE.n, GEOM.out_size
-    x, w, d, wl, k, v = rands(
-        21,
-        (n, CASE.h, CASE.w, CASE.cin),
-        (*CASE.k, CASE.cin, CASE.cout),
-        (n, ho, wo, *CASE.k),
-        (ho, wo, *CASE.k, CASE.cin, CASE.cout),
-        (n, ho, wo, *CASE.k, 3),
-        (n, ho, wo, CASE.cin),
+def _ops(impl, case: Case = CASE, dtype=jnp.float32, seed: int = 21):
+    """Each op as a function of its arrays, with its random arguments (one filter group per
+    channel for the pixel ops)."""
+    kw = {**case.kw(), "impl": impl}
+    (ho, wo), k, n = case.geom().out_size, case.geom().kernel_size, case.n
+    x, w, d, wl, kg, v = rands(
+        seed,
+        (n, case.h, case.w, case.cin),
+        (*k, case.cin, case.cout),
+        (n, ho, wo, *k),
+        (ho, wo, *k, case.cin, case.cout),
+        (n, ho, wo, *k, case.cin),
+        (n, ho, wo, case.cin),
+        dtype=dtype,
     )
     return {
         "modulated": (functools.partial(svconv.modulated_conv2d, **kw), (x, w, d)),
         "local": (functools.partial(svconv.local_conv2d, **kw), (x, wl)),
-        "filter": (functools.partial(svconv.pixel_filter2d, **kw), (x, k)),
+        "filter": (functools.partial(svconv.pixel_filter2d, **kw), (x, kg)),
         "splat": (
-            functools.partial(svconv.pixel_splat2d, **kw, output_size=(CASE.h, CASE.w)),
-            (v, k),
+            functools.partial(svconv.pixel_splat2d, **kw, output_size=(case.h, case.w)),
+            (v, kg),
         ),
     }
 
@@ -134,33 +136,12 @@ def test_nan_reaches_exactly_the_covering_windows(impl, name):
 # ------------------------------------------------------------------------ forward mode, transpose
 
 
+# A tiny size, so that full Jacobians are cheap.
+SMALL = Case(1, 5, 4, 2, 3, (3, 2), (2, 1), (1, 2), ((1, 1), (2, 0)))
+
+
 def _small_ops(impl, dtype=jnp.float32):
-    """Each op at a tiny size (so that full Jacobians are cheap), with its arguments."""
-    case = Case(1, 5, 4, 2, 3, (3, 2), (2, 1), (1, 2), ((1, 1), (2, 0)))
-    kw = {**case.kw(), "impl": impl}
-    (ho, wo), n = case.geom().out_size, case.n
-    x, w, d, wl, k, v = (
-        a.astype(dtype)
-        for a in rands(
-            31,
-            (n, case.h, case.w, case.cin),
-            (*case.k, case.cin, case.cout),
-            (n, ho, wo, *case.k),
-            (ho, wo, *case.k, case.cin, case.cout),
-            (n, ho, wo, *case.k, 2),
-            (n, ho, wo, 2),
-        )
-    )
-    x2 = x[..., :1].repeat(2, axis=-1)  # two channels for the two filter groups
-    return {
-        "modulated": (functools.partial(svconv.modulated_conv2d, **kw), (x, w, d)),
-        "local": (functools.partial(svconv.local_conv2d, **kw), (x, wl)),
-        "filter": (functools.partial(svconv.pixel_filter2d, **kw), (x2, k)),
-        "splat": (
-            functools.partial(svconv.pixel_splat2d, **kw, output_size=(case.h, case.w)),
-            (v, k),
-        ),
-    }
+    return _ops(impl, SMALL, dtype, seed=31)
 
 
 def _tangents(args, seed):
@@ -175,12 +156,24 @@ def _multilinear_jvp(f, args, tangents):
     return total
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
-def test_jvp_and_linearize(impl, dtype, name):
+# Every op, implementation and dtype of the forward-mode and transposition tests.
+SMALL_PARAMS = [
+    pytest.param(name, dtype, impl, id=f"{name}-{jnp.dtype(dtype).name}-{impl}")
+    for name in ("modulated", "local", "filter", "splat")
+    for dtype in (jnp.float32, jnp.bfloat16)
+    for impl in IMPLS
+]
+
+
+def _with_reference(name, dtype, impl):
+    """The small op, its arguments in ``dtype``, and the float32 reference."""
     f, args = _small_ops(impl, dtype)[name]
-    ref = _small_ops("reference", jnp.float32)[name][0]
+    return f, args, _small_ops("reference", jnp.float32)[name][0]
+
+
+@pytest.mark.parametrize("name,dtype,impl", SMALL_PARAMS)
+def test_jvp_and_linearize(name, dtype, impl):
+    f, args, ref = _with_reference(name, dtype, impl)
     exact = [a.astype(jnp.float32) for a in args]
     tangents = _tangents(args, 32)
     y, ty = jax.jvp(f, args, tangents)
@@ -229,12 +222,9 @@ def test_hessian_against_finite_differences_of_the_gradient(impl, name):
     assert_close(hvp, fd, tol=2e-3, what="Hessian-vector product")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
-def test_linear_transpose_in_each_argument_equals_the_vjp(impl, dtype, name):
-    f, args = _small_ops(impl, dtype)[name]
-    ref = _small_ops("reference", jnp.float32)[name][0]
+@pytest.mark.parametrize("name,dtype,impl", SMALL_PARAMS)
+def test_linear_transpose_in_each_argument_equals_the_vjp(name, dtype, impl):
+    f, args, ref = _with_reference(name, dtype, impl)
     y, vjp = jax.vjp(f, *args)
     (ct,) = rands(34, y.shape, dtype=dtype)
     grads = vjp(ct)
