@@ -16,7 +16,7 @@ from tests.conftest import Case, assert_close, random_cases, rands
 
 IMPLS = ["xla", "pallas"]
 # The Pallas interpreter is slow on CPU: it gets a subset of the geometries.
-CASES = random_cases(seed=0, count=14)
+CASES = random_cases(seed=0, count=10)
 PALLAS_CASES = CASES[:6]
 
 
