@@ -4,12 +4,13 @@ dilation as masks and integer arithmetic on whole-array refs)."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 
 
 def cdiv(a: int, b: int) -> int:
@@ -40,8 +41,28 @@ def channel_block(c: int, cap: int) -> int:
     return block
 
 
-def compiler_params(num_warps: int, num_stages: int) -> plt.CompilerParams:
-    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+def run(body, operands, call: KernelCall, *, name: str, grid, tiles, out=None):
+    """``body`` as a Pallas (Triton) kernel over ``grid`` on whole-array refs (``pl.ANY``:
+    kernels address them with index arrays and masks): its refs are the operands' (None for an
+    operand that is None) and the result's. The result is ``call.out_shape`` in the first
+    operand's dtype unless ``out`` (a ``jax.ShapeDtypeStruct``) says otherwise; ``tiles`` gives
+    ``num_warps`` and ``num_stages``."""
+    present = [a for a in operands if a is not None]
+
+    def kernel(*refs):
+        refs = list(refs)
+        return body(*(refs.pop(0) if a is not None else None for a in operands), *refs)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=out or jax.ShapeDtypeStruct(call.out_shape, present[0].dtype),
+        grid=grid,
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(present),
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=call.interpret,
+        name=f"svconv_{name}",
+    )(*present)
 
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

@@ -29,16 +29,15 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
     common_unsupported_reason,
-    compiler_params,
     contributing_taps,
     exact_div,
+    run,
     sweep,
 )
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 from pallas_kernels.pixel import PixelBlockSizes, pixel_block_sizes
 
 _F32 = jnp.float32
-_ANY = pl.BlockSpec(memory_space=pl.ANY)
 _REUSED = "evict_last"
 
 
@@ -205,96 +204,45 @@ def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, 
 # ------------------------------------------------------------------------------------------------
 
 
-def _call(kernel, grid, out_shape, dtype, bs, interpret, name, operands):
-    # A unit scale is not passed: the kernel gets None for it.
-    present = [a for a in operands if a is not None]
-    slots = [a is not None for a in operands]
-
-    def body(*refs):
-        refs = list(refs)
-        full = [refs.pop(0) if here else None for here in slots]
-        return kernel(*full, *refs)
-
-    return pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=grid,
-        in_specs=[_ANY] * len(present),
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name=f"svconv_gaussian_{name}",
-    )(*present)
-
-
-def forward(
-    x: jax.Array,
-    s: jax.Array | None,
-    eta: jax.Array,
-    zeta: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    moments: tuple[int, ...],
-    block_sizes: PixelBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """The Gaussian filter: x [N, H, W, C] -> y [N, Ho, Wo, C] (``out_shape``)."""
-    n, ho, wo, c = out_shape
-    bs = block_sizes or pixel_block_sizes(
+def forward(x, s, eta, zeta, call: KernelCall) -> jax.Array:
+    """The Gaussian filter: x [N, H, W, C] (scale s, parameters eta, zeta [N, Ho, Wo(, P)])
+    -> y [N, Ho, Wo, C]."""
+    n, ho, wo, c = call.out_shape
+    bs = call.block_sizes or pixel_block_sizes(
         "gather", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(c, bs.block_channels), pl.cdiv(wo, bs.block_w), n * n_th)
-    kernel = functools.partial(_forward_kernel, g=geom, bs=bs, moments=moments, n_th=n_th)
-    return _call(kernel, grid, out_shape, x.dtype, bs, interpret, "forward", (x, s, eta, zeta))
+    body = functools.partial(_forward_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th)
+    return run(body, (x, s, eta, zeta), call, name="gaussian_forward", grid=grid, tiles=bs)
 
 
-def grad_x(
-    s: jax.Array | None,
-    dy: jax.Array,
-    eta: jax.Array,
-    zeta: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    moments: tuple[int, ...],
-    block_sizes: PixelBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+def grad_x(s, dy, eta, zeta, call: KernelCall) -> jax.Array:
     """The filter's transpose in x (the splat): dy [N, Ho, Wo, C] -> [N, H, W, C]."""
-    n, h, w, c = out_shape
-    sh, sw = geom.stride
+    n, h, w, c = call.out_shape
+    sh, sw = call.geom.stride
     hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
-    bs = block_sizes or pixel_block_sizes(
+    bs = call.block_sizes or pixel_block_sizes(
         "scatter", channels=c, groups=1, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
     )
     n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
     grid = (pl.cdiv(c, bs.block_channels), sw * n_tw, n * sh * n_th)
-    kernel = functools.partial(_grad_x_kernel, g=geom, bs=bs, moments=moments, n_th=n_th, n_tw=n_tw)
-    return _call(kernel, grid, out_shape, dy.dtype, bs, interpret, "grad_x", (s, dy, eta, zeta))
+    body = functools.partial(
+        _grad_x_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th, n_tw=n_tw
+    )
+    out = jax.ShapeDtypeStruct(call.out_shape, dy.dtype)
+    return run(body, (s, dy, eta, zeta), call, name="gaussian_grad_x", grid=grid, tiles=bs, out=out)
 
 
-def grad_s(
-    x: jax.Array,
-    dy: jax.Array,
-    eta: jax.Array,
-    zeta: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    moments: tuple[int, ...],
-    block_sizes: PixelBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """The filter's gradient in its scale: ``ds[p] = sum_tap w sum_c x[pos] dy[p]``,
-    [N, Ho, Wo] (``out_shape``)."""
-    n, ho, wo = out_shape
+def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:
+    """The filter's gradient in its scale: ``ds[p] = sum_tap w sum_c x[pos] dy[p]``, [N, Ho,
+    Wo]."""
+    n, ho, wo = call.out_shape
     c = x.shape[3]
-    bs = block_sizes or pixel_block_sizes(
+    bs = call.block_sizes or pixel_block_sizes(
         "correlate", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (1, pl.cdiv(wo, bs.block_w), n * n_th)
-    kernel = functools.partial(_grad_s_kernel, g=geom, bs=bs, moments=moments, n_th=n_th)
-    return _call(kernel, grid, out_shape, x.dtype, bs, interpret, "grad_s", (x, dy, eta, zeta))
+    body = functools.partial(_grad_s_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th)
+    return run(body, (x, dy, eta, zeta), call, name="gaussian_grad_s", grid=grid, tiles=bs)

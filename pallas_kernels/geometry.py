@@ -8,6 +8,7 @@ padding crops, as in ``lax.conv_general_dilated``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 Pair = tuple[int, int]
 Padding = tuple[Pair, Pair]
@@ -52,3 +53,27 @@ class Geometry:
     @property
     def num_taps(self) -> int:
         return self.kernel_size[0] * self.kernel_size[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """What one kernel call computes, besides its arrays (hashable, static).
+
+    Every kernel of every family, Pallas or XLA, takes the arrays of its operands and one of
+    these: ``kernel(*operands, call)``.
+
+    Attributes:
+      geom: the window geometry.
+      out_shape: the shape of the result.
+      precision: ``lax`` precision of the dots (families with dots).
+      moments: powers of the tap features that weight the taps (families with parameters).
+      block_sizes: Pallas tiling, or None for the family's heuristic (Pallas kernels).
+      interpret: run in Pallas's interpreter instead of compiling (Pallas kernels).
+    """
+
+    geom: Geometry
+    out_shape: tuple[int, ...]
+    precision: Any = None
+    moments: tuple[int, ...] = ()
+    block_sizes: Any = None
+    interpret: bool = False

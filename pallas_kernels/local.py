@@ -28,13 +28,13 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
     common_unsupported_reason,
-    compiler_params,
     contributing_taps,
     exact_div,
     next_pow2,
+    run,
     sweep,
 )
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 
 # ------------------------------------------------------------------------------------------------
 # Tiling config
@@ -236,102 +236,44 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     return common_unsupported_reason(shapes, dtype)
 
 
-_ANY = pl.BlockSpec(memory_space=pl.ANY)
+def _sizes(call: KernelCall, batch: int, cin: int, cout: int, dtype) -> LocalBlockSizes:
+    kernel_size = call.geom.kernel_size
+    return call.block_sizes or local_block_sizes(
+        batch=batch, cin=cin, cout=cout, kernel_size=kernel_size, dtype=dtype
+    )
 
 
-def forward(
-    x: jax.Array,
-    w: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: LocalBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Locally connected convolution (a different kernel at every output pixel).
-
-    x: [N, H, W, Cin], w: [Ho, Wo, kh, kw, Cin, Cout] -> [N, Ho, Wo, Cout] (``out_shape``).
-    """
+def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
+    """Locally connected convolution (a different kernel at every output pixel): x [N, H, W,
+    Cin], w [Ho, Wo, kh, kw, Cin, Cout] -> [N, Ho, Wo, Cout]."""
     n, _, _, cin = x.shape
     ho, wo, kh, kw, _, cout = w.shape
-    bs = block_sizes or local_block_sizes(
-        batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=x.dtype
-    )
+    bs = _sizes(call, n, cin, cout, x.dtype)
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cout, bs.block_out), ho * wo)
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, g=geom, bs=bs, precision=precision),
-        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="svconv_local_forward",
-    )(x, w.reshape(ho, wo, kh * kw * cin, cout))
+    body = functools.partial(_fwd_kernel, g=call.geom, bs=bs, precision=call.precision)
+    w_rows = w.reshape(ho, wo, kh * kw * cin, cout)
+    return run(body, (x, w_rows), call, name="local_forward", grid=grid, tiles=bs)
 
 
-def grad_x(
-    w: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: LocalBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Transpose of `forward` in x (its gradient with respect to x), in gather form.
-
-    w: [Ho, Wo, kh, kw, Cin, Cout], dy: [N, Ho, Wo, Cout] -> [N, H, W, Cin] (``out_shape``).
-    """
-    n, h, w_in, cin = out_shape
-    kh, kw, cout = w.shape[2], w.shape[3], w.shape[5]
-    bs = block_sizes or local_block_sizes(
-        batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=dy.dtype
-    )
+def grad_x(w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Transpose of `forward` in x (its gradient with respect to x), in gather form: w, dy
+    [N, Ho, Wo, Cout] -> [N, H, W, Cin]."""
+    n, h, w_in, cin = call.out_shape
+    bs = _sizes(call, n, cin, w.shape[5], dy.dtype)
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cin, bs.block_in), h * w_in)
-    return pl.pallas_call(
-        functools.partial(_grad_x_kernel, g=geom, bs=bs, precision=precision),
-        out_shape=jax.ShapeDtypeStruct(out_shape, dy.dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="svconv_local_grad_x",
-    )(dy, w)
+    body = functools.partial(_grad_x_kernel, g=call.geom, bs=bs, precision=call.precision)
+    return run(body, (dy, w), call, name="local_grad_x", grid=grid, tiles=bs)
 
 
-def grad_w(
-    x: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: LocalBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Transpose of `forward` in w (its gradient with respect to w).
-
-    x: [N, H, W, Cin], dy: [N, Ho, Wo, Cout] -> [Ho, Wo, kh, kw, Cin, Cout] (``out_shape``).
-    """
+def grad_w(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Transpose of `forward` in w (its gradient with respect to w): x, dy -> [Ho, Wo, kh, kw,
+    Cin, Cout]."""
     n, _, _, cin = x.shape
-    ho, wo, kh, kw, _, cout = out_shape
-    bs = block_sizes or local_block_sizes(
-        batch=n, cin=cin, cout=cout, kernel_size=(kh, kw), dtype=x.dtype
-    )
+    ho, wo, kh, kw, _, cout = call.out_shape
+    bs = _sizes(call, n, cin, cout, x.dtype)
     k_total = kh * kw * cin
     grid = (pl.cdiv(k_total, bs.block_k), pl.cdiv(cout, bs.block_out), ho * wo)
-    dw = pl.pallas_call(
-        functools.partial(_grad_w_kernel, g=geom, bs=bs, precision=precision),
-        out_shape=jax.ShapeDtypeStruct((ho, wo, k_total, cout), x.dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="svconv_local_grad_w",
-    )(x, dy)
-    return dw.reshape(out_shape)
+    body = functools.partial(_grad_w_kernel, g=call.geom, bs=bs, precision=call.precision)
+    out = jax.ShapeDtypeStruct((ho, wo, k_total, cout), x.dtype)
+    dw = run(body, (x, dy), call, name="local_grad_w", grid=grid, tiles=bs, out=out)
+    return dw.reshape(call.out_shape)

@@ -34,18 +34,17 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels._common import (
     channel_block,
     common_unsupported_reason,
-    compiler_params,
     contributing_taps,
     exact_div,
     is_pow2,
     next_pow2,
+    run,
     sweep,
 )
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 
 _NUM_SMS = 132  # H100 SXM
 _F32 = jnp.float32
-_ANY = pl.BlockSpec(memory_space=pl.ANY)
 # The input tiles are read again by the neighbouring taps and tiles: ask the cache to keep them.
 _REUSED = "evict_last"
 
@@ -385,148 +384,74 @@ def _grad_d_kernel(x_ref, w_ref, dy_ref, dd_ref, *, g, bs, shared, precision):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sizes(geom, x_shape, cout, dtype, precision, block_sizes) -> ModulatedBlockSizes:
+def _sizes(call: KernelCall, x_shape, cout: int, dtype) -> ModulatedBlockSizes:
     n, _, _, cin = x_shape
-    return block_sizes or modulated_block_sizes(
-        geom, batch=n, cin=cin, cout=cout, dtype=dtype, precision=precision
+    return call.block_sizes or modulated_block_sizes(
+        call.geom, batch=n, cin=cin, cout=cout, dtype=dtype, precision=call.precision
     )
 
 
-def _call(kernel, grid, out_shape, dtype, bs: ModulatedBlockSizes, interpret: bool, name: str):
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name=f"svconv_modulated_{name}",
-    )
-
-
-def forward(
-    x: jax.Array,
-    w: jax.Array,
-    d: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: ModulatedBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Modulated conv forward.
-
-    Args:
-      x: [N, H, W, Cin]; w: [kh, kw, Cin, Cout]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw].
-      out_shape: [N, Ho, Wo, Cout].
-
-    Returns:
-      y: [N, Ho, Wo, Cout], x's dtype (fp32 accumulation).
-    """
-    n, ho, wo, cout = out_shape
-    bs = _sizes(geom, x.shape, cout, x.dtype, precision, block_sizes)
+def forward(x: jax.Array, w: jax.Array, d: jax.Array, call: KernelCall) -> jax.Array:
+    """Modulated conv forward: x [N, H, W, Cin], w [kh, kw, Cin, Cout], d [N, Ho, Wo, kh, kw]
+    or [Ho, Wo, kh, kw] -> y [N, Ho, Wo, Cout] (fp32 accumulation)."""
+    n, ho, wo, cout = call.out_shape
+    bs = _sizes(call, x.shape, cout, x.dtype)
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
-    kernel = functools.partial(
-        _forward_kernel, g=geom, bs=bs, shared=d.ndim == 4, precision=precision
+    body = functools.partial(
+        _forward_kernel, g=call.geom, bs=bs, shared=d.ndim == 4, precision=call.precision
     )
-    return _call(kernel, grid, out_shape, x.dtype, bs, interpret, "forward")(x, w, d)
+    return run(body, (x, w, d), call, name="modulated_forward", grid=grid, tiles=bs)
 
 
-def grad_x(
-    w: jax.Array,
-    d: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: ModulatedBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Gradient of the forward with respect to x.
-
-    Args:
-      w: [kh, kw, Cin, Cout]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw]; dy: [N, Ho, Wo, Cout].
-      out_shape: [N, H, W, Cin].
-
-    Returns:
-      dx: [N, H, W, Cin], dy's dtype.
-    """
-    n, h, w_in, _ = out_shape
-    (sh, sw), cout = geom.stride, dy.shape[3]
-    bs = _sizes(geom, out_shape, cout, dy.dtype, precision, block_sizes)
+def grad_x(w: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Gradient in x: w [kh, kw, Cin, Cout], d, dy [N, Ho, Wo, Cout] -> dx [N, H, W, Cin]."""
+    n, h, w_in, cin = call.out_shape
+    (sh, sw), cout = call.geom.stride, dy.shape[3]
+    bs = _sizes(call, call.out_shape, cout, dy.dtype)
     blocks = pl.cdiv(pl.cdiv(h, sh) * pl.cdiv(w_in, sw), bs.block_m_dx)
-    grid = (pl.cdiv(out_shape[3], bs.block_n_dx), sh * sw * blocks, n)
-    kernel = functools.partial(
-        _grad_x_kernel, g=geom, bs=bs, shared=d.ndim == 4, precision=precision, blocks=blocks
+    grid = (pl.cdiv(cin, bs.block_n_dx), sh * sw * blocks, n)
+    body = functools.partial(
+        _grad_x_kernel,
+        g=call.geom,
+        bs=bs,
+        shared=d.ndim == 4,
+        precision=call.precision,
+        blocks=blocks,
     )
-    return _call(kernel, grid, out_shape, dy.dtype, bs, interpret, "grad_x")(w, d, dy)
+    out = jax.ShapeDtypeStruct(call.out_shape, dy.dtype)
+    return run(body, (w, d, dy), call, name="modulated_grad_x", grid=grid, tiles=bs, out=out)
 
 
-def grad_w(
-    x: jax.Array,
-    d: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: ModulatedBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Gradient of the forward with respect to w.
-
-    Args:
-      x: [N, H, W, Cin]; d: [N, Ho, Wo, kh, kw] or [Ho, Wo, kh, kw]; dy: [N, Ho, Wo, Cout].
-      out_shape: [kh, kw, Cin, Cout].
-
-    Returns:
-      dw: [kh, kw, Cin, Cout], x's dtype (fp32 partial sums added in fp32).
-    """
-    kh, kw, cin, cout = out_shape
+def grad_w(x: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Gradient in w: x, d, dy -> dw [kh, kw, Cin, Cout] (fp32 partial sums added in fp32)."""
+    kh, kw, cin, cout = call.out_shape
     n, ho, wo, _ = dy.shape
-    bs = _sizes(geom, x.shape, cout, x.dtype, precision, block_sizes)
+    bs = _sizes(call, x.shape, cout, x.dtype)
     pixels = n * ho * wo
     chunk = bs.block_m_dw * pl.cdiv(pl.cdiv(pixels, bs.block_m_dw), bs.chunks_dw)
     chunks = pl.cdiv(pixels, chunk)
-    grid = (
-        pl.cdiv(cout, bs.block_cout_dw),
-        pl.cdiv(cin, bs.block_cin_dw),
-        kh * kw,
-        chunks,
+    grid = (pl.cdiv(cout, bs.block_cout_dw), pl.cdiv(cin, bs.block_cin_dw), kh * kw, chunks)
+    body = functools.partial(
+        _grad_w_kernel,
+        g=call.geom,
+        bs=bs,
+        shared=d.ndim == 4,
+        precision=call.precision,
+        chunk=chunk,
     )
-    kernel = functools.partial(
-        _grad_w_kernel, g=geom, bs=bs, shared=d.ndim == 4, precision=precision, chunk=chunk
-    )
-    partial = _call(kernel, grid, (chunks, kh * kw, cin, cout), _F32, bs, interpret, "grad_w")
-    return partial(x, d, dy).sum(axis=0).reshape(out_shape).astype(x.dtype)
+    out = jax.ShapeDtypeStruct((chunks, kh * kw, cin, cout), _F32)
+    partial = run(body, (x, d, dy), call, name="modulated_grad_w", grid=grid, tiles=bs, out=out)
+    return partial.sum(axis=0).reshape(call.out_shape).astype(x.dtype)
 
 
-def grad_d(
-    x: jax.Array,
-    w: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    precision: lax.Precision | None = None,
-    block_sizes: ModulatedBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Gradient of the forward with respect to d.
-
-    Args:
-      x: [N, H, W, Cin]; w: [kh, kw, Cin, Cout]; dy: [N, Ho, Wo, Cout].
-      out_shape: [N, Ho, Wo, kh, kw], or [Ho, Wo, kh, kw] for a batch-shared d (summed over N).
-
-    Returns:
-      dd of ``out_shape``, x's dtype.
-    """
+def grad_d(x: jax.Array, w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Gradient in d: x, w, dy -> dd [N, Ho, Wo, kh, kw], or [Ho, Wo, kh, kw] for a
+    batch-shared d (summed over N)."""
     n, ho, wo, cout = dy.shape
-    shared = len(out_shape) == 4
-    bs = _sizes(geom, x.shape, cout, x.dtype, precision, block_sizes)
+    shared = len(call.out_shape) == 4
+    bs = _sizes(call, x.shape, cout, x.dtype)
     grid = (pl.cdiv(ho * wo, bs.block_m), 1 if shared else n)
-    kernel = functools.partial(_grad_d_kernel, g=geom, bs=bs, shared=shared, precision=precision)
-    return _call(kernel, grid, out_shape, x.dtype, bs, interpret, "grad_d")(x, w, dy)
+    body = functools.partial(
+        _grad_d_kernel, g=call.geom, bs=bs, shared=shared, precision=call.precision
+    )
+    return run(body, (x, w, dy), call, name="modulated_grad_d", grid=grid, tiles=bs)

@@ -28,13 +28,13 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
     common_unsupported_reason,
-    compiler_params,
     contributing_taps,
     exact_div,
     next_pow2,
+    run,
     sweep,
 )
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 
 # ------------------------------------------------------------------------------------------------
 # Tiling config
@@ -264,109 +264,52 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     return common_unsupported_reason(shapes, dtype)
 
 
-_ANY = pl.BlockSpec(memory_space=pl.ANY)
-
-
-def forward(
-    x: jax.Array,
-    k: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    block_sizes: PixelBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Per-pixel filter (the gather).
-
-    x: [N, H, W, C], k: [N, Ho, Wo, kh, kw, G] -> [N, Ho, Wo, C] (``out_shape``); channel c
-    uses group c // (C // G).
-    """
+def forward(x: jax.Array, k: jax.Array, call: KernelCall) -> jax.Array:
+    """Per-pixel filter (the gather): x [N, H, W, C], k [N, Ho, Wo, kh, kw, G] -> [N, Ho, Wo,
+    C]; channel c uses group c // (C // G)."""
     n, _, _, c = x.shape
     _, ho, wo, _, _, groups = k.shape
-    bs = block_sizes or pixel_block_sizes(
+    bs = call.block_sizes or pixel_block_sizes(
         "gather", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_sub = pl.cdiv(c // groups, bs.block_channels)
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, pl.cdiv(wo, bs.block_w), n * n_th)
-    return pl.pallas_call(
-        functools.partial(_gather_kernel, g=geom, bs=bs, n_sub=n_sub, n_th=n_th),
-        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="svconv_pixel_forward",
-    )(x, k)
+    body = functools.partial(_gather_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
+    return run(body, (x, k), call, name="pixel_forward", grid=grid, tiles=bs)
 
 
-def grad_x(
-    k: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    block_sizes: PixelBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Transpose of `forward` in x (the scatter): each source pixel spreads its own filter.
-
-    k: [N, Ho, Wo, kh, kw, G], dy: [N, Ho, Wo, C] -> [N, H, W, C] (``out_shape``).
+def grad_x(k: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Transpose of `forward` in x (the scatter): each source pixel spreads its own filter;
+    k, dy [N, Ho, Wo, C] -> [N, H, W, C].
 
     Computed in gather form (each output pixel sums the source pixels that reach it), one program
     per stride phase of the output, so no atomics and no wasted taps.
     """
-    n, h, w, c = out_shape
+    n, h, w, c = call.out_shape
     groups = k.shape[-1]
-    (sh, sw) = geom.stride
+    sh, sw = call.geom.stride
     hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
-    bs = block_sizes or pixel_block_sizes(
+    bs = call.block_sizes or pixel_block_sizes(
         "scatter", channels=c, groups=groups, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
     )
     n_sub = pl.cdiv(c // groups, bs.block_channels)
     n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, sw * n_tw, n * sh * n_th)
-    return pl.pallas_call(
-        functools.partial(_scatter_kernel, g=geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw),
-        out_shape=jax.ShapeDtypeStruct(out_shape, dy.dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="svconv_pixel_grad_x",
-    )(dy, k)
+    body = functools.partial(_scatter_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw)
+    return run(body, (dy, k), call, name="pixel_grad_x", grid=grid, tiles=bs)
 
 
-def grad_k(
-    x: jax.Array,
-    dy: jax.Array,
-    *,
-    geom: Geometry,
-    out_shape: tuple[int, ...],
-    block_sizes: PixelBlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Transpose of `forward` in k (its gradient with respect to k).
-
-    x: [N, H, W, C], dy: [N, Ho, Wo, C] -> [N, Ho, Wo, kh, kw, G] (``out_shape``); a program
-    owns a pixel tile and whole groups, and sums each group's channels in registers.
-    """
+def grad_k(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """Transpose of `forward` in k (its gradient with respect to k): x, dy -> [N, Ho, Wo, kh, kw,
+    G]; a program owns a pixel tile and whole groups, and sums each group's channels in
+    registers."""
     n, _, _, c = x.shape
-    _, ho, wo, _, _, groups = out_shape
-    bs = block_sizes or pixel_block_sizes(
+    _, ho, wo, _, _, groups = call.out_shape
+    bs = call.block_sizes or pixel_block_sizes(
         "correlate", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups), pl.cdiv(wo, bs.block_w), n * n_th)
-    return pl.pallas_call(
-        functools.partial(_correlate_kernel, g=geom, bs=bs, n_th=n_th),
-        out_shape=jax.ShapeDtypeStruct(out_shape, x.dtype),
-        grid=grid,
-        in_specs=[_ANY, _ANY],
-        out_specs=_ANY,
-        compiler_params=compiler_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="svconv_pixel_grad_k",
-    )(x, dy)
+    body = functools.partial(_correlate_kernel, g=call.geom, bs=bs, n_th=n_th)
+    return run(body, (x, dy), call, name="pixel_grad_k", grid=grid, tiles=bs)

@@ -35,7 +35,6 @@ MODULATED = Family(
         "d": pallas_modulated.grad_d,
     },
     pallas_unsupported=pallas_modulated.unsupported_reason,
-    dots=True,
 )
 
 LOCAL = Family(
@@ -48,7 +47,6 @@ LOCAL = Family(
     xla={"y": xla.local_forward, "x": xla.local_grad_x, "w": xla.local_grad_w},
     pallas={"y": pallas_local.forward, "x": pallas_local.grad_x, "w": pallas_local.grad_w},
     pallas_unsupported=pallas_local.unsupported_reason,
-    dots=True,
 )
 
 PIXEL = Family(
@@ -61,7 +59,6 @@ PIXEL = Family(
     xla={"y": xla.pixel_forward, "x": xla.pixel_grad_x, "k": xla.pixel_grad_k},
     pallas={"y": pallas_pixel.forward, "x": pallas_pixel.grad_x, "k": pallas_pixel.grad_k},
     pallas_unsupported=pallas_pixel.unsupported_reason,
-    dots=False,
 )
 
 
@@ -105,7 +102,6 @@ GAUSSIAN = Family(
         "s": pallas_gaussian.grad_s,
     },
     pallas_unsupported=pallas_gaussian.unsupported_reason,
-    dots=False,
     params={"eta": ("b", "ho", "wo", "p"), "zeta": ("b", "ho", "wo")},
     param_jvp=_gaussian_param_jvp,
 )

@@ -49,7 +49,7 @@ from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 from svconv import sharding
 from svconv._checks import accumulation_dtype
 
@@ -76,15 +76,14 @@ class Family:
         output. ``b`` batch, ``h``/``w`` input and ``ho``/``wo`` output height and width,
         ``kh``/``kw`` taps, ``c``/``o`` input/output channels, ``g`` filter groups.
       xla, pallas: target slot -> kernel. Every kernel takes the arrays of the other slots in
-        slot order, then ``geom`` (a :class:`Geometry`), ``out_shape`` (the shape of its result)
-        and, for families with dots, ``precision``; Pallas kernels also ``block_sizes`` and
-        ``interpret``.
+        slot order (None for a unit slot), the parameters' arrays, then a
+        :class:`~pallas_kernels.geometry.KernelCall` (the geometry, the result's shape, the
+        options).
       pallas_unsupported: ``(geom, shapes, dtype) -> reason or None``, ``shapes`` the shape of
         every slot by name.
-      dots: whether the kernels contract with dots (and take ``precision``).
       params: parameter name -> dimension names, in order: arrays the form depends on
-        nonlinearly, passed after the slots (and to the kernels after the slots, with
-        ``moments``). ``p`` is the parameters' own axis.
+        nonlinearly, passed after the slots (to the kernels too, with ``moments`` in the call).
+        ``p`` is the parameters' own axis.
       param_jvp: ``(spec, values, name, tangent) -> tangent of the partial`` for a tangent of
         parameter ``name``; ``values`` maps every operand's name to its array.
     """
@@ -94,7 +93,6 @@ class Family:
     xla: Mapping[str, Callable[..., jax.Array]]
     pallas: Mapping[str, Callable[..., jax.Array]]
     pallas_unsupported: Callable[..., str | None]
-    dots: bool
     params: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     param_jvp: Callable[..., jax.Array] | None = None
     primitive: Primitive = dataclasses.field(init=False)
@@ -317,20 +315,20 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     if any(math.prod(s) == 0 for s in shapes.values()):
         # Empty inputs: an empty or all-zero result (a sum over nothing), as lax gives.
         return jnp.zeros(out_shape, dtype)
-    options: dict[str, Any] = {"geom": spec.geom, "out_shape": out_shape}
-    if spec.family.dots:
-        options["precision"] = spec.precision
-    if spec.family.params:
-        options["moments"] = spec.moments
-    if spec.impl == "pallas":
-        kernel = spec.family.pallas[spec.target]
-        options.update(block_sizes=spec.block_sizes, interpret=spec.interpret)
-    else:
-        kernel = spec.family.xla[spec.target]
+    pallas = spec.impl == "pallas"
+    call = KernelCall(
+        geom=spec.geom,
+        out_shape=out_shape,
+        precision=spec.precision,
+        moments=spec.moments,
+        block_sizes=spec.block_sizes if pallas else None,
+        interpret=spec.interpret,
+    )
+    kernel = (spec.family.pallas if pallas else spec.family.xla)[spec.target]
     # Every slot but the target, in slot order (None for a unit slot), then the parameters.
     values = dict(zip(spec.operands, operands, strict=True))
     slots = [values.get(s) for s in spec.family.slots if s != spec.target]
-    return kernel(*slots, *(values[p] for p in spec.family.params), **options)
+    return kernel(*slots, *(values[p] for p in spec.family.params), call)
 
 
 _run_partitioned = sharding.partitioned(run_kernel)

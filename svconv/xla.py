@@ -1,8 +1,8 @@
 """The XLA path: every op and every gradient from XLA's GEMMs and fused elementwise loops.
 
 Each function has the signature of its Pallas counterpart in ``pallas_kernels``: the arrays of
-the family's other slots in slot order (one float dtype), then ``geom``, ``out_shape`` and, for
-the families with dots, ``precision`` (see ``svconv._primitive.Family``). Accumulation is
+the family's other slots in slot order (one dtype), then a
+:class:`~pallas_kernels.geometry.KernelCall` (see ``svconv._primitive.Family``). Accumulation is
 float32 for 16-bit inputs (float64 stays float64); results take the input dtype.
 
 The formulations, chosen by measurement on CPU (``experiments/notes/xla-cpu.md``); none builds
@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 from svconv import gaussian
 from svconv._checks import accumulation_dtype
 
@@ -242,7 +242,8 @@ def _tap_major(d):
     return jnp.moveaxis(_taps_last(d), 3, 0)
 
 
-def modulated_forward(x, w, d, *, geom: Geometry, out_shape, precision=None):
+def modulated_forward(x, w, d, call: KernelCall):
+    geom, out_shape, precision = call.geom, call.out_shape, call.precision
     kh, kw, cin, cout = w.shape
     taps = kh * kw
     xp = _pad(x, geom.padding)
@@ -274,9 +275,10 @@ def _modulated_forward_rolled(xp, w, d, geom, out_shape, precision):
     return y.astype(xp.dtype)
 
 
-def modulated_grad_x(w, d, dy, *, geom: Geometry, out_shape, precision=None):
+def modulated_grad_x(w, d, dy, call: KernelCall):
     """Transpose of :func:`modulated_forward` in ``x``: ``[N, Ho, Wo, Cout] -> [N, H, W, Cin]``,
     in gather form on ``dy`` spread onto the input grid (:func:`_spread`)."""
+    geom, out_shape, precision = call.geom, call.out_shape, call.precision
     kh, kw, cin, cout = w.shape
     taps = kh * kw
     if taps > _UNROLLED_TAPS:
@@ -321,10 +323,11 @@ def _modulated_grad_x_rolled(w, d, dy, geom, out_shape, precision):
     return dx.astype(dy.dtype)
 
 
-def modulated_grad_w(x, d, dy, *, geom: Geometry, out_shape, precision=None):
+def modulated_grad_w(x, d, dy, call: KernelCall):
     """``dw[m, n] = sum_p (x_mn * d_mn)[p]^T dy[p]``: one long GEMM
     ``[Cin, pixels] x [pixels, Cout]`` per tap, in a rolled loop (as fast as blocks of rows or an
     unrolled loop, and its compile time does not grow with the window)."""
+    geom, out_shape, precision = call.geom, call.out_shape, call.precision
     xp, d = _pad(x, geom.padding), _tap_major(d)
     acc = accumulation_dtype(x.dtype)
     dyf = dy.astype(acc)
@@ -338,12 +341,13 @@ def modulated_grad_w(x, d, dy, *, geom: Geometry, out_shape, precision=None):
     return lax.fori_loop(0, geom.num_taps, tap, dw).reshape(out_shape).astype(x.dtype)
 
 
-def modulated_grad_d(x, w, dy, *, geom: Geometry, out_shape, precision=None):
+def modulated_grad_d(x, w, dy, call: KernelCall):
     """``dd[p, t] = <x_t[p], (dy @ w_t^T)[p]>`` over ``Cin``, tap by tap in a rolled loop (the
     per-tap reductions cost the same unrolled or over blocks of rows).
 
     ``out_shape``: ``[N, Ho, Wo, kh, kw]``, or ``[Ho, Wo, kh, kw]`` for a batch-shared ``d``
     (summed over the batch)."""
+    geom, out_shape, precision = call.geom, call.out_shape, call.precision
     xp, acc = _pad(x, geom.padding), accumulation_dtype(x.dtype)
     w = w.reshape(-1, *w.shape[2:])
 
@@ -420,8 +424,8 @@ def _window_at(v, start, count, stride, axes):
     return _window(lax.dynamic_slice(v, begin, size), (0, 0), count, stride, axes)
 
 
-def local_forward(x, w, *, geom: Geometry, out_shape, precision=None):
-    del out_shape  # [N, Ho, Wo, Cout]
+def local_forward(x, w, call: KernelCall):
+    geom, precision = call.geom, call.precision
     ho, wo, kh, kw, cin, cout = w.shape
     acc = accumulation_dtype(x.dtype)
     xp = _pad(x, geom.padding).transpose(_PIXEL_MAJOR)
@@ -436,9 +440,9 @@ def local_forward(x, w, *, geom: Geometry, out_shape, precision=None):
     return y.reshape(ho, wo, -1, cout).transpose(_NHWC).astype(x.dtype)
 
 
-def local_grad_x(w, dy, *, geom: Geometry, out_shape, precision=None):
+def local_grad_x(w, dy, call: KernelCall):
     """Each tap's contribution added into the padded input frame at its offset."""
-    del out_shape  # [N, H, W, Cin]
+    geom, precision = call.geom, call.precision
     ho, wo, kh, kw, cin, cout = w.shape
     acc = accumulation_dtype(dy.dtype)
     (pt, pb), (pl, pr) = geom.padding
@@ -461,7 +465,8 @@ def local_grad_x(w, dy, *, geom: Geometry, out_shape, precision=None):
     return dx.transpose(_NHWC).astype(dy.dtype)
 
 
-def local_grad_w(x, dy, *, geom: Geometry, out_shape, precision=None):
+def local_grad_w(x, dy, call: KernelCall):
+    geom, out_shape, precision = call.geom, call.out_shape, call.precision
     ho, wo, kh, kw, cin, cout = out_shape
     acc = accumulation_dtype(x.dtype)
     xp = _pad(x, geom.padding).transpose(_PIXEL_MAJOR)
@@ -546,16 +551,18 @@ def _filter_taps(src, k, offsets, out_size, stride, at_source, kernel_size):
     return _blocked((n, ho, wo, *src.shape[3:]), acc, plan, compute)
 
 
-def pixel_forward(x, k, *, geom: Geometry, out_shape):
+def pixel_forward(x, k, call: KernelCall):
     """``y[b,i,j,c] = sum_{m,n} x[b,pos(i,m),pos(j,n),c] * k[b,i,j,m,n,g(c)]``."""
+    geom, out_shape = call.geom, call.out_shape
     xp = _grouped(_pad(x, geom.padding), k.shape[5])
     y = _filter_taps(xp, k, _offsets(geom), geom.out_size, geom.stride, False, geom.kernel_size)
     return y.reshape(out_shape).astype(x.dtype)
 
 
-def pixel_grad_x(k, dy, *, geom: Geometry, out_shape):
+def pixel_grad_x(k, dy, call: KernelCall):
     """Transpose of :func:`pixel_forward` in ``x``: ``[N, Ho, Wo, C] -> [N, H, W, C]``, in
     gather form on ``dy`` and ``k`` spread onto the input grid (:func:`_spread`)."""
+    geom, out_shape = call.geom, call.out_shape
     src = _grouped(_spread(dy, geom), k.shape[5])
     dx = _filter_taps(
         src,
@@ -607,7 +614,7 @@ def _width_tiles(v, tiles, step, size):
     return lax.slice_in_dim(jnp.concatenate(parts, axis=-2), 0, size, axis=v.ndim - 1)
 
 
-def pixel_grad_k(x, dy, *, geom: Geometry, out_shape):
+def pixel_grad_k(x, dy, call: KernelCall):
     """Gradient of :func:`pixel_forward` in ``k``: ``[N, Ho, Wo, kh, kw, G]``,
     ``dk[p, t, g] = sum_{c in g} x[pos(p, t), c] * dy[p, c]`` (a local correlation).
 
@@ -617,6 +624,7 @@ def pixel_grad_k(x, dy, *, geom: Geometry, out_shape):
     off the product as a strided view. The GEMM does ``(window / taps)`` times the needed work
     (about 2-4x), at GEMM speed.
     """
+    geom, out_shape = call.geom, call.out_shape
     n, ho, wo, kh, kw, groups = out_shape
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     acc = accumulation_dtype(x.dtype)
@@ -687,8 +695,9 @@ def pixel_forward_patches(x, k, *, geom: Geometry):
 # loop over the taps: no [.., kh, kw] array, and the compile time does not grow with the window.
 
 
-def gaussian_forward(x, s, eta, zeta, *, geom: Geometry, out_shape, moments):
+def gaussian_forward(x, s, eta, zeta, call: KernelCall):
     """``y = s * sum_tap w[tap] * x[pos]`` with Gaussian weights ``w`` (svconv.gaussian)."""
+    geom, out_shape, moments = call.geom, call.out_shape, call.moments
     acc_dtype = accumulation_dtype(jnp.result_type(x, eta))
     xp = _pad(x, geom.padding)
 
@@ -703,12 +712,13 @@ def gaussian_forward(x, s, eta, zeta, *, geom: Geometry, out_shape, moments):
     return y.astype(x.dtype)
 
 
-def gaussian_grad_x(s, dy, eta, zeta, *, geom: Geometry, out_shape, moments):
+def gaussian_grad_x(s, dy, eta, zeta, call: KernelCall):
     """Transpose of :func:`gaussian_forward` in ``x`` (the splat): ``[N, H, W, C]``.
 
     Each tap's contribution is placed into the padded frame with a dynamic update (strided
     outputs interleaved with zeros), and the padding is removed at the end.
     """
+    geom, out_shape, moments = call.geom, call.out_shape, call.moments
     acc_dtype = accumulation_dtype(jnp.result_type(dy, eta))
     (pt, pb), (pl, pr) = geom.padding
     (h, w), (sh, sw), (dh, dw) = geom.in_size, geom.stride, geom.dilation
@@ -732,8 +742,9 @@ def gaussian_grad_x(s, dy, eta, zeta, *, geom: Geometry, out_shape, moments):
     return dx.reshape(out_shape).astype(dy.dtype)
 
 
-def gaussian_grad_s(x, dy, eta, zeta, *, geom: Geometry, out_shape, moments):
+def gaussian_grad_s(x, dy, eta, zeta, call: KernelCall):
     """Gradient of :func:`gaussian_forward` in its scale ``s``: ``[N, Ho, Wo]``."""
+    geom, out_shape, moments = call.geom, call.out_shape, call.moments
     acc_dtype = accumulation_dtype(jnp.result_type(x, eta))
     xp = _pad(x, geom.padding)
     dyf = dy.astype(acc_dtype)

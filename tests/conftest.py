@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 from svconv import _checks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +100,16 @@ class Case:
 
     def kw(self) -> dict:
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+    def call(self, out_shape, interpret: bool, precision=None) -> KernelCall:
+        """The kernels' static description of a result of ``out_shape`` for this case."""
+        return KernelCall(
+            self.geom(),
+            tuple(out_shape),
+            precision=precision,
+            block_sizes=self.block_sizes,
+            interpret=interpret,
+        )
 
 
 def random_cases(seed: int, count: int, max_k: int = 7) -> list[Case]:

@@ -102,17 +102,12 @@ def _expected(case):
 
 def _run(case, op, interpret, x, w, dy, precision=None):
     """Kernel `op` of `case` on its operands (slot order)."""
-    n, (ho, wo) = case.n, case.geom().out_size
-    kwargs = dict(
-        geom=case.geom(), precision=precision, block_sizes=case.block_sizes, interpret=interpret
-    )
+    n, (ho, wo), k = case.n, case.geom().out_size, case.geom().kernel_size
     if op == "forward":
-        return local.forward(x, w, out_shape=(n, ho, wo, case.cout), **kwargs)
+        return local.forward(x, w, case.call((n, ho, wo, case.cout), interpret, precision))
     if op == "grad_x":
-        return local.grad_x(w, dy, out_shape=(n, case.h, case.w, case.cin), **kwargs)
-    return local.grad_w(
-        x, dy, out_shape=(ho, wo, *case.geom().kernel_size, case.cin, case.cout), **kwargs
-    )
+        return local.grad_x(w, dy, case.call((n, case.h, case.w, case.cin), interpret, precision))
+    return local.grad_w(x, dy, case.call((ho, wo, *k, case.cin, case.cout), interpret, precision))
 
 
 def test_oracle_matches_tap_loops():

@@ -110,24 +110,18 @@ def _expected(case: Case, x, w, d, dy):
     )
 
 
-def _kwargs(case, out_shape, precision=HIGHEST, interpret=INTERPRET):
-    return dict(
-        geom=case.geom(),
-        out_shape=out_shape,
-        precision=precision,
-        block_sizes=case.block_sizes,
-        interpret=interpret,
-    )
+def _call(case, out_shape, precision=HIGHEST, interpret=INTERPRET):
+    return case.call(out_shape, interpret, precision)
 
 
 def _kernels(case, **options):
     """The four kernels of `case`, each a function of its operands (slot order)."""
     xs, ws, ds, ys = _shapes(case)
     return {
-        "forward": functools.partial(mk.forward, **_kwargs(case, ys, **options)),
-        "grad_x": functools.partial(mk.grad_x, **_kwargs(case, xs, **options)),
-        "grad_w": functools.partial(mk.grad_w, **_kwargs(case, ws, **options)),
-        "grad_d": functools.partial(mk.grad_d, **_kwargs(case, ds, **options)),
+        "forward": functools.partial(mk.forward, call=_call(case, ys, **options)),
+        "grad_x": functools.partial(mk.grad_x, call=_call(case, xs, **options)),
+        "grad_w": functools.partial(mk.grad_w, call=_call(case, ws, **options)),
+        "grad_d": functools.partial(mk.grad_d, call=_call(case, ds, **options)),
     }
 
 

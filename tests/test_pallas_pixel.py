@@ -122,15 +122,12 @@ INTERPRET = jax.default_backend() != "gpu"
 
 def _run(case, op, interpret, x, k, v):
     """Kernel `op` ("forward", "grad_x", "grad_k") of `case` on its operands (slot order)."""
-    n, (ho, wo) = case.n, case.geom().out_size
-    options = dict(geom=case.geom(), block_sizes=case.block_sizes, interpret=interpret)
+    n, (ho, wo), size = case.n, case.geom().out_size, case.geom().kernel_size
     if op == "forward":
-        return pixel.forward(x, k, out_shape=(n, ho, wo, case.cin), **options)
+        return pixel.forward(x, k, case.call((n, ho, wo, case.cin), interpret))
     if op == "grad_x":
-        return pixel.grad_x(k, v, out_shape=(n, case.h, case.w, case.cin), **options)
-    return pixel.grad_k(
-        x, v, out_shape=(n, ho, wo, *case.geom().kernel_size, case.groups), **options
-    )
+        return pixel.grad_x(k, v, case.call((n, case.h, case.w, case.cin), interpret))
+    return pixel.grad_k(x, v, case.call((n, ho, wo, *size, case.groups), interpret))
 
 
 OPS = ["forward", "grad_x", "grad_k"]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.geometry import KernelCall
 from svconv import reference, xla
 from tests.conftest import Case, assert_close, random_cases, rands
 
@@ -69,22 +70,21 @@ def _check_all(case, a, geom, dtype, tol=None):
             f32["dy"],
         )
         d = a[dname]
-        kw = {"geom": geom}
         what = f"modulated {dname}"
-        got = xla.modulated_forward(a["x"], a["w"], d, out_shape=y.shape, **kw)
+        got = xla.modulated_forward(a["x"], a["w"], d, KernelCall(geom, y.shape))
         assert got.dtype == dtype
         assert_close(got, y, dtype, tol, f"{what} forward")
-        got = xla.modulated_grad_x(a["w"], d, a["dy"], out_shape=gx.shape, **kw)
+        got = xla.modulated_grad_x(a["w"], d, a["dy"], KernelCall(geom, gx.shape))
         assert_close(got, gx, dtype, tol, f"{what} dx")
         assert_close(
-            xla.modulated_grad_w(a["x"], d, a["dy"], out_shape=gw.shape, **kw),
+            xla.modulated_grad_w(a["x"], d, a["dy"], KernelCall(geom, gw.shape)),
             gw,
             dtype,
             tol,
             f"{what} dw",
         )
         assert_close(
-            xla.modulated_grad_d(a["x"], a["w"], a["dy"], out_shape=gd.shape, **kw),
+            xla.modulated_grad_d(a["x"], a["w"], a["dy"], KernelCall(geom, gd.shape)),
             gd,
             dtype,
             tol,
@@ -94,21 +94,21 @@ def _check_all(case, a, geom, dtype, tol=None):
         lambda x, k: reference.pixel_filter2d(x, k, geom), (f32["x"], f32["k"]), f32["dyc"]
     )
     assert_close(
-        xla.pixel_forward(a["x"], a["k"], geom=geom, out_shape=y.shape),
+        xla.pixel_forward(a["x"], a["k"], KernelCall(geom, y.shape)),
         y,
         dtype,
         tol,
         "pixel forward",
     )
     assert_close(
-        xla.pixel_grad_x(a["k"], a["dyc"], geom=geom, out_shape=gx.shape),
+        xla.pixel_grad_x(a["k"], a["dyc"], KernelCall(geom, gx.shape)),
         gx,
         dtype,
         tol,
         "pixel dx",
     )
     assert_close(
-        xla.pixel_grad_k(a["x"], a["dyc"], geom=geom, out_shape=gk.shape),
+        xla.pixel_grad_k(a["x"], a["dyc"], KernelCall(geom, gk.shape)),
         gk,
         dtype,
         tol,
@@ -118,21 +118,21 @@ def _check_all(case, a, geom, dtype, tol=None):
         lambda x, w: reference.local_conv2d(x, w, geom), (f32["x"], f32["wl"]), f32["dy"]
     )
     assert_close(
-        xla.local_forward(a["x"], a["wl"], geom=geom, out_shape=y.shape),
+        xla.local_forward(a["x"], a["wl"], KernelCall(geom, y.shape)),
         y,
         dtype,
         tol,
         "local forward",
     )
     assert_close(
-        xla.local_grad_x(a["wl"], a["dy"], geom=geom, out_shape=gx.shape),
+        xla.local_grad_x(a["wl"], a["dy"], KernelCall(geom, gx.shape)),
         gx,
         dtype,
         tol,
         "local dx",
     )
     assert_close(
-        xla.local_grad_w(a["x"], a["dy"], geom=geom, out_shape=gw.shape), gw, dtype, tol, "local dw"
+        xla.local_grad_w(a["x"], a["dy"], KernelCall(geom, gw.shape)), gw, dtype, tol, "local dw"
     )
 
 
@@ -191,24 +191,24 @@ def test_float64_stays_exact(path):
         pairs = []
         for dname in ("d", "ds"):
             y, (gx, gw, gd) = _grads(modulated, (a["x"], a["w"], a[dname]), a["dy"])
-            d, kw = a[dname], {"geom": geom}
+            d = a[dname]
             pairs += [
-                (xla.modulated_forward(a["x"], a["w"], d, out_shape=y.shape, **kw), y),
-                (xla.modulated_grad_x(a["w"], d, a["dy"], out_shape=gx.shape, **kw), gx),
-                (xla.modulated_grad_w(a["x"], d, a["dy"], out_shape=gw.shape, **kw), gw),
-                (xla.modulated_grad_d(a["x"], a["w"], a["dy"], out_shape=gd.shape, **kw), gd),
+                (xla.modulated_forward(a["x"], a["w"], d, KernelCall(geom, y.shape)), y),
+                (xla.modulated_grad_x(a["w"], d, a["dy"], KernelCall(geom, gx.shape)), gx),
+                (xla.modulated_grad_w(a["x"], d, a["dy"], KernelCall(geom, gw.shape)), gw),
+                (xla.modulated_grad_d(a["x"], a["w"], a["dy"], KernelCall(geom, gd.shape)), gd),
             ]
         y, (gx, gk) = _grads(pixel, (a["x"], a["k"]), a["dyc"])
         pairs += [
-            (xla.pixel_forward(a["x"], a["k"], geom=geom, out_shape=y.shape), y),
-            (xla.pixel_grad_x(a["k"], a["dyc"], geom=geom, out_shape=gx.shape), gx),
-            (xla.pixel_grad_k(a["x"], a["dyc"], geom=geom, out_shape=gk.shape), gk),
+            (xla.pixel_forward(a["x"], a["k"], KernelCall(geom, y.shape)), y),
+            (xla.pixel_grad_x(a["k"], a["dyc"], KernelCall(geom, gx.shape)), gx),
+            (xla.pixel_grad_k(a["x"], a["dyc"], KernelCall(geom, gk.shape)), gk),
         ]
         y, (gx, gw) = _grads(local, (a["x"], a["wl"]), a["dy"])
         pairs += [
-            (xla.local_forward(a["x"], a["wl"], geom=geom, out_shape=y.shape), y),
-            (xla.local_grad_x(a["wl"], a["dy"], geom=geom, out_shape=gx.shape), gx),
-            (xla.local_grad_w(a["x"], a["dy"], geom=geom, out_shape=gw.shape), gw),
+            (xla.local_forward(a["x"], a["wl"], KernelCall(geom, y.shape)), y),
+            (xla.local_grad_x(a["wl"], a["dy"], KernelCall(geom, gx.shape)), gx),
+            (xla.local_grad_w(a["x"], a["dy"], KernelCall(geom, gw.shape)), gw),
         ]
         for i, (got, want) in enumerate(pairs):
             assert got.dtype == jnp.float64, i
@@ -231,14 +231,14 @@ def test_rolled_loops_do_not_grow_with_the_window(op, monkeypatch):
         case = Case(1, 16, 16, 2, 2, (k, k), 1, 1, "SAME")
         geom = case.geom()
         if op == "modulated":
-            f = functools.partial(xla.modulated_forward, geom=geom, out_shape=(1, 16, 16, 2))
+            f = functools.partial(xla.modulated_forward, call=KernelCall(geom, (1, 16, 16, 2)))
 
             def fwd_bwd(x, w, d, dy, f=f, geom=geom):
                 return (
                     f(x, w, d),
-                    xla.modulated_grad_x(w, d, dy, geom=geom, out_shape=x.shape),
-                    xla.modulated_grad_w(x, d, dy, geom=geom, out_shape=w.shape),
-                    xla.modulated_grad_d(x, w, dy, geom=geom, out_shape=d.shape),
+                    xla.modulated_grad_x(w, d, dy, KernelCall(geom, x.shape)),
+                    xla.modulated_grad_w(x, d, dy, KernelCall(geom, w.shape)),
+                    xla.modulated_grad_d(x, w, dy, KernelCall(geom, d.shape)),
                 )
 
             shapes = [(1, 16, 16, 2), (k, k, 2, 2), (1, 16, 16, k, k), (1, 16, 16, 2)]
@@ -246,9 +246,9 @@ def test_rolled_loops_do_not_grow_with_the_window(op, monkeypatch):
 
             def fwd_bwd(x, w, dy, geom=geom):
                 return (
-                    xla.local_forward(x, w, geom=geom, out_shape=dy.shape),
-                    xla.local_grad_x(w, dy, geom=geom, out_shape=x.shape),
-                    xla.local_grad_w(x, dy, geom=geom, out_shape=w.shape),
+                    xla.local_forward(x, w, KernelCall(geom, dy.shape)),
+                    xla.local_grad_x(w, dy, KernelCall(geom, x.shape)),
+                    xla.local_grad_w(x, dy, KernelCall(geom, w.shape)),
                 )
 
             shapes = [(1, 16, 16, 2), (16, 16, k, k, 2, 2), (1, 16, 16, 2)]
@@ -256,9 +256,9 @@ def test_rolled_loops_do_not_grow_with_the_window(op, monkeypatch):
 
             def fwd_bwd(x, kk, dy, geom=geom):
                 return (
-                    xla.pixel_forward(x, kk, geom=geom, out_shape=x.shape),
-                    xla.pixel_grad_x(kk, dy, geom=geom, out_shape=x.shape),
-                    xla.pixel_grad_k(x, dy, geom=geom, out_shape=kk.shape),
+                    xla.pixel_forward(x, kk, KernelCall(geom, x.shape)),
+                    xla.pixel_grad_x(kk, dy, KernelCall(geom, x.shape)),
+                    xla.pixel_grad_k(x, dy, KernelCall(geom, kk.shape)),
                 )
 
             shapes = [(1, 16, 16, 2), (1, 16, 16, k, k, 1), (1, 16, 16, 2)]
@@ -275,5 +275,5 @@ def test_filter_gradient_tiles_are_exact_on_ragged_tiles():
     k = a["k"]
     _, vjp = jax.vjp(lambda k: reference.pixel_filter2d(a["x"], k, geom), k)
     want = vjp(a["dyc"])[0]
-    got = xla.pixel_grad_k(a["x"], a["dyc"], geom=geom, out_shape=k.shape)
+    got = xla.pixel_grad_k(a["x"], a["dyc"], KernelCall(geom, k.shape))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ file.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import svconv
-from pallas_kernels.geometry import Geometry
+from pallas_kernels.geometry import Geometry, KernelCall
 from svconv import xla
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -200,6 +202,14 @@ def load_baseline(rev: str):
     return module
 
 
+def _kernel(fn, geom, out_shape, *args):
+    """Call a kernel of either signature: with a ``KernelCall`` (the current one), or with
+    ``geom`` and ``out_shape`` keywords (revisions before it)."""
+    if "call" in inspect.signature(fn).parameters:
+        return fn(*args, KernelCall(geom, tuple(out_shape)))
+    return fn(*args, geom=geom, out_shape=out_shape)
+
+
 def kernels_ab(baseline, rounds: int):
     """Every kernel of the benchmark shapes, the baseline's against the current one."""
     n, h, c = 4, 128, 32
@@ -223,10 +233,7 @@ def kernels_ab(baseline, rounds: int):
     for label, (name, args, kw, *geom) in cases.items():
         geom = geom[0] if geom else g3
         cols = {
-            which: (
-                lambda *a, m=m, name=name, kw=kw, geom=geom: getattr(m, name)(*a, geom=geom, **kw),
-                args,
-            )
+            which: (functools.partial(_kernel, getattr(m, name), geom, kw["out_shape"]), args)
             for which, m in (("baseline", baseline), ("current", xla))
         }
         res = timeit(cols, rounds)
