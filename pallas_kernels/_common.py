@@ -2,6 +2,7 @@
 family shares, and the index arithmetic of masked-gather kernels (zero padding, strides and
 dilation as masks and integer arithmetic on whole-array refs)."""
 
+import dataclasses
 import math
 
 import jax
@@ -39,6 +40,21 @@ def channel_block(c: int, cap: int) -> int:
     while block > 16 and round_up(c, block) - c > c // 8:
         block //= 2
     return block
+
+
+def check_tiles(tiles, *, minimum: int, counts: tuple[str, ...] = ("num_stages",)) -> None:
+    """Validate a tiling dataclass: the ``counts`` fields >= 1, ``num_warps`` a power of 2, every
+    other field (a block size) a power of 2 >= ``minimum``."""
+    for field in dataclasses.fields(tiles):
+        value, name = getattr(tiles, field.name), f"{type(tiles).__name__}.{field.name}"
+        if field.name in counts:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        elif field.name == "num_warps":
+            if not is_pow2(value):
+                raise ValueError(f"{name} must be a power of 2, got {value}")
+        elif not (is_pow2(value) and value >= minimum):
+            raise ValueError(f"{name} must be a power of 2 >= {minimum}, got {value}")
 
 
 def run(body, operands, call: KernelCall, *, name: str, grid, tiles, out=None):
@@ -103,6 +119,28 @@ def exact_div(num, stride: int, low: int):
     """`num // stride` for traced int32 `num >= low` known to be a multiple of `stride`."""
     bias = stride * pl.cdiv(max(-low, 0), stride)
     return lax.div(num + bias, stride) - bias // stride
+
+
+def split(pid, inner: int):
+    """A flat program id as ``(pid // inner, pid % inner)``."""
+    return lax.div(pid, inner), lax.rem(pid, inner)
+
+
+def inside(r, q, h: int, w: int):
+    """Whether positions ``(r, q)`` lie in an ``h x w`` image."""
+    return (r >= 0) & (r < h) & (q >= 0) & (q < w)
+
+
+# L2 eviction hints: KEEP the tiles that neighbouring taps and tiles read again (inputs with
+# halos, incoming gradients); STREAM what one program alone reads (local conv's weights), so it
+# does not evict them.
+KEEP, STREAM = "evict_last", "evict_first"
+
+
+def gather(view, mask, policy: str | None = None):
+    """The elements of ``view`` (a ref indexed with index arrays) where ``mask`` holds, zero
+    elsewhere (a masked Triton load); ``policy``: ``KEEP``, ``STREAM`` or the default."""
+    return plt.load(view, mask=mask, other=0.0, eviction_policy=policy)
 
 
 def sweep(g: Geometry):

@@ -28,17 +28,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
+    KEEP,
     common_unsupported_reason,
     contributing_taps,
     exact_div,
+    gather,
+    inside,
     run,
+    split,
     sweep,
 )
 from pallas_kernels.geometry import Geometry, KernelCall
 from pallas_kernels.pixel import PixelBlockSizes, pixel_block_sizes
 
 _F32 = jnp.float32
-_REUSED = "evict_last"
 
 
 def features(u, v, parts: int) -> list:
@@ -64,19 +67,11 @@ def _tile_pixels(ti, tj, bs: PixelBlockSizes):
     return ti * bs.block_h + lax.div(p, bs.block_w), tj * bs.block_w + lax.rem(p, bs.block_w)
 
 
-def _inside(r, c, h: int, w: int):
-    return (r >= 0) & (r < h) & (c >= 0) & (c < w)
-
-
-def _split(pid, inner: int):
-    return lax.div(pid, inner), lax.rem(pid, inner)
-
-
 def _pixel_params(eta_ref, zeta_ref, b, i, j, ok):
     """eta (a list of P arrays) and zeta of pixels (i, j) of image b, each like i."""
     parts = eta_ref.shape[-1]
-    eta = [plt.load(eta_ref.at[b, i, j, q], mask=ok, other=0.0).astype(_F32) for q in range(parts)]
-    return eta, plt.load(zeta_ref.at[b, i, j], mask=ok, other=0.0).astype(_F32)
+    eta = [gather(eta_ref.at[b, i, j, q], ok).astype(_F32) for q in range(parts)]
+    return eta, gather(zeta_ref.at[b, i, j], ok).astype(_F32)
 
 
 def _weight(eta, zeta, m, n, kernel_size, moments):
@@ -101,7 +96,7 @@ def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, y_ref, *, g, bs, moments, n
     _, h, w, c = x_ref.shape
     _, ho, wo, _ = y_ref.shape
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    b, ti = _split(pl.program_id(2), n_th)
+    b, ti = split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
     pix_ok = (rows < ho) & (cols < wo)
@@ -110,18 +105,13 @@ def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, y_ref, *, g, bs, moments, n
     def tap(t, acc):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
-        xt = plt.load(
-            x_ref.at[b, r, q, chans],
-            mask=pix_ok & _inside(r, q, h, w) & (chans < c),
-            other=0.0,
-            eviction_policy=_REUSED,
-        )
+        xt = gather(x_ref.at[b, r, q, chans], pix_ok & inside(r, q, h, w) & (chans < c), KEEP)
         return acc + xt.astype(_F32) * _weight(eta, zeta, m, n, (kh, kw), moments)
 
     acc = jnp.zeros((rows.shape[0], bs.block_channels), _F32)
     acc = lax.fori_loop(0, kh * kw, tap, acc)
     if s_ref is not None:
-        acc = acc * plt.load(s_ref.at[b, rows, cols], mask=pix_ok, other=0.0).astype(_F32)
+        acc = acc * gather(s_ref.at[b, rows, cols], pix_ok).astype(_F32)
     plt.store(y_ref.at[b, rows, cols, chans], acc.astype(y_ref.dtype), mask=pix_ok & (chans < c))
 
 
@@ -129,9 +119,9 @@ def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, dx_ref, *, g, bs, moments, 
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = dx_ref.shape
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    phw, tj = _split(pl.program_id(1), n_tw)
-    b, rest = _split(pl.program_id(2), sh * n_th)
-    phh, ti = _split(rest, n_th)
+    phw, tj = split(pl.program_id(1), n_tw)
+    b, rest = split(pl.program_id(2), sh * n_th)
+    phh, ti = split(rest, n_th)
     # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
     # of that phase reach them, each from source pixel (R + const, Q + const).
     big_r, big_q = _tile_pixels(ti, tj, bs)
@@ -143,14 +133,12 @@ def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, dx_ref, *, g, bs, moments, 
     def tap(m, n, acc):
         i = big_r + exact_div(phh + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
         j = big_q + exact_div(phw + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
-        ok = _inside(i, j, ho, wo)
+        ok = inside(i, j, ho, wo)
         eta, zeta = _pixel_params(eta_ref, zeta_ref, b, i, j, ok)
         weight = _weight(eta, zeta, m, n, (kh, kw), moments)
         if s_ref is not None:
-            weight = weight * plt.load(s_ref.at[b, i, j], mask=ok, other=0.0).astype(_F32)
-        dyt = plt.load(
-            dy_ref.at[b, i, j, chans], mask=ok & (chans < c), other=0.0, eviction_policy=_REUSED
-        )
+            weight = weight * gather(s_ref.at[b, i, j], ok).astype(_F32)
+        dyt = gather(dy_ref.at[b, i, j, chans], ok & (chans < c), KEEP)
         return acc + dyt.astype(_F32) * weight
 
     def row(u, acc):
@@ -167,7 +155,7 @@ def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, 
     _, h, w, c = x_ref.shape
     _, ho, wo = ds_ref.shape
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    b, ti = _split(pl.program_id(2), n_th)
+    b, ti = split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     pix_ok = (rows < ho) & (cols < wo)
     eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
@@ -176,22 +164,14 @@ def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, 
         for k in range(pl.cdiv(c, bs.block_channels))
     ]
     # dy is the same for every tap: read it once.
-    dys = [
-        plt.load(dy_ref.at[b, rows, cols, ch], mask=pix_ok & (ch < c), other=0.0).astype(_F32)
-        for ch in blocks
-    ]
+    dys = [gather(dy_ref.at[b, rows, cols, ch], pix_ok & (ch < c)).astype(_F32) for ch in blocks]
 
     def tap(t, acc):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
         inner = jnp.zeros_like(acc)
         for ch, dyt in zip(blocks, dys, strict=True):
-            xt = plt.load(
-                x_ref.at[b, r, q, ch],
-                mask=pix_ok & _inside(r, q, h, w) & (ch < c),
-                other=0.0,
-                eviction_policy=_REUSED,
-            )
+            xt = gather(x_ref.at[b, r, q, ch], pix_ok & inside(r, q, h, w) & (ch < c), KEEP)
             inner += jnp.sum(xt.astype(_F32) * dyt, axis=1, keepdims=True)
         return acc + inner * _weight(eta, zeta, m, n, (kh, kw), moments)
 
@@ -209,7 +189,7 @@ def forward(x, s, eta, zeta, call: KernelCall) -> jax.Array:
     -> y [N, Ho, Wo, C]."""
     n, ho, wo, c = call.out_shape
     bs = call.block_sizes or pixel_block_sizes(
-        "gather", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
+        "forward", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(c, bs.block_channels), pl.cdiv(wo, bs.block_w), n * n_th)
@@ -223,7 +203,7 @@ def grad_x(s, dy, eta, zeta, call: KernelCall) -> jax.Array:
     sh, sw = call.geom.stride
     hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
     bs = call.block_sizes or pixel_block_sizes(
-        "scatter", channels=c, groups=1, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
+        "grad_x", channels=c, groups=1, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
     )
     n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
     grid = (pl.cdiv(c, bs.block_channels), sw * n_tw, n * sh * n_th)
@@ -240,7 +220,7 @@ def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:
     n, ho, wo = call.out_shape
     c = x.shape[3]
     bs = call.block_sizes or pixel_block_sizes(
-        "correlate", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
+        "grad_k", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (1, pl.cdiv(wo, bs.block_w), n * n_th)

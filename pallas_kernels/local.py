@@ -27,9 +27,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
+    KEEP,
+    STREAM,
+    check_tiles,
     common_unsupported_reason,
     contributing_taps,
     exact_div,
+    gather,
     next_pow2,
     run,
     sweep,
@@ -42,9 +46,6 @@ from pallas_kernels.geometry import Geometry, KernelCall
 
 _DOT_MIN = 16  # Triton's smallest dot dimension
 _W_TILE_ELEMENTS = 8192  # w tile per pipeline stage: 16 KiB bf16 / 32 KiB fp32 of shared memory
-# w is streamed (each element used by one program): keep it from evicting x and dy, which
-# neighbouring pixels read again.
-_STREAMED, _REUSED = "evict_first", "evict_last"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +68,7 @@ class LocalBlockSizes:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_batch", "block_k", "block_in", "block_out"):
-            value = getattr(self, name)
-            if value < _DOT_MIN or value & (value - 1):
-                raise ValueError(
-                    f"LocalBlockSizes.{name} must be a power of 2 >= {_DOT_MIN}, got {value}"
-                )
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"LocalBlockSizes.num_warps must be a power of 2: {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"LocalBlockSizes.num_stages must be >= 1, got {self.num_stages}")
+        check_tiles(self, minimum=_DOT_MIN)
 
 
 def local_block_sizes(
@@ -126,7 +118,7 @@ def _patch(x_ref, i, j, kk, g: Geometry):
     return r, q, lax.rem(kk, cin), ok
 
 
-def _fwd_kernel(x_ref, w_ref, y_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
+def _forward_kernel(x_ref, w_ref, y_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
     n_img = x_ref.shape[0]
     _, wo, k_total, cout = w_ref.shape
     i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
@@ -136,13 +128,9 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, g: Geometry, bs: LocalBlockSizes, precis
     def step(kb, acc):
         kk = kb * bs.block_k + jnp.arange(bs.block_k)
         r, q, c, ok = _patch(x_ref, i, j, kk[None, :], g)
-        xt = plt.load(
-            x_ref.at[imgs, r, q, c], mask=ok & (imgs < n_img), other=0.0, eviction_policy=_REUSED
-        )
+        xt = gather(x_ref.at[imgs, r, q, c], ok & (imgs < n_img), KEEP)
         wmask = (kk[:, None] < k_total) & (outs < cout)
-        wt = plt.load(
-            w_ref.at[i, j, kk[:, None], outs], mask=wmask, other=0.0, eviction_policy=_STREAMED
-        )
+        wt = gather(w_ref.at[i, j, kk[:, None], outs], wmask, STREAM)
         return acc + _dot(xt, wt, precision)
 
     acc = jnp.zeros((bs.block_batch, bs.block_out), jnp.float32)
@@ -169,17 +157,9 @@ def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: Geometry, bs: LocalBlockSizes, p
 
         def out_block(ob, acc):
             outs = ob * bs.block_out + jnp.arange(bs.block_out)[None, :]  # [1, O]
-            dyt = plt.load(
-                dy_ref.at[imgs, i, j, outs],
-                mask=src_ok & (imgs < n_img) & (outs < cout),
-                other=0.0,
-                eviction_policy=_REUSED,
-            )
-            wt = plt.load(
-                w_ref.at[i, j, m, n, chans, outs],
-                mask=src_ok & (chans < cin) & (outs < cout),
-                other=0.0,
-                eviction_policy=_STREAMED,
+            dyt = gather(dy_ref.at[imgs, i, j, outs], src_ok & (imgs < n_img) & (outs < cout), KEEP)
+            wt = gather(
+                w_ref.at[i, j, m, n, chans, outs], src_ok & (chans < cin) & (outs < cout), STREAM
             )
             return acc + _dot(dyt, wt, precision, contract=((1,), (1,)))
 
@@ -206,16 +186,9 @@ def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: Geometry, bs: LocalBlockSizes, p
 
     def batch_block(bb, acc):
         imgs = bb * bs.block_batch + jnp.arange(bs.block_batch)
-        xt = plt.load(
-            x_ref.at[imgs[None, :], r, q, c],
-            mask=ok & (imgs < n_img),
-            other=0.0,
-            eviction_policy=_REUSED,
-        )
+        xt = gather(x_ref.at[imgs[None, :], r, q, c], ok & (imgs < n_img), KEEP)
         dmask = (imgs[:, None] < n_img) & (outs < cout)
-        dyt = plt.load(
-            dy_ref.at[imgs[:, None], i, j, outs], mask=dmask, other=0.0, eviction_policy=_REUSED
-        )
+        dyt = gather(dy_ref.at[imgs[:, None], i, j, outs], dmask, KEEP)
         return acc + _dot(xt, dyt, precision)
 
     acc = jnp.zeros((bs.block_k, bs.block_out), jnp.float32)
@@ -250,7 +223,7 @@ def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
     ho, wo, kh, kw, _, cout = w.shape
     bs = _sizes(call, n, cin, cout, x.dtype)
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cout, bs.block_out), ho * wo)
-    body = functools.partial(_fwd_kernel, g=call.geom, bs=bs, precision=call.precision)
+    body = functools.partial(_forward_kernel, g=call.geom, bs=bs, precision=call.precision)
     w_rows = w.reshape(ho, wo, kh * kw * cin, cout)
     return run(body, (x, w_rows), call, name="local_forward", grid=grid, tiles=bs)
 

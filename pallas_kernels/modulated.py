@@ -32,11 +32,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
+    KEEP,
     channel_block,
+    check_tiles,
     common_unsupported_reason,
     contributing_taps,
     exact_div,
-    is_pow2,
+    gather,
+    inside,
     next_pow2,
     run,
     sweep,
@@ -45,8 +48,6 @@ from pallas_kernels.geometry import Geometry, KernelCall
 
 _NUM_SMS = 132  # H100 SXM
 _F32 = jnp.float32
-# The input tiles are read again by the neighbouring taps and tiles: ask the cache to keep them.
-_REUSED = "evict_last"
 
 # ----------------------------------------------------------------------------------------------
 # Tiling configuration
@@ -87,13 +88,7 @@ class ModulatedBlockSizes:
     num_stages: int
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name in ("num_warps", "num_stages", "chunks_dw"):
-                if v < 1:
-                    raise ValueError(f"ModulatedBlockSizes.{f.name} must be >= 1, got {v}")
-            elif not (is_pow2(v) and v >= 16):
-                raise ValueError(f"ModulatedBlockSizes.{f.name} must be a power of 2 >= 16: {v}")
+        check_tiles(self, minimum=16, counts=("num_stages", "chunks_dw"))
 
 
 def _pixel_block(pixels: int, channel_blocks: int) -> int:
@@ -189,10 +184,6 @@ def _arange(start, size):
     return start + jnp.arange(size)
 
 
-def _in_image(r, q, h: int, w: int):
-    return (r >= 0) & (r < h) & (q >= 0) & (q < w)
-
-
 def _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shared: bool):
     """``x`` at tap ``(m, n)`` of output pixels ``(i, j)`` of image ``b`` (``[P, 1]`` each) and
     channels ``chans`` (``[1, K]``), its rows scaled by ``d``, in ``x``'s dtype; zero where
@@ -200,14 +191,9 @@ def _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shar
     _, h, w, cin = x_ref.shape
     _, (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     r, q = i * sh + m * dh - ptop, j * sw + n * dw - pleft
-    xt = plt.load(
-        x_ref.at[b, r, q, chans],
-        mask=ok & _in_image(r, q, h, w) & (chans < cin),
-        other=0.0,
-        eviction_policy=_REUSED,
-    )
+    xt = gather(x_ref.at[b, r, q, chans], ok & inside(r, q, h, w) & (chans < cin), KEEP)
     d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
-    dt = plt.load(d_at, mask=ok, other=0.0)
+    dt = gather(d_at, ok)
     return (xt.astype(_F32) * dt.astype(_F32)).astype(xt.dtype)
 
 
@@ -233,10 +219,8 @@ def _forward_kernel(x_ref, w_ref, d_ref, y_ref, *, g, bs, shared, precision):
             xs = _modulated_tile(
                 x_ref, d_ref, b, i, j, m, n, chans[None, :], ok, g=g, shared=shared
             )
-            wt = plt.load(
-                w_ref.at[m, n, chans[:, None], outs],
-                mask=(chans[:, None] < cin) & (outs < cout),
-                other=0.0,
+            wt = gather(
+                w_ref.at[m, n, chans[:, None], outs], (chans[:, None] < cin) & (outs < cout)
             )
             acc += _dot(xs, wt, precision)
         return acc
@@ -268,20 +252,13 @@ def _grad_x_kernel(w_ref, d_ref, dy_ref, dx_ref, *, g, bs, shared, precision, bl
         j = big_q + exact_div(pb + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
         ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
         d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
-        dt = plt.load(d_at, mask=ok, other=0.0).astype(_F32)
+        dt = gather(d_at, ok).astype(_F32)
         for ob in range(pl.cdiv(cout, bs.block_k_dx)):
             outs = _arange(ob * bs.block_k_dx, bs.block_k_dx)
-            dyt = plt.load(
-                dy_ref.at[b, i, j, outs[None, :]],
-                mask=ok & (outs[None, :] < cout),
-                other=0.0,
-                eviction_policy=_REUSED,
-            )
+            dyt = gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout), KEEP)
             gs = (dyt.astype(_F32) * dt).astype(dyt.dtype)
-            wt = plt.load(
-                w_ref.at[m, n, chans, outs[:, None]],
-                mask=(chans < cin) & (outs[:, None] < cout),
-                other=0.0,
+            wt = gather(
+                w_ref.at[m, n, chans, outs[:, None]], (chans < cin) & (outs[:, None] < cout)
             )
             acc += _dot(gs, wt, precision)
         return acc
@@ -314,12 +291,7 @@ def _grad_w_kernel(x_ref, d_ref, dy_ref, dw_ref, *, g, bs, shared, precision, ch
         b, p = lax.div(f, ho * wo), lax.rem(f, ho * wo)
         i, j = lax.div(p, wo), lax.rem(p, wo)
         xs = _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans[None, :], ok, g=g, shared=shared)
-        dyt = plt.load(
-            dy_ref.at[b, i, j, outs[None, :]],
-            mask=ok & (outs[None, :] < cout),
-            other=0.0,
-            eviction_policy=_REUSED,
-        )
+        dyt = gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout), KEEP)
         # Contract over pixels (dim 0 of both): Triton transposes the A tile in registers.
         return acc + _dot(xs, dyt, precision, contract=((0,), (0,)))
 
@@ -341,27 +313,19 @@ def _grad_d_kernel(x_ref, w_ref, dy_ref, dd_ref, *, g, bs, shared, precision):
 
     def image(b, total, m, n):
         r, q = r_base + m * dh, q_base + n * dw
-        x_ok = ok & _in_image(r, q, h, w)
+        x_ok = ok & inside(r, q, h, w)
         for ob in range(pl.cdiv(cout, bs.block_n)):
             outs = _arange(ob * bs.block_n, bs.block_n)
             z = jnp.zeros((bs.block_m, bs.block_n), _F32)
             for kb in range(pl.cdiv(cin, bs.block_k)):
                 chans = _arange(kb * bs.block_k, bs.block_k)
-                xt = plt.load(
-                    x_ref.at[b, r, q, chans[None, :]],
-                    mask=x_ok & (chans[None, :] < cin),
-                    other=0.0,
-                    eviction_policy=_REUSED,
-                )
-                wt = plt.load(
+                xt = gather(x_ref.at[b, r, q, chans[None, :]], x_ok & (chans[None, :] < cin), KEEP)
+                wt = gather(
                     w_ref.at[m, n, chans[:, None], outs[None, :]],
-                    mask=(chans[:, None] < cin) & (outs[None, :] < cout),
-                    other=0.0,
+                    (chans[:, None] < cin) & (outs[None, :] < cout),
                 )
                 z += _dot(xt, wt, precision)
-            dyt = plt.load(
-                dy_ref.at[b, i, j, outs[None, :]], mask=ok & (outs[None, :] < cout), other=0.0
-            )
+            dyt = gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout))
             total += jnp.sum(dyt.astype(_F32) * z, axis=1, keepdims=True)
         return total
 
@@ -391,15 +355,20 @@ def _sizes(call: KernelCall, x_shape, cout: int, dtype) -> ModulatedBlockSizes:
     )
 
 
+def _body(kernel, call: KernelCall, bs: ModulatedBlockSizes, shared: bool, **extra):
+    """``kernel`` with the settings every modulated kernel takes, and ``extra``."""
+    return functools.partial(
+        kernel, g=call.geom, bs=bs, shared=shared, precision=call.precision, **extra
+    )
+
+
 def forward(x: jax.Array, w: jax.Array, d: jax.Array, call: KernelCall) -> jax.Array:
     """Modulated conv forward: x [N, H, W, Cin], w [kh, kw, Cin, Cout], d [N, Ho, Wo, kh, kw]
     or [Ho, Wo, kh, kw] -> y [N, Ho, Wo, Cout] (fp32 accumulation)."""
     n, ho, wo, cout = call.out_shape
     bs = _sizes(call, x.shape, cout, x.dtype)
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
-    body = functools.partial(
-        _forward_kernel, g=call.geom, bs=bs, shared=d.ndim == 4, precision=call.precision
-    )
+    body = _body(_forward_kernel, call, bs, d.ndim == 4)
     return run(body, (x, w, d), call, name="modulated_forward", grid=grid, tiles=bs)
 
 
@@ -410,14 +379,7 @@ def grad_x(w: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     bs = _sizes(call, call.out_shape, cout, dy.dtype)
     blocks = pl.cdiv(pl.cdiv(h, sh) * pl.cdiv(w_in, sw), bs.block_m_dx)
     grid = (pl.cdiv(cin, bs.block_n_dx), sh * sw * blocks, n)
-    body = functools.partial(
-        _grad_x_kernel,
-        g=call.geom,
-        bs=bs,
-        shared=d.ndim == 4,
-        precision=call.precision,
-        blocks=blocks,
-    )
+    body = _body(_grad_x_kernel, call, bs, d.ndim == 4, blocks=blocks)
     out = jax.ShapeDtypeStruct(call.out_shape, dy.dtype)
     return run(body, (w, d, dy), call, name="modulated_grad_x", grid=grid, tiles=bs, out=out)
 
@@ -431,14 +393,7 @@ def grad_w(x: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     chunk = bs.block_m_dw * pl.cdiv(pl.cdiv(pixels, bs.block_m_dw), bs.chunks_dw)
     chunks = pl.cdiv(pixels, chunk)
     grid = (pl.cdiv(cout, bs.block_cout_dw), pl.cdiv(cin, bs.block_cin_dw), kh * kw, chunks)
-    body = functools.partial(
-        _grad_w_kernel,
-        g=call.geom,
-        bs=bs,
-        shared=d.ndim == 4,
-        precision=call.precision,
-        chunk=chunk,
-    )
+    body = _body(_grad_w_kernel, call, bs, d.ndim == 4, chunk=chunk)
     out = jax.ShapeDtypeStruct((chunks, kh * kw, cin, cout), _F32)
     partial = run(body, (x, d, dy), call, name="modulated_grad_w", grid=grid, tiles=bs, out=out)
     return partial.sum(axis=0).reshape(call.out_shape).astype(x.dtype)
@@ -451,7 +406,5 @@ def grad_d(x: jax.Array, w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     shared = len(call.out_shape) == 4
     bs = _sizes(call, x.shape, cout, x.dtype)
     grid = (pl.cdiv(ho * wo, bs.block_m), 1 if shared else n)
-    body = functools.partial(
-        _grad_d_kernel, g=call.geom, bs=bs, shared=shared, precision=call.precision
-    )
+    body = _body(_grad_d_kernel, call, bs, shared)
     return run(body, (x, w, dy), call, name="modulated_grad_d", grid=grid, tiles=bs)

@@ -10,7 +10,7 @@ c // (C // G).
 
 Every program owns a tile of output pixels and a block of channels, held as a
 [pixels, groups, channels-of-a-group] array: a per-(pixel, group) filter value then broadcasts over
-the last axis, and the group reduction of `correlate` is a reduction over it. Refs are whole arrays
+the last axis, and the group reduction of `grad_k` is a reduction over it. Refs are whole arrays
 addressed with integer index arrays and masks, so zero padding, strides, dilation, ragged tiles and
 odd channel counts are all masked lanes: no padded copy of any input is ever made, and no
 kh*kw-times patch tensor exists.
@@ -27,11 +27,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._common import (
+    KEEP,
+    check_tiles,
     common_unsupported_reason,
     contributing_taps,
     exact_div,
+    gather,
+    inside,
     next_pow2,
     run,
+    split,
     sweep,
 )
 from pallas_kernels.geometry import Geometry, KernelCall
@@ -43,9 +48,6 @@ from pallas_kernels.geometry import Geometry, KernelCall
 _NUM_SMS = 132  # H100 SXM
 _LANE_BYTES = 256  # contiguous bytes of one pixel's channels loaded per program
 _TILE_ELEMENTS = 4096  # fp32 accumulator elements per program
-# The haloed input tiles are read again by every tap and by the neighbouring tiles: ask the cache
-# to keep them. The filters k are read once per tap from lines the next taps share: default.
-_REUSED = "evict_last"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,24 +69,19 @@ class PixelBlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_h", "block_w", "block_groups", "block_channels", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"PixelBlockSizes.{name} must be a power of 2, got {value}")
-        if self.num_stages < 1:
-            raise ValueError(f"PixelBlockSizes.num_stages must be >= 1, got {self.num_stages}")
+        check_tiles(self, minimum=1)
 
 
 def pixel_block_sizes(
     op: str, *, channels: int, groups: int, out_hw: tuple[int, int], batch: int, dtype
 ) -> PixelBlockSizes:
-    """Tiles for `op` in ("gather", "scatter", "correlate") on an H100.
+    """Tiles for `op` in ("forward", "grad_x", "grad_k") on an H100.
 
-    `out_hw` is the grid of pixels the programs tile (for scatter: one stride phase of the
-    output) and `batch` the number of such grids (for scatter: N * sh * sw).
+    `out_hw` is the grid of pixels the programs tile (for grad_x: one stride phase of the
+    output) and `batch` the number of such grids (for grad_x: N * sh * sw).
     """
-    if op not in ("gather", "scatter", "correlate"):
-        raise ValueError(f"op must be 'gather', 'scatter' or 'correlate', got {op!r}")
+    if op not in ("forward", "grad_x", "grad_k"):
+        raise ValueError(f"op must be 'forward', 'grad_x' or 'grad_k', got {op!r}")
     cpg = channels // groups
     # The kernels are memory-bound: a group's channels are contiguous in memory, so they get the
     # lanes first (one wide vector load per pixel), whole groups next.
@@ -92,9 +89,9 @@ def pixel_block_sizes(
     block_channels = min(next_pow2(cpg), lanes)
     block_groups = min(next_pow2(groups), max(lanes // block_channels, 1))
     channel_programs = pl.cdiv(groups, block_groups) * pl.cdiv(cpg, block_channels)
-    # correlate keeps every channel block of its groups live (the dy tiles); the others one.
+    # grad_k keeps every channel block of its groups live (the dy tiles); the others one.
     live = block_groups * block_channels
-    if op == "correlate":
+    if op == "grad_k":
         live *= pl.cdiv(cpg, block_channels)
         channel_programs = pl.cdiv(groups, block_groups)
     # 4096 fp32 accumulator elements is 32 registers a thread at 4 warps, leaving room for the
@@ -131,25 +128,19 @@ def _block_channels(gb, sb, cpg: int, groups: int, bs: PixelBlockSizes):
     return grp, grp * cpg + sub, (grp < groups) & (sub < cpg)
 
 
-def _inside(r, c, h: int, w: int):
-    return (r >= 0) & (r < h) & (c >= 0) & (c < w)
-
-
-def _split(pid, inner: int):
-    return lax.div(pid, inner), lax.rem(pid, inner)
-
-
 # ------------------------------------------------------------------------------------------------
 # Kernel bodies
 # ------------------------------------------------------------------------------------------------
 
 
-def _gather_kernel(x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int):
+def _forward_kernel(
+    x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int
+):
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = k_ref.shape
-    gb, sb = _split(pl.program_id(0), n_sub)
-    b, ti = _split(pl.program_id(2), n_th)
+    gb, sb = split(pl.program_id(0), n_sub)
+    b, ti = split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     rows, cols = rows[..., None], cols[..., None]  # [P, 1, 1]
     grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
@@ -159,13 +150,8 @@ def _gather_kernel(x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_s
     def tap(m, n, acc):
         r = rows * sh + m * dh - ptop
         q = cols * sw + n * dw - pleft
-        xt = plt.load(
-            x_ref.at[b, r, q, chan],
-            mask=_inside(r, q, h, w) & chan_ok,
-            other=0.0,
-            eviction_policy=_REUSED,
-        )
-        kt = plt.load(k_ref.at[b, rows, cols, m, n, grp], mask=k_ok, other=0.0)
+        xt = gather(x_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
+        kt = gather(k_ref.at[b, rows, cols, m, n, grp], k_ok)
         return acc + xt.astype(jnp.float32) * kt.astype(jnp.float32)
 
     acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
@@ -173,17 +159,17 @@ def _gather_kernel(x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_s
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=pix_ok & chan_ok)
 
 
-def _scatter_kernel(
+def _grad_x_kernel(
     dy_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
 ):
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = o_ref.shape
     groups = k_ref.shape[-1]
-    gb, sb = _split(pl.program_id(0), n_sub)
-    phw, tj = _split(pl.program_id(1), n_tw)
-    b, rest = _split(pl.program_id(2), sh * n_th)
-    phh, ti = _split(rest, n_th)
+    gb, sb = split(pl.program_id(0), n_sub)
+    phw, tj = split(pl.program_id(1), n_tw)
+    b, rest = split(pl.program_id(2), sh * n_th)
+    phh, ti = split(rest, n_th)
     # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
     # of that phase reach them, each from source pixel (R + const, Q + const).
     big_r, big_q = _tile_pixels(ti, tj, bs)
@@ -196,11 +182,9 @@ def _scatter_kernel(
     def tap(m, n, acc):
         i = big_r + exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
         j = big_q + exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
-        ok = _inside(i, j, ho, wo)
-        dyt = plt.load(
-            dy_ref.at[b, i, j, chan], mask=ok & chan_ok, other=0.0, eviction_policy=_REUSED
-        )
-        kt = plt.load(k_ref.at[b, i, j, m, n, grp], mask=ok & (grp < groups), other=0.0)
+        ok = inside(i, j, ho, wo)
+        dyt = gather(dy_ref.at[b, i, j, chan], ok & chan_ok, KEEP)
+        kt = gather(k_ref.at[b, i, j, m, n, grp], ok & (grp < groups))
         return acc + dyt.astype(jnp.float32) * kt.astype(jnp.float32)
 
     def row(u, acc):
@@ -213,13 +197,13 @@ def _scatter_kernel(
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=ok)
 
 
-def _correlate_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_th: int):
+def _grad_k_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_th: int):
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = o_ref.shape
     cpg = c // groups
     gb = pl.program_id(0)
-    b, ti = _split(pl.program_id(2), n_th)
+    b, ti = split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     rows3, cols3 = rows[..., None], cols[..., None]
     pix_ok = (rows3 < ho) & (cols3 < wo)
@@ -228,7 +212,7 @@ def _correlate_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes,
     ]
     # dy is the same for every tap: read it once.
     dyts = [
-        plt.load(dy_ref.at[b, rows3, cols3, chan], mask=pix_ok & ok, other=0.0).astype(jnp.float32)
+        gather(dy_ref.at[b, rows3, cols3, chan], pix_ok & ok).astype(jnp.float32)
         for _, chan, ok in blocks
     ]
     grp = blocks[0][0][..., 0]  # [1, TG]
@@ -239,12 +223,7 @@ def _correlate_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes,
         q = cols3 * sw + n * dw - pleft
         acc = jnp.zeros((rows.shape[0], bs.block_groups), jnp.float32)
         for (_, chan, ok), dyt in zip(blocks, dyts, strict=True):
-            xt = plt.load(
-                x_ref.at[b, r, q, chan],
-                mask=_inside(r, q, h, w) & ok,
-                other=0.0,
-                eviction_policy=_REUSED,
-            )
+            xt = gather(x_ref.at[b, r, q, chan], inside(r, q, h, w) & ok, KEEP)
             acc += jnp.sum(xt.astype(jnp.float32) * dyt, axis=2)
         plt.store(o_ref.at[b, rows, cols, m, n, grp], acc.astype(o_ref.dtype), mask=out_ok)
         return carry
@@ -270,12 +249,12 @@ def forward(x: jax.Array, k: jax.Array, call: KernelCall) -> jax.Array:
     n, _, _, c = x.shape
     _, ho, wo, _, _, groups = k.shape
     bs = call.block_sizes or pixel_block_sizes(
-        "gather", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
+        "forward", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_sub = pl.cdiv(c // groups, bs.block_channels)
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, pl.cdiv(wo, bs.block_w), n * n_th)
-    body = functools.partial(_gather_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
+    body = functools.partial(_forward_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
     return run(body, (x, k), call, name="pixel_forward", grid=grid, tiles=bs)
 
 
@@ -291,12 +270,12 @@ def grad_x(k: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     sh, sw = call.geom.stride
     hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
     bs = call.block_sizes or pixel_block_sizes(
-        "scatter", channels=c, groups=groups, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
+        "grad_x", channels=c, groups=groups, out_hw=(hq, wq), batch=n * sh * sw, dtype=dy.dtype
     )
     n_sub = pl.cdiv(c // groups, bs.block_channels)
     n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, sw * n_tw, n * sh * n_th)
-    body = functools.partial(_scatter_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw)
+    body = functools.partial(_grad_x_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw)
     return run(body, (dy, k), call, name="pixel_grad_x", grid=grid, tiles=bs)
 
 
@@ -307,9 +286,9 @@ def grad_k(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     n, _, _, c = x.shape
     _, ho, wo, _, _, groups = call.out_shape
     bs = call.block_sizes or pixel_block_sizes(
-        "correlate", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
+        "grad_k", channels=c, groups=groups, out_hw=(ho, wo), batch=n, dtype=x.dtype
     )
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups), pl.cdiv(wo, bs.block_w), n * n_th)
-    body = functools.partial(_correlate_kernel, g=call.geom, bs=bs, n_th=n_th)
+    body = functools.partial(_grad_k_kernel, g=call.geom, bs=bs, n_th=n_th)
     return run(body, (x, dy), call, name="pixel_grad_k", grid=grid, tiles=bs)

@@ -169,8 +169,3 @@ def precision(value: Any) -> Any:
                 pass
         raise ValueError(f"`precision` is not a valid lax precision: {value!r}")
     return value
-
-
-def common_dtype(**arrays: jax.Array) -> np.dtype:
-    """The promoted float dtype of the arrays (what the output takes)."""
-    return jnp.result_type(*arrays.values())

@@ -72,32 +72,25 @@ def modulated_conv_shapes(
     return (*size, in_features, out_features), (out_features,)
 
 
+def _op_settings(layer: Any) -> dict[str, Any]:
+    """The op's keyword arguments from a layer's settings (linen and NNX layers name them
+    alike): ``strides``, ``padding``, ``kernel_dilation``, ``precision``, ``impl``."""
+    return {
+        "stride": layer.strides,
+        "padding": layer.padding,
+        "dilation": layer.kernel_dilation,
+        "precision": layer.precision,
+        "impl": layer.impl,
+    }
+
+
 def modulated_conv(
-    x: jax.Array,
-    d: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    strides: Any,
-    padding: Any,
-    kernel_dilation: Any,
-    dtype: Any,
-    precision: Any,
-    impl: str | None,
+    layer: Any, x: jax.Array, d: jax.Array, kernel: jax.Array, bias: jax.Array | None
 ) -> jax.Array:
-    """``modulated_conv2d(x, kernel, d) + bias`` in the promoted (or given) dtype."""
-    x, kernel, d, bias = promote(x, kernel, d, bias, dtype=dtype)
-    y = modulated_conv2d(
-        x,
-        kernel,
-        d,
-        stride=strides,
-        padding=padding,
-        dilation=kernel_dilation,
-        precision=precision,
-        impl=impl,
-    )
-    return _add_bias(y, bias)
+    """``modulated_conv2d(x, kernel, d) + bias`` with ``layer``'s settings, in the promoted (or
+    the layer's) dtype."""
+    x, kernel, d, bias = promote(x, kernel, d, bias, dtype=layer.dtype)
+    return _add_bias(modulated_conv2d(x, kernel, d, **_op_settings(layer)), bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,30 +119,11 @@ def local_conv_shapes(
     return (*geom.out_size, *size, in_features, out_features), (*geom.out_size, out_features)
 
 
-def local_conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    *,
-    strides: Any,
-    padding: Any,
-    kernel_dilation: Any,
-    dtype: Any,
-    precision: Any,
-    impl: str | None,
-) -> jax.Array:
-    """``local_conv2d(x, kernel) + bias`` in the promoted (or given) dtype."""
-    x, kernel, bias = promote(x, kernel, bias, dtype=dtype)
-    y = local_conv2d(
-        x,
-        kernel,
-        stride=strides,
-        padding=padding,
-        dilation=kernel_dilation,
-        precision=precision,
-        impl=impl,
-    )
-    return _add_bias(y, bias)
+def local_conv(layer: Any, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``local_conv2d(x, kernel) + bias`` with ``layer``'s settings, in the promoted (or the
+    layer's) dtype."""
+    x, kernel, bias = promote(x, kernel, bias, dtype=layer.dtype)
+    return _add_bias(local_conv2d(x, kernel, **_op_settings(layer)), bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,38 +149,32 @@ def predicted_logits(size: tuple[int, int], groups: int) -> int:
 
 
 def filter_with_logits(
-    x: jax.Array,
-    logits: jax.Array,
-    *,
-    size: tuple[int, int],
-    groups: int,
-    temperature: float,
-    kernel_dilation: Any,
-    dtype: Any,
-    impl: str | None,
+    layer: Any, x: jax.Array, logits: jax.Array, size: tuple[int, int]
 ) -> tuple[jax.Array, jax.Array]:
     """Softmax over the taps of ``logits [batch, h, w, kh*kw*groups] / temperature`` (in
-    float32), then :func:`svconv.pixel_filter2d` of ``x`` with those kernels.
+    float32), then :func:`svconv.pixel_filter2d` of ``x`` with those kernels, with ``layer``'s
+    ``groups``, ``temperature``, ``kernel_dilation``, ``dtype`` and ``impl``.
 
     Returns:
       The filtered ``x`` in ``dtype`` (default ``x``'s) and the kernels
       ``[batch, h, w, kh, kw, groups]`` (float32).
     """
+    groups = layer.groups
     if x.shape[-1] % groups:
         raise ValueError(
             f"`groups`={groups} does not divide the {x.shape[-1]} channels of `x` of shape "
             f"{tuple(x.shape)}"
         )
     kh, kw = size
-    logits = logits.reshape(*logits.shape[:3], kh * kw, groups) / temperature
+    logits = logits.reshape(*logits.shape[:3], kh * kw, groups) / layer.temperature
     kernels = jax.nn.softmax(logits.astype(jnp.float32), axis=3)
     kernels = kernels.reshape(*logits.shape[:3], kh, kw, groups)
-    dtype = x.dtype if dtype is None else dtype
+    dtype = x.dtype if layer.dtype is None else layer.dtype
     y = pixel_filter2d(
         x.astype(dtype),
         kernels.astype(dtype),
         padding="SAME",
-        dilation=kernel_dilation,
-        impl=impl,
+        dilation=layer.kernel_dilation,
+        impl=layer.impl,
     )
     return y, kernels

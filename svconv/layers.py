@@ -17,7 +17,33 @@ from svconv import _checks, _layer_math
 from svconv._layer_math import Initializer
 
 
-class ModulatedConv(nn.Module):
+class _Conv(nn.Module):
+    """The attributes of :class:`ModulatedConv` and :class:`LocalConv`, ``nn.Conv``'s."""
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = _layer_math.KERNEL_INIT
+    bias_init: Initializer = _layer_math.BIAS_INIT
+    impl: str | None = None
+
+    def _parameters(
+        self, kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...]
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The ``kernel`` and (with ``use_bias``) ``bias`` parameters."""
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", self.bias_init, bias_shape, self.param_dtype)
+
+
+class ModulatedConv(_Conv):
     """A convolution whose kernel is modulated per output pixel and tap by a known ``d``.
 
     ``y = modulated_conv2d(x, kernel, d) + bias``; with ``d == 1`` it is ``nn.Conv``.
@@ -43,19 +69,6 @@ class ModulatedConv(nn.Module):
       impl: ``None``/``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"``.
     """
 
-    features: int
-    kernel_size: int | Sequence[int]
-    strides: int | Sequence[int] = 1
-    padding: Any = "SAME"
-    kernel_dilation: int | Sequence[int] = 1
-    use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Initializer = _layer_math.KERNEL_INIT
-    bias_init: Initializer = _layer_math.BIAS_INIT
-    impl: str | None = None
-
     @nn.compact
     def __call__(self, x: jax.Array, d: jax.Array) -> jax.Array:
         """``x [batch, height, width, in]``, ``d [batch, out_h, out_w, kh, kw]`` or shared
@@ -63,27 +76,10 @@ class ModulatedConv(nn.Module):
         kernel_shape, bias_shape = _layer_math.modulated_conv_shapes(
             x.shape[-1], self.features, _layer_math.kernel_size(self.kernel_size)
         )
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, bias_shape, self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        return _layer_math.modulated_conv(
-            x,
-            d,
-            kernel,
-            bias,
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            precision=self.precision,
-            impl=self.impl,
-        )
+        return _layer_math.modulated_conv(self, x, d, *self._parameters(kernel_shape, bias_shape))
 
 
-class LocalConv(nn.Module):
+class LocalConv(_Conv):
     """Locally connected 2D layer: an unshared kernel per output pixel.
 
     Same numbers as ``nn.ConvLocal`` given the same weights (convert its kernel with
@@ -102,18 +98,7 @@ class LocalConv(nn.Module):
     Attributes: as :class:`ModulatedConv`.
     """
 
-    features: int
-    kernel_size: int | Sequence[int]
-    strides: int | Sequence[int] = 1
-    padding: Any = "SAME"
-    kernel_dilation: int | Sequence[int] = 1
-    use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
     kernel_init: Initializer = _layer_math.LOCAL_KERNEL_INIT
-    bias_init: Initializer = _layer_math.BIAS_INIT
-    impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -128,23 +113,7 @@ class LocalConv(nn.Module):
             padding=self.padding,
             kernel_dilation=self.kernel_dilation,
         )
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, bias_shape, self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        return _layer_math.local_conv(
-            x,
-            kernel,
-            bias,
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            precision=self.precision,
-            impl=self.impl,
-        )
+        return _layer_math.local_conv(self, x, *self._parameters(kernel_shape, bias_shape))
 
 
 def from_conv_local_kernel(kernel: jax.Array, kernel_size: int | Sequence[int]) -> jax.Array:
@@ -222,14 +191,5 @@ class KernelPredictionFilter(nn.Module):
             bias_init=self.bias_init,
             name="predictor",
         )(guide)
-        y, kernels = _layer_math.filter_with_logits(
-            x,
-            logits,
-            size=size,
-            groups=self.groups,
-            temperature=self.temperature,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            impl=self.impl,
-        )
+        y, kernels = _layer_math.filter_with_logits(self, x, logits, size)
         return (y, kernels) if return_kernels else y

@@ -52,10 +52,48 @@ def _check_channels(x: jax.Array, in_features: int, layout: str) -> None:
         )
 
 
-def _bias(
-    use_bias: bool, init: Initializer, shape: tuple[int, ...], dtype: Any, rngs: nnx.Rngs
-) -> nnx.Param | None:
-    return nnx.Param(init(rngs.params(), shape, dtype)) if use_bias else nnx.data(None)
+def _set_conv_settings(
+    layer: nnx.Module,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    settings: dict[str, Any],
+) -> None:
+    """Check and store a conv layer's sizes and its settings (``strides``, ``padding``,
+    ``kernel_dilation``, ``use_bias``, ``dtype``, ``param_dtype``, ``precision``, ``impl``)."""
+    layer.in_features = _layer_math.positive_int("in_features", in_features)
+    layer.out_features = _layer_math.positive_int("out_features", out_features)
+    layer.kernel_size = _layer_math.kernel_size(kernel_size)
+    layer.strides, layer.kernel_dilation, layer.padding = _check_window(
+        layer.kernel_size, settings["strides"], settings["padding"], settings["kernel_dilation"]
+    )
+    layer.use_bias = settings["use_bias"]
+    layer.dtype = settings["dtype"]
+    layer.param_dtype = settings["param_dtype"]
+    layer.precision = _checks.precision(settings["precision"])
+    _checks.impl(settings["impl"])
+    layer.impl = settings["impl"]
+
+
+def _create_parameters(
+    layer: nnx.Module,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    kernel_init: Initializer,
+    bias_init: Initializer,
+    rngs: nnx.Rngs,
+) -> None:
+    """``layer.kernel`` and ``layer.bias`` (``None`` without ``use_bias``) as ``nnx.Param``."""
+    kernel_shape, bias_shape = shapes
+    layer.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, layer.param_dtype))
+    layer.bias = (
+        nnx.Param(bias_init(rngs.params(), bias_shape, layer.param_dtype))
+        if layer.use_bias
+        else nnx.data(None)
+    )
+
+
+def _parameters(layer: nnx.Module) -> tuple[jax.Array, jax.Array | None]:
+    return layer.kernel[...], None if layer.bias is None else layer.bias[...]
 
 
 class ModulatedConv(nnx.Module):
@@ -111,23 +149,11 @@ class ModulatedConv(nnx.Module):
         impl: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.in_features = _layer_math.positive_int("in_features", in_features)
-        self.out_features = _layer_math.positive_int("out_features", out_features)
-        self.kernel_size = _layer_math.kernel_size(kernel_size)
-        self.strides, self.kernel_dilation, self.padding = _check_window(
-            self.kernel_size, strides, padding, kernel_dilation
-        )
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = _checks.precision(precision)
-        _checks.impl(impl)
-        self.impl = impl
-        kernel_shape, bias_shape = _layer_math.modulated_conv_shapes(
+        _set_conv_settings(self, in_features, out_features, kernel_size, locals())
+        shapes = _layer_math.modulated_conv_shapes(
             self.in_features, self.out_features, self.kernel_size
         )
-        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
-        self.bias = _bias(use_bias, bias_init, bias_shape, param_dtype, rngs)
+        _create_parameters(self, shapes, kernel_init, bias_init, rngs)
 
     def __call__(self, x: jax.Array, d: jax.Array) -> jax.Array:
         """Apply the layer.
@@ -141,18 +167,7 @@ class ModulatedConv(nnx.Module):
           ``[batch, out_height, out_width, out_features]``.
         """
         _check_channels(x, self.in_features, "[batch, height, width, in_features]")
-        return _layer_math.modulated_conv(
-            x,
-            d,
-            self.kernel[...],
-            None if self.bias is None else self.bias[...],
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            precision=self.precision,
-            impl=self.impl,
-        )
+        return _layer_math.modulated_conv(self, x, d, *_parameters(self))
 
 
 class LocalConv(nnx.Module):
@@ -207,20 +222,9 @@ class LocalConv(nnx.Module):
         impl: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.in_features = _layer_math.positive_int("in_features", in_features)
-        self.out_features = _layer_math.positive_int("out_features", out_features)
-        self.kernel_size = _layer_math.kernel_size(kernel_size)
+        _set_conv_settings(self, in_features, out_features, kernel_size, locals())
         self.input_size = _checks.pair("input_size", input_size)
-        self.strides, self.kernel_dilation, self.padding = _check_window(
-            self.kernel_size, strides, padding, kernel_dilation
-        )
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = _checks.precision(precision)
-        _checks.impl(impl)
-        self.impl = impl
-        kernel_shape, bias_shape = _layer_math.local_conv_shapes(
+        shapes = _layer_math.local_conv_shapes(
             self.input_size,
             self.in_features,
             self.out_features,
@@ -229,8 +233,7 @@ class LocalConv(nnx.Module):
             padding=self.padding,
             kernel_dilation=self.kernel_dilation,
         )
-        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
-        self.bias = _bias(use_bias, bias_init, bias_shape, param_dtype, rngs)
+        _create_parameters(self, shapes, kernel_init, bias_init, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer.
@@ -248,17 +251,7 @@ class LocalConv(nnx.Module):
                 f"`x` of shape {tuple(x.shape)} is {x.shape[1]}x{x.shape[2]} but the layer was "
                 f"built with input_size={self.input_size}"
             )
-        return _layer_math.local_conv(
-            x,
-            self.kernel[...],
-            None if self.bias is None else self.bias[...],
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            precision=self.precision,
-            impl=self.impl,
-        )
+        return _layer_math.local_conv(self, x, *_parameters(self))
 
 
 class KernelPredictionFilter(nnx.Module):
@@ -358,13 +351,6 @@ class KernelPredictionFilter(nnx.Module):
                 f"layer was built with guide_features={self.guide_features}"
             )
         y, kernels = _layer_math.filter_with_logits(
-            x,
-            self.predictor(guide),
-            size=self.kernel_size,
-            groups=self.groups,
-            temperature=self.temperature,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            impl=self.impl,
+            self, x, self.predictor(guide), self.kernel_size
         )
         return (y, kernels) if return_kernels else y

@@ -23,18 +23,27 @@ PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
 IntOrPair = int | tuple[int, int]
 
 
-def _call(
-    op: str, family: Family, target: str, operands: dict[str, jax.Array], **spec: Any
-) -> jax.Array:
-    """Bind ``family``'s partial with respect to ``target``; ``impl="pallas"`` on a case the
-    kernels cannot take raises here, at call time (``impl="auto"`` decides when lowering)."""
-    spec = Spec(family=family, target=target, **spec)
+def _bind(op: str, spec: Spec, operands: dict[str, jax.Array]) -> jax.Array:
+    """Bind ``spec``'s partial; ``impl="pallas"`` on a case the kernels cannot take raises here,
+    at call time (``impl="auto"`` decides when lowering)."""
     args = tuple(operands[s] for s in spec.operands)
     if spec.impl == "pallas":
         reason = spec.pallas_reason(spec.shapes(tuple(a.shape for a in args)), args[0].dtype)
         if reason is not None:
             raise NotImplementedError(f"{op}(impl='pallas') cannot run this case: {reason}")
     return bind(spec, *args)
+
+
+def _call(
+    oracle: Any, family: Family, target: str, operands: dict[str, jax.Array], **spec: Any
+) -> jax.Array:
+    """Promote the operands to one dtype, then run the reference ``oracle`` (``impl=
+    "reference"``; it names the op) or bind ``family``'s partial with respect to ``target``."""
+    dtype = jnp.result_type(*operands.values())
+    operands = {n: v.astype(dtype) for n, v in operands.items()}
+    if spec["impl"] == "reference":
+        return oracle(*operands.values(), spec["geom"])
+    return _bind(oracle.__name__, Spec(family=family, target=target, **spec), operands)
 
 
 def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation, **arrays):
@@ -113,19 +122,14 @@ def modulated_conv2d(
         if d.ndim == 5
         else "[out_height, out_width, kh, kw]",
     )
-    precision = _checks.precision(precision)
-    dtype = _checks.common_dtype(x=x, w=w, d=d)
-    x, w, d = x.astype(dtype), w.astype(dtype), d.astype(dtype)
-    if impl == "reference":
-        return reference.modulated_conv2d(x, w, d, geom)
     return _call(
-        "modulated_conv2d",
+        reference.modulated_conv2d,
         MODULATED,
         "y",
         {"x": x, "w": w, "d": d},
         geom=geom,
         impl=impl,
-        precision=precision,
+        precision=_checks.precision(precision),
         shared=() if d.ndim == 5 else ("d",),
         block_sizes=block_sizes,
     )
@@ -165,36 +169,28 @@ def local_conv2d(
     (kh, kw), cin, cout = geom.kernel_size, w.shape[-2], w.shape[-1]
     _checks.shape("w", w, (*geom.out_size, kh, kw, cin, cout), layout)
     precision = _checks.precision(precision)
-    dtype = _checks.common_dtype(x=x, w=w)
-    x, w = x.astype(dtype), w.astype(dtype)
-    if impl == "reference":
-        return reference.local_conv2d(x, w, geom)
-    return _call(
-        "local_conv2d",
-        LOCAL,
-        "y",
-        {"x": x, "w": w},
-        geom=geom,
-        impl=impl,
-        precision=precision,
-        block_sizes=block_sizes,
-    )
+    spec = {"geom": geom, "impl": impl, "precision": precision, "block_sizes": block_sizes}
+    return _call(reference.local_conv2d, LOCAL, "y", {"x": x, "w": w}, **spec)
 
 
-def _pixel_kernels(name: str, k: jax.Array, channels: int) -> tuple[jax.Array, int]:
-    """Check the rank/groups of per-pixel kernels; returns them with a groups axis."""
+def _pixel_operands(x: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Checks shared by the per-pixel filter and splat: dtypes, ranks, groups. Returns ``x``,
+    ``k``, ``k`` with a groups axis and the number of groups."""
+    x = _checks.inexact_array("x", x)
+    k = _checks.inexact_array("k", k)
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     _checks.rank(
-        name, k, (5, 6), "[batch, height, width, kh, kw] or [batch, height, width, kh, kw, groups]"
+        "k", k, (5, 6), "[batch, height, width, kh, kw] or [batch, height, width, kh, kw, groups]"
     )
     if k.ndim == 5:
-        return k[..., None], 1
-    groups = k.shape[5]
+        return x, k, k[..., None], 1
+    groups, channels = k.shape[5], x.shape[3]
     if groups < 1 or channels % groups:
         raise ValueError(
-            f"`{name}` of shape {tuple(k.shape)} has {groups} groups, which does not divide the "
-            f"{channels} channels of `x`"
+            f"`k` of shape {tuple(k.shape)} has {groups} groups, which does not divide the "
+            f"{channels} channels of `x` of shape {tuple(x.shape)}"
         )
-    return k, groups
+    return x, k, k, groups
 
 
 def pixel_filter2d(
@@ -222,11 +218,8 @@ def pixel_filter2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
     """
-    x = _checks.inexact_array("x", x)
-    k = _checks.inexact_array("k", k)
+    x, k, k6, groups = _pixel_operands(x, k)
     impl = _checks.impl(impl)
-    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
-    k6, groups = _pixel_kernels("k", k, x.shape[3])
     kh, kw = k6.shape[3:5]
     geom = _checks.geometry(
         in_size=x.shape[1:3],
@@ -242,20 +235,8 @@ def pixel_filter2d(
         (x.shape[0], *geom.out_size, *k.shape[3:]),
         "[batch, out_height, out_width, kh, kw(, groups)]",
     )
-    dtype = _checks.common_dtype(x=x, k=k)
-    x, k6 = x.astype(dtype), k6.astype(dtype)
-    if impl == "reference":
-        return reference.pixel_filter2d(x, k6, geom)
-    return _call(
-        "pixel_filter2d",
-        PIXEL,
-        "y",
-        {"x": x, "k": k6},
-        geom=geom,
-        impl=impl,
-        groups=groups,
-        block_sizes=block_sizes,
-    )
+    spec = {"geom": geom, "impl": impl, "groups": groups, "block_sizes": block_sizes}
+    return _call(reference.pixel_filter2d, PIXEL, "y", {"x": x, "k": k6}, **spec)
 
 
 def _splat_geometry(op, x, kernel_size, stride, padding, dilation, output_size, shapes):
@@ -327,30 +308,15 @@ def pixel_splat2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
     """
-    x = _checks.inexact_array("x", x)
-    k = _checks.inexact_array("k", k)
+    x, k, k6, groups = _pixel_operands(x, k)
     impl = _checks.impl(impl)
-    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
-    k6, groups = _pixel_kernels("k", k, x.shape[3])
     kh, kw = k6.shape[3:5]
     _checks.shape("k", k, (*x.shape[:3], *k.shape[3:]), "[batch, height, width, kh, kw(, groups)]")
     geom = _splat_geometry(
         "pixel_splat2d", x, (kh, kw), stride, padding, dilation, output_size, {"k": k.shape}
     )
-    dtype = _checks.common_dtype(x=x, k=k)
-    x, k6 = x.astype(dtype), k6.astype(dtype)
-    if impl == "reference":
-        return reference.pixel_splat2d(x, k6, geom)
-    return _call(
-        "pixel_splat2d",
-        PIXEL,
-        "x",
-        {"y": x, "k": k6},
-        geom=geom,
-        impl=impl,
-        groups=groups,
-        block_sizes=block_sizes,
-    )
+    spec = {"geom": geom, "impl": impl, "groups": groups, "block_sizes": block_sizes}
+    return _call(reference.pixel_splat2d, PIXEL, "x", {"y": x, "k": k6}, **spec)
 
 
 SigmaLike = jax.Array | tuple[jax.Array, jax.Array]
@@ -428,17 +394,16 @@ def _gaussian_call(op, target, x, sigma, rho, geom, impl, block_sizes, operand):
         sigma = (sigma, sigma)
     eta = gaussian.parameters(sigma, rho)
     zeta = gaussian.log_normalizer(eta, geom.kernel_size)
-    return _call(
-        op,
-        GAUSSIAN,
-        target,
-        {operand: x.astype(dtype), "eta": eta, "zeta": zeta},
+    spec = Spec(
+        family=GAUSSIAN,
+        target=target,
         geom=geom,
         impl=impl,
         unit=("s",),
         moments=(0,) * eta.shape[-1],
         block_sizes=block_sizes,
     )
+    return _bind(op, spec, {operand: x.astype(dtype), "eta": eta, "zeta": zeta})
 
 
 def gaussian_filter2d(

@@ -363,12 +363,11 @@ def modulated_grad_d(x, w, dy, call: KernelCall):
     return dd.reshape(out_shape).astype(x.dtype)
 
 
-def modulated_forward_patches(x, w, d, *, geom: Geometry, precision=None):
-    """Patch-tensor formulation (``conv_general_dilated_patches`` + einsum), for comparison."""
-    kh, kw, cin, cout = w.shape
+def _patches(x, kernel_size, geom: Geometry):
+    """``conv_general_dilated_patches`` of ``x``: ``[n, ho, wo, c, kh*kw]`` (exact in float32)."""
     patches = lax.conv_general_dilated_patches(
         x,
-        (kh, kw),
+        kernel_size,
         geom.stride,
         geom.padding,
         rhs_dilation=geom.dilation,
@@ -376,7 +375,14 @@ def modulated_forward_patches(x, w, d, *, geom: Geometry, precision=None):
         precision=lax.Precision.HIGHEST,
     )
     n, ho, wo, _ = patches.shape
-    patches = patches.reshape(n, ho, wo, cin, kh * kw)  # features are ordered (c, m, n)
+    return patches.reshape(n, ho, wo, x.shape[-1], -1)  # features are ordered (c, m, n)
+
+
+def modulated_forward_patches(x, w, d, *, geom: Geometry, precision=None):
+    """Patch-tensor formulation (``conv_general_dilated_patches`` + einsum), for comparison."""
+    kh, kw, cin, cout = w.shape
+    patches = _patches(x, (kh, kw), geom)
+    n, ho, wo = patches.shape[:3]
     d = jnp.broadcast_to(_batched_d(d), (n, ho, wo, kh, kw)).reshape(n, ho, wo, 1, kh * kw)
     y = jnp.einsum(
         "bhwct,tco->bhwo",
@@ -669,16 +675,8 @@ def pixel_grad_k(x, dy, call: KernelCall):
 def pixel_forward_patches(x, k, *, geom: Geometry):
     """Patch-tensor formulation of :func:`pixel_forward`, for comparison."""
     kh, kw, groups = k.shape[3:]
-    patches = lax.conv_general_dilated_patches(
-        x,
-        (kh, kw),
-        geom.stride,
-        geom.padding,
-        rhs_dilation=geom.dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST,
-    )
-    n, ho, wo, _ = patches.shape
+    patches = _patches(x, (kh, kw), geom)
+    n, ho, wo = patches.shape[:3]
     patches = patches.reshape(n, ho, wo, groups, x.shape[-1] // groups, kh * kw)
     y = jnp.einsum(
         "bhwgct,bhwtg->bhwgc",

@@ -174,6 +174,27 @@ def check_vmapped_kernels(run, oracle, inputs, ops, family: str, interpret: bool
             assert_close(got[i], oracle_with_vjp(oracle, inputs[i], ops)[op], what=op)
 
 
+def check_kernels_lower_for_cuda(run, inputs, ops, family: str) -> None:
+    """Each kernel ``run(op, False, *inputs)`` lowered for CUDA on the abstract ``inputs`` (a
+    function returning them) is one Triton kernel, ``svconv_<family>_<op>``."""
+    from experiments.static.lowering import lower_for_cuda, triton_kernel_names
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.eval_shape(inputs)]
+    for op in ops:
+        text = lower_for_cuda(functools.partial(run, op, False), *specs)
+        assert triton_kernel_names(text) == [f"svconv_{family}_{op}"], op
+
+
+def check_unsupported_reason(unsupported_reason, shapes: dict, bad_dtype=jnp.int32) -> None:
+    """A family's support check takes float32, bfloat16 and float16 on a small 3x3 case with
+    the slot ``shapes``, and refuses ``bad_dtype`` naming it."""
+    geom = Geometry.of((5, 5), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        assert unsupported_reason(geom, shapes, jnp.dtype(dtype)) is None
+    reason = unsupported_reason(geom, shapes, jnp.dtype(bad_dtype))
+    assert jnp.dtype(bad_dtype).name in reason
+
+
 def run_bounded(command: list[str], timeout: float, **kwargs) -> tuple[int, str]:
     """Run ``command`` in a new session (so that a time limit stops its children too); returns
     the exit status and the output, or fails the test at the limit with the output's end."""

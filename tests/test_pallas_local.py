@@ -7,11 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.static.lowering import lower_for_cuda, triton_kernel_names
+from experiments.static.lowering import lower_for_cuda
 from pallas_kernels import local
-from pallas_kernels.geometry import Geometry
 from pallas_kernels.local import LocalBlockSizes
-from tests.conftest import Case, assert_close, check_vmapped_kernels, oracle_with_vjp, rands
+from tests.conftest import (
+    Case,
+    assert_close,
+    check_kernels_lower_for_cuda,
+    check_unsupported_reason,
+    check_vmapped_kernels,
+    oracle_with_vjp,
+    rands,
+)
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -145,11 +152,8 @@ def test_precision_reaches_the_dot():
 
 
 def test_unsupported():
-    geom = Geometry.of((5, 5), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)))
     shapes = {"x": (1, 5, 5, 3), "w": (5, 5, 3, 3, 3, 4), "y": (1, 5, 5, 4)}
-    for dtype in (F32, BF16, F16):
-        assert local.unsupported_reason(geom, shapes, jnp.dtype(dtype)) is None
-    assert "int32" in local.unsupported_reason(geom, shapes, jnp.dtype(jnp.int32))
+    check_unsupported_reason(local.unsupported_reason, shapes)
 
 
 LOWER_CASES = [
@@ -165,9 +169,4 @@ LOWER_CASES = [
     "case", LOWER_CASES + [c for c in CASES if c.block_sizes], ids=lambda c: c.id
 )
 def test_lowers_for_cuda(case):
-    x, w, dy = (
-        jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.eval_shape(lambda: _inputs(case))
-    )
-    for op in OPS:
-        text = lower_for_cuda(lambda x, w, dy, op=op: _run(case, op, False, x, w, dy), x, w, dy)
-        assert triton_kernel_names(text) == [f"svconv_local_{op}"]
+    check_kernels_lower_for_cuda(functools.partial(_run, case), lambda: _inputs(case), OPS, "local")
