@@ -184,17 +184,19 @@ def _arange(start, size):
     return start + jnp.arange(size)
 
 
-def _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shared: bool):
+def _modulated_tile(
+    x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shared: bool, dtype=None
+):
     """``x`` at tap ``(m, n)`` of output pixels ``(i, j)`` of image ``b`` (``[P, 1]`` each) and
-    channels ``chans`` (``[1, K]``), its rows scaled by ``d``, in ``x``'s dtype; zero where
-    ``ok`` is false or the tap falls in the padding."""
+    channels ``chans`` (``[1, K]``), its rows scaled by ``d``, in ``dtype`` (default ``x``'s);
+    zero where ``ok`` is false or the tap falls in the padding."""
     _, h, w, cin = x_ref.shape
     _, (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     r, q = i * sh + m * dh - ptop, j * sw + n * dw - pleft
     xt = gather(x_ref.at[b, r, q, chans], ok & inside(r, q, h, w) & (chans < cin), KEEP)
     d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
     dt = gather(d_at, ok)
-    return (xt.astype(_F32) * dt.astype(_F32)).astype(xt.dtype)
+    return (xt.astype(_F32) * dt.astype(_F32)).astype(dtype or xt.dtype)
 
 
 def _out_pixels(start, size: int, ho: int, wo: int):
@@ -204,25 +206,42 @@ def _out_pixels(start, size: int, ho: int, wo: int):
     return lax.div(p, wo), lax.rem(p, wo), p < ho * wo
 
 
-def _forward_kernel(x_ref, w_ref, d_ref, y_ref, *, g, bs, shared, precision):
+def _forward_kernel(x_ref, w_ref, d_ref, *refs, g, bs, shared, precision):
+    """``y = sum_tap (x * d) @ w``; with the tangent refs ``tx, tw, td`` (None where a slot has
+    no tangent) before ``y``'s, the tangent ``sum_tap (tx * d + x * td) @ w + (x * d) @ tw``
+    in one pass."""
+    *tangents, y_ref = refs
     cin = x_ref.shape[3]
     _, ho, wo, cout = y_ref.shape
     (kh, kw), *_ = sweep(g)
     b = pl.program_id(2)
     i, j, ok = _out_pixels(pl.program_id(1) * bs.block_m, bs.block_m, ho, wo)
     outs = _arange(pl.program_id(0) * bs.block_n, bs.block_n)[None, :]
+    # (weight, [(image, modulation), ...]): each product's dot with its weight.
+    if tangents:
+        tx_ref, tw_ref, td_ref = tangents
+        pairs = ((tx_ref, d_ref), (x_ref, td_ref))
+        products = [(a, c) for a, c in pairs if a is not None and c is not None]
+        terms = [(w_ref, products)] if products else []
+        if tw_ref is not None:
+            terms.append((tw_ref, [(x_ref, d_ref)]))
+    else:
+        terms = [(w_ref, [(x_ref, d_ref)])]
 
     def tap(t, acc):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         for kb in range(pl.cdiv(cin, bs.block_k)):
             chans = _arange(kb * bs.block_k, bs.block_k)
-            xs = _modulated_tile(
-                x_ref, d_ref, b, i, j, m, n, chans[None, :], ok, g=g, shared=shared
-            )
-            wt = gather(
-                w_ref.at[m, n, chans[:, None], outs], (chans[:, None] < cin) & (outs < cout)
-            )
-            acc += _dot(xs, wt, precision)
+            for weight_ref, products in terms:
+                wt = gather(
+                    weight_ref.at[m, n, chans[:, None], outs],
+                    (chans[:, None] < cin) & (outs < cout),
+                )
+                for a, c in products:  # one dot each: fewer live tiles than their sum
+                    xs = _modulated_tile(
+                        a, c, b, i, j, m, n, chans[None, :], ok, g=g, shared=shared
+                    )
+                    acc += _dot(xs, wt, precision)
         return acc
 
     acc = lax.fori_loop(0, kh * kw, tap, jnp.zeros((bs.block_m, bs.block_n), _F32))
@@ -370,6 +389,24 @@ def forward(x: jax.Array, w: jax.Array, d: jax.Array, call: KernelCall) -> jax.A
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
     body = _body(_forward_kernel, call, bs, d.ndim == 4)
     return run(body, (x, w, d), call, name="modulated_forward", grid=grid, tiles=bs)
+
+
+def forward_jvp(x, w, d, tx, tw, td, call: KernelCall) -> jax.Array:
+    """The forward's tangent for tangents ``tx``, ``tw``, ``td`` (each the shape of its slot, or
+    None), ``sum_tap (tx * d + x * td) @ w + (x * d) @ tw``, in one kernel: no sum of one
+    forward per tangent. Tiles as the forward's."""
+    n, ho, wo, cout = call.out_shape
+    bs = _sizes(call, x.shape, cout, x.dtype)
+    if call.block_sizes is None:
+        # Two weight tiles and up to four image tiles per tap: two pipeline stages keep the
+        # shared memory within sm_80's and the registers free of spills (one for exact float32
+        # dots, whose operands stay in registers).
+        stages = 1 if _exact_float32(x.dtype, call.precision) else 2
+        bs = dataclasses.replace(bs, num_stages=min(bs.num_stages, stages))
+    grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
+    body = _body(_forward_kernel, call, bs, d.ndim == 4)
+    operands = (x, w, d, tx, tw, td)
+    return run(body, operands, call, name="modulated_forward_jvp", grid=grid, tiles=bs)
 
 
 def grad_x(w: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:

@@ -133,9 +133,21 @@ def _block_channels(gb, sb, cpg: int, groups: int, bs: PixelBlockSizes):
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(
-    x_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int
-):
+def _products(first, second, tangents):
+    """The (image, filter) ref pairs a kernel sums: ``first * second``, or with the tangent refs
+    ``(t_first, t_second)`` (None where a slot has none) the tangent
+    ``t_first * second + first * t_second``."""
+    if not tangents:
+        return [(first, second)]
+    t_first, t_second = tangents
+    pairs = ((t_first, second), (first, t_second))
+    return [(a, c) for a, c in pairs if a is not None and c is not None]
+
+
+def _forward_kernel(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int):
+    """``y = sum_tap x * k``; with the tangent refs ``tx, tk`` before ``y``'s, its tangent."""
+    *tangents, o_ref = refs
+    products = _products(x_ref, k_ref, tangents)
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = k_ref.shape
@@ -150,9 +162,11 @@ def _forward_kernel(
     def tap(m, n, acc):
         r = rows * sh + m * dh - ptop
         q = cols * sw + n * dw - pleft
-        xt = gather(x_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
-        kt = gather(k_ref.at[b, rows, cols, m, n, grp], k_ok)
-        return acc + xt.astype(jnp.float32) * kt.astype(jnp.float32)
+        for image_ref, filter_ref in products:
+            xt = gather(image_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
+            kt = gather(filter_ref.at[b, rows, cols, m, n, grp], k_ok)
+            acc += xt.astype(jnp.float32) * kt.astype(jnp.float32)
+        return acc
 
     acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
     acc = lax.fori_loop(0, kh, lambda m, a: lax.fori_loop(0, kw, functools.partial(tap, m), a), acc)
@@ -160,8 +174,12 @@ def _forward_kernel(
 
 
 def _grad_x_kernel(
-    dy_ref, k_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
+    dy_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int, n_tw: int
 ):
+    """The splat of ``dy`` with ``k``; with the tangent refs ``tdy, tk`` before the result's,
+    its tangent."""
+    *tangents, o_ref = refs
+    products = _products(dy_ref, k_ref, tangents)
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = o_ref.shape
@@ -183,9 +201,11 @@ def _grad_x_kernel(
         i = big_r + exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
         j = big_q + exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
         ok = inside(i, j, ho, wo)
-        dyt = gather(dy_ref.at[b, i, j, chan], ok & chan_ok, KEEP)
-        kt = gather(k_ref.at[b, i, j, m, n, grp], ok & (grp < groups))
-        return acc + dyt.astype(jnp.float32) * kt.astype(jnp.float32)
+        for source_ref, filter_ref in products:
+            dyt = gather(source_ref.at[b, i, j, chan], ok & chan_ok, KEEP)
+            kt = gather(filter_ref.at[b, i, j, m, n, grp], ok & (grp < groups))
+            acc += dyt.astype(jnp.float32) * kt.astype(jnp.float32)
+        return acc
 
     def row(u, acc):
         m = m0 + u * m_step
@@ -246,6 +266,16 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
 def forward(x: jax.Array, k: jax.Array, call: KernelCall) -> jax.Array:
     """Per-pixel filter (the gather): x [N, H, W, C], k [N, Ho, Wo, kh, kw, G] -> [N, Ho, Wo,
     C]; channel c uses group c // (C // G)."""
+    return _forward(x, k, (), call)
+
+
+def forward_jvp(x, k, tx, tk, call: KernelCall) -> jax.Array:
+    """The forward's tangent ``forward(tx, k) + forward(x, tk)`` (None for a zero tangent) in
+    one kernel."""
+    return _forward(x, k, (tx, tk), call)
+
+
+def _forward(x, k, tangents, call: KernelCall) -> jax.Array:
     n, _, _, c = x.shape
     _, ho, wo, _, _, groups = k.shape
     bs = call.block_sizes or pixel_block_sizes(
@@ -255,7 +285,8 @@ def forward(x: jax.Array, k: jax.Array, call: KernelCall) -> jax.Array:
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, pl.cdiv(wo, bs.block_w), n * n_th)
     body = functools.partial(_forward_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
-    return run(body, (x, k), call, name="pixel_forward", grid=grid, tiles=bs)
+    name = "pixel_forward_jvp" if tangents else "pixel_forward"
+    return run(body, (x, k, *tangents), call, name=name, grid=grid, tiles=bs)
 
 
 def grad_x(k: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -265,6 +296,16 @@ def grad_x(k: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     Computed in gather form (each output pixel sums the source pixels that reach it), one program
     per stride phase of the output, so no atomics and no wasted taps.
     """
+    return _grad_x(k, dy, (), call)
+
+
+def grad_x_jvp(k, dy, tk, tdy, call: KernelCall) -> jax.Array:
+    """The splat's tangent ``grad_x(tk, dy) + grad_x(k, tdy)`` (None for a zero tangent) in one
+    kernel."""
+    return _grad_x(k, dy, (tdy, tk), call)
+
+
+def _grad_x(k, dy, tangents, call: KernelCall) -> jax.Array:
     n, h, w, c = call.out_shape
     groups = k.shape[-1]
     sh, sw = call.geom.stride
@@ -276,7 +317,8 @@ def grad_x(k: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     n_th, n_tw = pl.cdiv(hq, bs.block_h), pl.cdiv(wq, bs.block_w)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, sw * n_tw, n * sh * n_th)
     body = functools.partial(_grad_x_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw)
-    return run(body, (dy, k), call, name="pixel_grad_x", grid=grid, tiles=bs)
+    name = "pixel_grad_x_jvp" if tangents else "pixel_grad_x"
+    return run(body, (dy, k, *tangents), call, name=name, grid=grid, tiles=bs)
 
 
 def grad_k(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:

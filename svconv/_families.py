@@ -35,6 +35,7 @@ MODULATED = Family(
         "d": pallas_modulated.grad_d,
     },
     pallas_unsupported=pallas_modulated.unsupported_reason,
+    pallas_jvp={"y": pallas_modulated.forward_jvp},
 )
 
 LOCAL = Family(
@@ -59,6 +60,7 @@ PIXEL = Family(
     xla={"y": xla.pixel_forward, "x": xla.pixel_grad_x, "k": xla.pixel_grad_k},
     pallas={"y": pallas_pixel.forward, "x": pallas_pixel.grad_x, "k": pallas_pixel.grad_k},
     pallas_unsupported=pallas_pixel.unsupported_reason,
+    pallas_jvp={"y": pallas_pixel.forward_jvp, "x": pallas_pixel.grad_x_jvp},
 )
 
 

@@ -17,7 +17,9 @@ One primitive per family computes the partial derivative of ``T`` with respect t
 ``w``, ``d``, ``k``, ``s``: the other gradients), given the arrays of the other slots. Since
 ``T`` is linear in each slot:
 
-* the JVP of a partial is the sum of the same partial with each tangent in its slot;
+* the JVP of a partial is the sum of the same partial with each tangent in its slot; where the
+  family has a fused kernel for it (``Family.pallas_jvp``), the tangents of every slot go to
+  that one kernel (a bind with ``Spec.tangents``), so no sum of full-size terms is built;
 * its transpose with respect to slot ``j`` is the partial with respect to ``j``, with the
   cotangent in the target's slot.
 
@@ -86,6 +88,10 @@ class Family:
         ``p`` is the parameters' own axis.
       param_jvp: ``(spec, values, name, tangent) -> tangent of the partial`` for a tangent of
         parameter ``name``; ``values`` maps every operand's name to its array.
+      pallas_jvp: target slot -> fused forward-mode kernel: the partial's tangent for tangents
+        in several slots at once, without a sum of one partial per slot. It takes the arrays of
+        the other slots as the kernel does, then one tangent per such slot (None where it has
+        none), then the call.
     """
 
     name: str
@@ -95,6 +101,7 @@ class Family:
     pallas_unsupported: Callable[..., str | None]
     params: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     param_jvp: Callable[..., jax.Array] | None = None
+    pallas_jvp: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
     primitive: Primitive = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -123,6 +130,9 @@ class Spec:
         taps (the Gaussian's derivatives in its parameters).
       block_sizes: Pallas tiling, or None for the family's heuristic.
       interpret: Pallas kernels run in the interpreter (set when lowering).
+      tangents: slots whose tangents follow the operands (named ``slot'``): the partial's
+        tangent for those tangents, ``sum_t partial(slot t := its tangent)``, in one kernel
+        where the family has a fused one (see :func:`_jvp`).
     """
 
     family: Family
@@ -136,6 +146,7 @@ class Spec:
     moments: tuple[int, ...] = ()
     block_sizes: Any = None
     interpret: bool = False
+    tangents: tuple[str, ...] = ()
 
     @property
     def slot_operands(self) -> tuple[str, ...]:
@@ -144,11 +155,20 @@ class Spec:
 
     @property
     def operands(self) -> tuple[str, ...]:
-        """The names of the partial's arrays: its slots', then the family's parameters."""
-        return self.slot_operands + tuple(self.family.params)
+        """The names of the partial's arrays: its slots', the family's parameters, then the
+        tangents'."""
+        return (
+            self.slot_operands + tuple(self.family.params) + tuple(t + "'" for t in self.tangents)
+        )
+
+    @property
+    def plain(self) -> Spec:
+        """The partial itself (no tangents)."""
+        return dataclasses.replace(self, tangents=())
 
     def dims(self, name: str) -> tuple[str, ...]:
-        """The dimension names of a slot's or parameter's array."""
+        """The dimension names of a slot's, tangent's (``slot'``) or parameter's array."""
+        name = name.rstrip("'")
         if name in self.family.params:
             return self.family.params[name]
         dims = self.family.dims[name]
@@ -200,25 +220,53 @@ def _abstract_eval(*avals, spec: Spec):
     return sharding.result_type(spec, avals, shape, avals[0].dtype)
 
 
-def _jvp(primals, tangents, *, spec: Spec):
-    out = bind(spec, *primals)
+def _expand(spec: Spec, *operands: jax.Array) -> jax.Array:
+    """A partial with tangents as the sum of one plain partial per tangent."""
+    plain = spec.plain
+    primals, tangents = operands[: len(plain.operands)], operands[len(plain.operands) :]
     terms = []
+    for slot, tangent in zip(spec.tangents, tangents, strict=True):
+        args = list(primals)
+        args[plain.operands.index(slot)] = tangent
+        terms.append(bind(plain, *args))
+    return functools.reduce(jnp.add, terms)
+
+
+def _fuses_tangents(spec: Spec) -> bool:
+    """Whether tangents in several slots go to one fused kernel (else one partial each)."""
+    return spec.impl != "xla" and spec.target in spec.family.pallas_jvp
+
+
+def _jvp(primals, tangents, *, spec: Spec):
+    if spec.tangents:  # forward mode of a fused tangent: through its expansion
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        return jax.jvp(functools.partial(_expand, spec), tuple(primals), tuple(tangents))
+    out = bind(spec, *primals)
+    terms, slots, slot_tangents = [], [], []
     for i, (name, tangent) in enumerate(zip(spec.operands, tangents, strict=True)):
         if type(tangent) is ad.Zero:
             continue
         if name in spec.family.params:
             values = dict(zip(spec.operands, primals, strict=True))
             terms.append(spec.family.param_jvp(spec, values, name, tangent))
-            continue
-        args = list(primals)
-        args[i] = tangent
-        terms.append(bind(spec, *args))
+        elif _fuses_tangents(spec):
+            slots.append(name)
+            slot_tangents.append(tangent)
+        else:
+            args = list(primals)
+            args[i] = tangent
+            terms.append(bind(spec, *args))
+    if slots:
+        fused = dataclasses.replace(spec, tangents=tuple(slots))
+        terms.append(bind(fused, *primals, *slot_tangents))
     if not terms:
         return out, ad.Zero.from_primal_value(out)
     return out, functools.reduce(jnp.add, terms)
 
 
 def _transpose(ct, *args, spec: Spec):
+    if spec.tangents:
+        return _transpose_tangents(ct, *args, spec=spec)
     linear = [i for i, a in enumerate(args) if ad.is_undefined_primal(a)]
     if len(linear) != 1:
         raise ValueError(
@@ -240,9 +288,31 @@ def _transpose(ct, *args, spec: Spec):
     return [result if j == i else None for j in range(len(args))]
 
 
+def _transpose_tangents(ct, *args, spec: Spec):
+    """A partial with tangents is linear in the tangents jointly: its transpose in each is the
+    plain partial's in that slot."""
+    plain = spec.plain
+    primals = args[: len(plain.operands)]
+    if any(ad.is_undefined_primal(a) for a in primals):
+        raise ValueError(
+            f"{spec.family.name}: a forward-mode tangent is linear in the tangents only"
+        )
+    out = [None] * len(args)
+    for k, slot in enumerate(spec.tangents):
+        tangent = args[len(plain.operands) + k]
+        if ad.is_undefined_primal(tangent):
+            at = list(primals)
+            at[plain.operands.index(slot)] = tangent
+            (i,) = (j for j, a in enumerate(at) if ad.is_undefined_primal(a))
+            out[len(plain.operands) + k] = _transpose(ct, *at, spec=plain)[i]
+    return out
+
+
 def _batch(args, axes, *, spec: Spec):
     """Fold the mapped axis into the batch when every mapped array has a batch dimension (a
     batch-shared array is broadcast over the batch first); otherwise map sequentially."""
+    if spec.tangents:  # through the expansion, whose partials fold
+        return jax.vmap(functools.partial(_expand, spec), in_axes=tuple(axes))(*args), 0
     size = next(a.shape[d] for a, d in zip(args, axes, strict=True) if d is not None)
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, axes, strict=True)]
     mapped = {s for s, d in zip(spec.operands, axes, strict=True) if d is not None}
@@ -324,11 +394,16 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
         block_sizes=spec.block_sizes if pallas else None,
         interpret=spec.interpret,
     )
-    kernel = (spec.family.pallas if pallas else spec.family.xla)[spec.target]
     # Every slot but the target, in slot order (None for a unit slot), then the parameters.
     values = dict(zip(spec.operands, operands, strict=True))
-    slots = [values.get(s) for s in spec.family.slots if s != spec.target]
-    return kernel(*slots, *(values[p] for p in spec.family.params), call)
+    others = [s for s in spec.family.slots if s != spec.target]
+    args = [values.get(s) for s in others] + [values[p] for p in spec.family.params]
+    if spec.tangents:  # the fused forward-mode kernel: one tangent per slot, None where none
+        kernel = spec.family.pallas_jvp[spec.target]
+        args += [values.get(s + "'") for s in others]
+    else:
+        kernel = (spec.family.pallas if pallas else spec.family.xla)[spec.target]
+    return kernel(*args, call)
 
 
 _run_partitioned = sharding.partitioned(run_kernel)
@@ -339,6 +414,9 @@ def _lowering(cuda: bool):
         platform = "cuda" if cuda else (ctx.platforms or ctx.module_context.platforms)[0]
         shapes = spec.shapes(tuple(a.shape for a in ctx.avals_in))
         resolved = _resolve(spec, shapes, ctx.avals_in[0].dtype, platform)
+        if spec.tangents and resolved.impl != "pallas":  # no fused kernel: the sum
+            lower = mlir.lower_fun(functools.partial(_expand, spec), False)
+            return lower(ctx, *values)
         lower = mlir.lower_fun(functools.partial(_run_partitioned, resolved), False)
         return lower(ctx, *values)
 

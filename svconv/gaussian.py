@@ -20,8 +20,8 @@ by the number ``P`` of parameters:
 
 Variances are floored at 1e-12 so that ``sigma -> 0`` gives a delta (the identity filter for
 odd window sizes), never NaN. ``zeta`` and the moments of the weights are reductions over the
-taps, one window row at a time, so no ``[..., kh, kw]`` array exists; their derivatives are
-moments again (:func:`log_normalizer`, :func:`weight_moments`), to any order.
+taps in a loop, one tap at a time, so no ``[..., kh, kw]`` (or ``[..., kw]``) array exists;
+their derivatives are moments again (:func:`log_normalizer`, :func:`weight_moments`), to any order.
 """
 
 from __future__ import annotations
@@ -80,36 +80,39 @@ def parameters(sigma, rho=None) -> jax.Array:
     return jnp.stack([1 / vr, rho * lax.rsqrt(vr * vc), 1 / vc], axis=-1) / det[..., None]
 
 
-def _row_logits(m, eta: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
-    """``eta . phi`` of the taps of window row ``m`` (traced): ``[..., kw]``."""
-    kh, kw = kernel_size
-    u = m.astype(eta.dtype) - (kh - 1) / 2
-    v = jnp.arange(kw, dtype=eta.dtype) - (kw - 1) / 2
-    phi = features(u, v, eta.shape[-1])
-    return sum(eta[..., p, None] * f for p, f in enumerate(phi))
+def _over_taps(fn, kernel_size, init):
+    """``fn(t, carry)`` for every tap ``t`` of the window (row-major), in a loop: the
+    temporaries are of the parameters' size, never ``[..., kw]`` or ``[..., kh, kw]``."""
+    return lax.fori_loop(0, kernel_size[0] * kernel_size[1], fn, init)
 
 
-def _over_rows(fn, kernel_size, init):
-    """``fn(m, carry)`` for every row of the window, in a loop: the taps of one row (``[...,
-    kw]``) are the largest temporaries, never a ``[..., kh, kw]`` array."""
-    return lax.fori_loop(0, kernel_size[0], fn, init)
+def _logit(t, eta: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
+    """``eta . phi[t]`` for tap ``t`` (traced): ``[...]``."""
+    phi = _tap_features(t, kernel_size, eta.shape[-1], eta.dtype)
+    return sum(eta[..., p] * f for p, f in enumerate(phi))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 @functools.partial(jax.jit, static_argnums=(1,))
 def log_normalizer(eta: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
     """``zeta = log sum_tap exp(eta . phi[tap])``: ``[..., P] -> [...]`` (finite for any
-    ``eta``: a running maximum is taken out)."""
+    ``eta``: every logit is ``-q / 2 <= 0`` and, in a window of odd sizes, the centre's is 0, so
+    the sum is at least 1; in other windows a running maximum is taken out)."""
+    if kernel_size[0] % 2 and kernel_size[1] % 2:
 
-    def row(m, carry):
+        def add(t, total):
+            return total + jnp.exp(_logit(t, eta, kernel_size))
+
+        return jnp.log(_over_taps(add, kernel_size, jnp.zeros(eta.shape[:-1], eta.dtype)))
+
+    def tap(t, carry):
         top, total = carry
-        logits = _row_logits(m, eta, kernel_size)
-        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
-        rescaled = total * jnp.exp(top - new_top)
-        return new_top, rescaled + jnp.sum(jnp.exp(logits - new_top[..., None]), axis=-1)
+        logit = _logit(t, eta, kernel_size)
+        new_top = jnp.maximum(top, logit)
+        return new_top, total * jnp.exp(top - new_top) + jnp.exp(logit - new_top)
 
-    first = jnp.max(_row_logits(jnp.int32(0), eta, kernel_size), axis=-1)
-    top, total = _over_rows(row, kernel_size, (first, jnp.zeros_like(first)))
+    first = _logit(jnp.int32(0), eta, kernel_size)
+    top, total = _over_taps(tap, kernel_size, (first, jnp.zeros_like(first)))
     return top + jnp.log(total)
 
 
@@ -131,17 +134,11 @@ def weight_moments(
     eta: jax.Array, zeta: jax.Array, kernel_size: tuple[int, int], moments: tuple[int, ...]
 ) -> jax.Array:
     """``sum_tap exp(eta . phi[tap] - zeta) * prod_p phi[tap, p] ** moments[p]``: ``[...]``."""
-    kh, kw = kernel_size
 
-    def row(m, total):
-        u = m.astype(eta.dtype) - (kh - 1) / 2
-        v = jnp.arange(kw, dtype=eta.dtype) - (kw - 1) / 2
-        weights = jnp.exp(_row_logits(m, eta, kernel_size) - zeta[..., None])
-        for f, power in zip(features(u, v, eta.shape[-1]), moments, strict=True):
-            weights = weights * f**power
-        return total + jnp.sum(weights, axis=-1)
+    def tap(t, total):
+        return total + tap_weight(t, eta, zeta, kernel_size, moments)
 
-    return _over_rows(row, kernel_size, jnp.zeros_like(zeta))
+    return _over_taps(tap, kernel_size, jnp.zeros_like(zeta))
 
 
 @weight_moments.defjvp

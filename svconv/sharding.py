@@ -259,7 +259,7 @@ def _lowering(
     def lower(*operands):
         if halo is not None:
             operands = tuple(
-                halo_extend(v, halo) if s == "x" else v
+                halo_extend(v, halo) if s.rstrip("'") == "x" else v
                 for s, v in zip(spec.operands, operands, strict=True)
             )
         out = kernel(local_spec, *operands)

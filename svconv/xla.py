@@ -747,10 +747,12 @@ def gaussian_grad_s(x, dy, eta, zeta, call: KernelCall):
     xp = _pad(x, geom.padding)
     dyf = dy.astype(acc_dtype)
 
+    # Per channel in the loop, summed over channels once at the end: a channel reduction in
+    # every tap is measured 6x slower on CPU than this (the forward's loop, with dy folded in).
     def tap(t, acc):
         xs = _tap_at(xp, t, geom.kernel_size, geom.out_size, geom.stride, geom.dilation)
         w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments).astype(acc_dtype)
-        return acc + w * jnp.sum(xs.astype(acc_dtype) * dyf, axis=-1)
+        return acc + xs.astype(acc_dtype) * (w[..., None] * dyf)
 
-    ds = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(out_shape, acc_dtype))
-    return ds.astype(x.dtype)
+    ds = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(dy.shape, acc_dtype))
+    return jnp.sum(ds, axis=-1).reshape(out_shape).astype(x.dtype)

@@ -230,9 +230,12 @@ def oracle_with_vjp(oracle, args, names: tuple[str, ...]) -> dict:
 
 def assert_close(actual, expected, dtype=jnp.float32, tol=None, what="", terms: int = 4096):
     """Max abs error relative to the expected array's largest magnitude (at least 1), within
-    :func:`tolerance` of ``dtype`` and ``terms`` unless ``tol`` is given."""
-    actual = np.asarray(jnp.asarray(actual, jnp.float32))
-    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    :func:`tolerance` of ``dtype`` and ``terms`` unless ``tol`` is given. Complex arrays compare
+    as complex (the modulus of the difference)."""
+    as_complex = jnp.iscomplexobj(actual) or jnp.iscomplexobj(expected)
+    kind = jnp.complex64 if as_complex else jnp.float32
+    actual = np.asarray(jnp.asarray(actual, kind))
+    expected = np.asarray(jnp.asarray(expected, kind))
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)

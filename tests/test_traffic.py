@@ -26,19 +26,9 @@ class OverBudget(AssertionError):
 
 # Rows that fail today: how they fail and why. A row that starts passing fails (strict xfail),
 # and so does a row that fails the other way (a direction that becomes available but is over
-# budget): update this table then.
-_JVP_SUM = (
-    "forward mode binds the op once per tangent slot and XLA adds the results (like lax's "
-    "convolution): the sum reads each term and writes the tangent"
-)
-KNOWN_FAILING = {
-    **{
-        (case.id, "jvp", dtype): (OverBudget, _JVP_SUM)
-        for case in traffic.design_cases()
-        for dtype in traffic.DTYPES
-        if not case.id.startswith("local_conv2d")  # its JVP is mostly weight reads: +0.04x
-    },
-}
+# budget): update this table then. (Forward mode takes the tangents of every slot in one fused
+# kernel: no sum of one kernel per tangent.)
+KNOWN_FAILING: dict = {}
 
 
 def _design_params():

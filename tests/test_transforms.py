@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from pathlib import Path
 
@@ -258,6 +259,40 @@ def test_forward_mode_under_jit_vmap_and_scan(name):
 
     _, scanned = jax.lax.scan(body, 0.0, None, length=2)
     assert_close(scanned[1], want, what="scan(jvp)")
+
+
+@pytest.mark.parametrize("name", ["modulated", "filter", "splat"])
+def test_forward_mode_in_several_slots_is_one_fused_kernel(name):
+    """Tangents in any two or more slots go to one fused kernel (Pallas, in the interpreter
+    here), equal to the sum of one partial per slot; lowered for CUDA, the JVP holds the forward
+    kernel and the fused one, nothing else."""
+    from experiments.static.lowering import lower_for_cuda, triton_kernel_names
+
+    f, args = _ops("pallas")[name]
+    tangents = rands(24, *(a.shape for a in args))
+    ref = _reference(name)
+    count = len(args)
+    subsets = [s for r in range(2, count + 1) for s in itertools.combinations(range(count), r)]
+    for subset in subsets:
+
+        def restricted(fn, *moving, subset=subset):
+            full = list(args)
+            for i, value in zip(subset, moving, strict=True):
+                full[i] = value
+            return fn(*full)
+
+        primals = tuple(args[i] for i in subset)
+        moving = tuple(tangents[i] for i in subset)
+        got = jax.jvp(functools.partial(restricted, f), primals, moving)[1]
+        want = jax.jvp(functools.partial(restricted, ref), primals, moving)[1]
+        assert_close(got, want, what=f"jvp in slots {subset}")
+    family = "modulated" if name == "modulated" else "pixel"
+    kernel = "forward" if name != "splat" else "grad_x"
+    text = lower_for_cuda(lambda *a: jax.jvp(f, a[:count], a[count:]), *args, *tangents)
+    assert sorted(triton_kernel_names(text)) == [
+        f"svconv_{family}_{kernel}",
+        f"svconv_{family}_{kernel}_jvp",
+    ]
 
 
 def test_readme_deblurring_example_runs():

@@ -214,6 +214,11 @@ TEST_CASES: list[Case] = [
 # another slot).
 JVP_CASES: list[Case] = [
     Case("modulated", 8, 128, 128, 64, 64, 3, "bf16"),
+    # The fused tangent kernel (two weight tiles and up to four image tiles per tap) in every
+    # kind of dot, and with small tiles.
+    Case("modulated", 8, 128, 128, 64, 64, 3, "f32"),
+    Case("modulated", 8, 128, 128, 64, 64, 3, "f32", precision="highest"),
+    Case("modulated", 2, 33, 31, 3, 5, 3, "f16", stride=2),
     Case("local", 8, 64, 64, 32, 32, 3, "bf16"),
     Case("filter", 8, 256, 256, 64, 64, 7, "bf16"),
     Case("splat", 2, 16, 16, 5, 5, 5, "bf16", stride=2),
