@@ -6,7 +6,7 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 JAX_PIN   ?= jax==0.11.2 jaxlib==0.11.2
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 # A working Python >= 3.12: python3.12 / python3.13 on PATH (pyenv shims that fail are skipped),
 # then pyenv's installed versions, 3.12 first (the version on our GPU machines).

@@ -41,13 +41,15 @@ class Check:
     kernel: int = 3
     split: bool = True  # False: the geometry does not split, height is replicated (gathered)
     explicit: bool = False  # Explicit mesh axes (jax.make_mesh's default) instead of Auto
+    jvp: bool = False  # forward mode (tangents sharded like their arrays) instead of the vjp
 
     @property
     def name(self) -> str:
         extra = ""
         if (self.stride, self.dilation, self.padding, self.kernel) != (1, 1, "SAME", 3):
             extra = f"-k{self.kernel}s{self.stride}d{self.dilation}{self.padding}"
-        return f"{self.op}-{self.impl}-{self.mode}{extra}{'-explicit' if self.explicit else ''}"
+        explicit, jvp = "-explicit" if self.explicit else "", "-jvp" if self.jvp else ""
+        return f"{self.op}-{self.impl}-{self.mode}{extra}{explicit}{jvp}"
 
 
 OPS = ("modulated", "modulated_shared", "local", "pixel", "splat", "gaussian")
@@ -64,6 +66,8 @@ CHECKS = (
     # A batch-shared d split over the axis that also splits the batch of x: d is gathered, and
     # its Explicit-typed gradient must come back with d's sharding.
     Check("modulated_shared", "xla", "cross", explicit=True, split=False),
+    # Forward mode: the fused tangent kernels (Pallas) take halos for the tangent of x too.
+    *(Check(op, "pallas", "height", jvp=True) for op in ("modulated", "splat")),
 )
 NAMES = tuple(c.name for c in CHECKS)
 
@@ -191,6 +195,15 @@ def run_check(check: Check) -> None:
     mesh = jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
     step = forward_and_grad(fn)
+    if check.jvp:
+        count = len(arrays)
+        arrays = [*arrays, *(0.5 * jax.numpy.roll(a, 1) for a in arrays)]
+        specs = [*specs, *specs]
+
+        def step(*args):
+            y, t = jax.jvp(fn, tuple(args[:count]), tuple(args[count:]))
+            return y, [t]
+
     expected = jax.tree.leaves(jax.jit(step)(*arrays))
     sharded = [
         jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(arrays, specs, strict=True)
@@ -210,7 +223,8 @@ def run_check(check: Check) -> None:
     assert y_sharding.is_equivalent_to(sharded[0].sharding, 4), (
         f"output sharded as {y_sharding}, input as {sharded[0].sharding}"
     )
-    for i, (g, a) in enumerate(zip(got[1], sharded, strict=True)):
+    like = [sharded[0]] if check.jvp else sharded  # the tangent is sharded like the output
+    for i, (g, a) in enumerate(zip(got[1], like, strict=True)):
         assert g.sharding.is_equivalent_to(a.sharding, a.ndim), (
             f"grad {i} sharded as {g.sharding.spec}, its input as {a.sharding.spec}"
         )
