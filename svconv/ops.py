@@ -377,22 +377,29 @@ def gaussian_kernels(
     """
     kernel_size = _checks.pair("size", size)
     sigma, rho = _gaussian_arguments(sigma, rho, None, "an array")
+    eta, dtype = _gaussian_parameters(sigma, rho)
+    return gaussian.explicit_weights(eta, kernel_size).astype(dtype)
+
+
+def _gaussian_parameters(sigma, rho) -> tuple[jax.Array, Any]:
+    """``eta`` (see :mod:`svconv.gaussian`) of checked ``sigma`` and ``rho``, and their
+    promoted dtype."""
     parts = sigma if isinstance(sigma, tuple) else (sigma,)
     dtype = jnp.result_type(*parts, *(() if rho is None else (rho,)))
     if rho is not None and not isinstance(sigma, tuple):
         sigma = (sigma, sigma)
-    weights = gaussian.explicit_weights(gaussian.parameters(sigma, rho), kernel_size)
-    return weights.astype(dtype)
+    return gaussian.parameters(sigma, rho), dtype
 
 
-def _gaussian_call(op, target, x, sigma, rho, geom, impl, block_sizes, operand):
-    """Bind the Gaussian family for ``gaussian_filter2d`` (target ``y``) or ``gaussian_splat2d``
-    (target ``x``); ``operand`` is the name of the image's slot."""
-    parts = sigma if isinstance(sigma, tuple) else (sigma,)
-    dtype = jnp.result_type(x, *parts, *(() if rho is None else (rho,)))
-    if rho is not None and not isinstance(sigma, tuple):
-        sigma = (sigma, sigma)
-    eta = gaussian.parameters(sigma, rho)
+def _gaussian_call(op, target, oracle, x, sigma, rho, geom, impl, block_sizes, operand):
+    """``gaussian_filter2d`` (target ``y``) or ``gaussian_splat2d`` (target ``x``; ``operand``
+    is the name of the image's slot): the Gaussian family's partial, or for
+    ``impl="reference"`` the per-pixel ``oracle`` with the explicit weights."""
+    eta, sigma_dtype = _gaussian_parameters(sigma, rho)
+    dtype = jnp.result_type(x, sigma_dtype)
+    if impl == "reference":  # gaussian_kernels' weights, exactly
+        k = gaussian.explicit_weights(eta, geom.kernel_size).astype(sigma_dtype)
+        return oracle(x.astype(dtype), k[..., None].astype(dtype), geom)
     zeta = gaussian.log_normalizer(eta, geom.kernel_size)
     spec = Spec(
         family=GAUSSIAN,
@@ -451,11 +458,9 @@ def gaussian_filter2d(
     )
     layout = "[batch, out_height, out_width]"
     sigma, rho = _gaussian_arguments(sigma, rho, (x.shape[0], *geom.out_size), layout)
-    if impl == "reference":
-        k = gaussian_kernels(sigma, kernel_size, rho=rho)
-        dtype = jnp.result_type(x, k)
-        return reference.pixel_filter2d(x.astype(dtype), k[..., None].astype(dtype), geom)
-    return _gaussian_call("gaussian_filter2d", "y", x, sigma, rho, geom, impl, block_sizes, "x")
+    oracle = reference.pixel_filter2d
+    args = (x, sigma, rho, geom, impl, block_sizes, "x")
+    return _gaussian_call("gaussian_filter2d", "y", oracle, *args)
 
 
 def gaussian_splat2d(
@@ -493,8 +498,6 @@ def gaussian_splat2d(
     geom = _splat_geometry(
         "gaussian_splat2d", x, kernel_size, stride, padding, dilation, output_size, {}
     )
-    if impl == "reference":
-        k = gaussian_kernels(sigma, kernel_size, rho=rho)
-        dtype = jnp.result_type(x, k)
-        return reference.pixel_splat2d(x.astype(dtype), k[..., None].astype(dtype), geom)
-    return _gaussian_call("gaussian_splat2d", "x", x, sigma, rho, geom, impl, block_sizes, "y")
+    oracle = reference.pixel_splat2d
+    args = (x, sigma, rho, geom, impl, block_sizes, "y")
+    return _gaussian_call("gaussian_splat2d", "x", oracle, *args)
