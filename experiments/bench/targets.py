@@ -69,6 +69,19 @@ def compute_targets(
     def get(case, mode, col):
         return _ms(case, mode, col, stat)
 
+    def per_mode(case, top, bottom, target, kind, note=""):
+        """A row per mode: column ``top``'s time over column ``bottom``'s (the columns name the
+        rows: ``svconv xla`` / ``svconv pallas`` for svconv's)."""
+        for mode in MODES:
+            t.add(
+                f"{case['id']}: {mode}, {top} / {bottom}",
+                get(case, mode, top),
+                get(case, mode, bottom),
+                target,
+                kind,
+                note,
+            )
+
     stream = peaks.get("stream", {}).get("gb_per_s")
     for c in cases:
         cid, fast = c["id"], fast_column(c)
@@ -82,32 +95,10 @@ def compute_targets(
                     g_lim if gpu else c_lim,
                     "<=",
                 )
-            for mode in MODES:
-                t.add(
-                    f"{cid}: {mode}, torch unfold / svconv {tag}",
-                    get(c, mode, "torch unfold"),
-                    get(c, mode, fast),
-                    5 if gpu else 2.5,
-                    ">=",
-                )
+            per_mode(c, "torch unfold", fast, 5 if gpu else 2.5, ">=")
             if gpu:
-                for mode in MODES:
-                    t.add(
-                        f"{cid}: {mode}, deform_conv2d / svconv {tag}",
-                        get(c, mode, "deform_conv2d"),
-                        get(c, mode, fast),
-                        5,
-                        ">=",
-                    )
-            for mode in MODES:
-                t.add(
-                    f"{cid}: {mode}, xla patches / svconv {tag}",
-                    get(c, mode, "xla patches"),
-                    get(c, mode, fast),
-                    10 if gpu else 1,
-                    ">=",
-                    "" if gpu else FASTEST_XLA,
-                )
+                per_mode(c, "deform_conv2d", fast, 5, ">=")
+            per_mode(c, "xla patches", fast, 10 if gpu else 1, ">=", "" if gpu else FASTEST_XLA)
             peak = peaks.get("matmul", {}).get(c["dtype"], {}).get("tflop_per_s")
             ms = get(c, "fwd", fast)
             rate = None if ms is None else c["flops"] / (ms * 1e-3) / 1e12
@@ -135,25 +126,10 @@ def compute_targets(
                 4,
                 None if gpu else "<=",
             )
-            for mode in MODES:
-                t.add(
-                    f"{cid}: {mode}, xla patches / svconv {tag}",
-                    get(c, mode, "xla patches"),
-                    get(c, mode, fast),
-                    1,
-                    ">=",
-                    FASTEST_XLA if tag == "xla" else "",
-                )
+            per_mode(c, "xla patches", fast, 1, ">=", FASTEST_XLA if tag == "xla" else "")
         elif c["op"] == "gaussian":
-            for mode in MODES:
-                t.add(
-                    f"{cid}: {mode}, svconv {tag} / explicit kernels",
-                    get(c, mode, fast),
-                    get(c, mode, "explicit kernels"),
-                    1 if gpu else 0.5,
-                    "<=",
-                    "pixel_filter2d(x, gaussian_kernels(sigma, size))",
-                )
+            explicit = "pixel_filter2d(x, gaussian_kernels(sigma, size))"
+            per_mode(c, fast, "explicit kernels", 1 if gpu else 0.5, "<=", explicit)
             for mode in MODES:
                 peak = {
                     col: c["results"].get(mode, {}).get(col, {}).get("peak_mib")
@@ -168,15 +144,7 @@ def compute_targets(
                     "XLA's planned buffers",
                 )
         else:
-            for mode in MODES:
-                t.add(
-                    f"{cid}: {mode}, lax local / svconv {tag}",
-                    get(c, mode, "lax local"),
-                    get(c, mode, fast),
-                    1,
-                    ">=",
-                    FASTEST_XLA if tag == "xla" else "",
-                )
+            per_mode(c, "lax local", fast, 1, ">=", FASTEST_XLA if tag == "xla" else "")
         if c["op"] in ("pixel", "local", "gaussian") and stream:
             ms = get(c, "fwd", fast)
             gbs = None if ms is None else c["bytes"]["fwd"] / (ms * 1e-3) / 1e9
