@@ -184,19 +184,17 @@ def _arange(start, size):
     return start + jnp.arange(size)
 
 
-def _modulated_tile(
-    x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shared: bool, dtype=None
-):
+def _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shared: bool):
     """``x`` at tap ``(m, n)`` of output pixels ``(i, j)`` of image ``b`` (``[P, 1]`` each) and
-    channels ``chans`` (``[1, K]``), its rows scaled by ``d``, in ``dtype`` (default ``x``'s);
-    zero where ``ok`` is false or the tap falls in the padding."""
+    channels ``chans`` (``[1, K]``), its rows scaled by ``d``, in ``x``'s dtype; zero where
+    ``ok`` is false or the tap falls in the padding."""
     _, h, w, cin = x_ref.shape
     _, (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     r, q = i * sh + m * dh - ptop, j * sw + n * dw - pleft
     xt = gather(x_ref.at[b, r, q, chans], ok & inside(r, q, h, w) & (chans < cin), KEEP)
     d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
     dt = gather(d_at, ok)
-    return (xt.astype(_F32) * dt.astype(_F32)).astype(dtype or xt.dtype)
+    return (xt.astype(_F32) * dt.astype(_F32)).astype(xt.dtype)
 
 
 def _out_pixels(start, size: int, ho: int, wo: int):

@@ -242,23 +242,22 @@ def _jvp(primals, tangents, *, spec: Spec):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
         return jax.jvp(functools.partial(_expand, spec), tuple(primals), tuple(tangents))
     out = bind(spec, *primals)
-    terms, slots, slot_tangents = [], [], []
-    for i, (name, tangent) in enumerate(zip(spec.operands, tangents, strict=True)):
+    values = dict(zip(spec.operands, primals, strict=True))
+    slots, slot_tangents, param_terms = [], [], []
+    for name, tangent in zip(spec.operands, tangents, strict=True):
         if type(tangent) is ad.Zero:
             continue
         if name in spec.family.params:
-            values = dict(zip(spec.operands, primals, strict=True))
-            terms.append(spec.family.param_jvp(spec, values, name, tangent))
-        elif _fuses_tangents(spec):
+            param_terms.append(spec.family.param_jvp(spec, values, name, tangent))
+        else:
             slots.append(name)
             slot_tangents.append(tangent)
-        else:
-            args = list(primals)
-            args[i] = tangent
-            terms.append(bind(spec, *args))
-    if slots:
-        fused = dataclasses.replace(spec, tangents=tuple(slots))
-        terms.append(bind(fused, *primals, *slot_tangents))
+    terms = []
+    if slots:  # one fused kernel where the family has one, else one partial per slot
+        with_tangents = dataclasses.replace(spec, tangents=tuple(slots))
+        run = bind if _fuses_tangents(spec) else _expand
+        terms.append(run(with_tangents, *primals, *slot_tangents))
+    terms += param_terms
     if not terms:
         return out, ad.Zero.from_primal_value(out)
     return out, functools.reduce(jnp.add, terms)
@@ -301,9 +300,8 @@ def _transpose_tangents(ct, *args, spec: Spec):
     for k, slot in enumerate(spec.tangents):
         tangent = args[len(plain.operands) + k]
         if ad.is_undefined_primal(tangent):
-            at = list(primals)
-            at[plain.operands.index(slot)] = tangent
-            (i,) = (j for j, a in enumerate(at) if ad.is_undefined_primal(a))
+            at, i = list(primals), plain.operands.index(slot)
+            at[i] = tangent
             out[len(plain.operands) + k] = _transpose(ct, *at, spec=plain)[i]
     return out
 
