@@ -398,9 +398,12 @@ def forward_jvp(x, w, d, tx, tw, td, call: KernelCall) -> jax.Array:
     if call.block_sizes is None:
         # Two weight tiles and up to four image tiles per tap: two pipeline stages keep the
         # shared memory within sm_80's and the registers free of spills (one for exact float32
-        # dots, whose operands stay in registers).
+        # dots, whose operands stay in registers). A single 16 x 16 accumulator gets 2 warps:
+        # with 4, ptxas keeps sm_90's register count at 48 by spilling a 64-bit address across
+        # the tap loop (16-bit, stride 2).
         stages = 1 if _exact_float32(x.dtype, call.precision) else 2
-        bs = dataclasses.replace(bs, num_stages=min(bs.num_stages, stages))
+        warps = 2 if bs.block_m * bs.block_n <= 16 * 16 else bs.num_warps
+        bs = dataclasses.replace(bs, num_stages=min(bs.num_stages, stages), num_warps=warps)
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
     body = _body(_forward_kernel, call, bs, d.ndim == 4)
     operands = (x, w, d, tx, tw, td)

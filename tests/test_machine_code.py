@@ -71,24 +71,8 @@ def test_forward_and_gradients(case, arch):
     _check(f"{case.id} (vjp)", kernels, arch)
 
 
-# Known problems: (case, arch) -> why. Strict: a case that starts passing fails until removed.
-KNOWN_PROBLEMS = {
-    ("modulated-N2-33x31-3to5-k3-s2-d1-f16", 90): (
-        "the fused tangent kernel with 16x16x16 tiles spills 8 bytes on sm_90 (48 registers; "
-        "sm_80 and the large tiles do not): not understood yet"
-    ),
-}
-
-
-def _jvp_params():
-    for case in mc.JVP_CASES:
-        for arch, arch_id in zip(mc.ARCHS, ARCH_IDS, strict=True):
-            reason = KNOWN_PROBLEMS.get((case.id, arch))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(case, arch, marks=marks, id=f"{case.id}-{arch_id}")
-
-
-@pytest.mark.parametrize("case, arch", list(_jvp_params()))
+@pytest.mark.parametrize("arch", mc.ARCHS, ids=ARCH_IDS)
+@pytest.mark.parametrize("case", mc.JVP_CASES, ids=lambda c: c.id)
 def test_forward_mode(case, arch):
     kernels = _kernels(case, "jvp")
     assert kernels
