@@ -711,32 +711,35 @@ def gaussian_forward(x, s, eta, zeta, call: KernelCall):
 
 
 def gaussian_grad_x(s, dy, eta, zeta, call: KernelCall):
-    """Transpose of :func:`gaussian_forward` in ``x`` (the splat): ``[N, H, W, C]``.
-
-    Each tap's contribution is placed into the padded frame with a dynamic update (strided
-    outputs interleaved with zeros), and the padding is removed at the end.
-    """
+    """Transpose of :func:`gaussian_forward` in ``x`` (the splat): ``[N, H, W, C]``, in gather
+    form: ``dy`` (times ``s``) and the parameters spread onto the input grid (:func:`_spread`),
+    each flipped tap's weight computed from the parameters of the source pixel it reads."""
     geom, out_shape, moments = call.geom, call.out_shape, call.moments
     acc_dtype = accumulation_dtype(jnp.result_type(dy, eta))
-    (pt, pb), (pl, pr) = geom.padding
-    (h, w), (sh, sw), (dh, dw) = geom.in_size, geom.stride, geom.dilation
-    kw = geom.kernel_size[1]
+    (h, w), (kh, kw), (dh, dw) = geom.in_size, geom.kernel_size, geom.dilation
     scale = dy.astype(acc_dtype)
     if s is not None:
         scale = scale * s[..., None].astype(acc_dtype)
-    zero = jnp.zeros((), acc_dtype)
-    interleave = ((0, 0, 0), (0, 0, sh - 1), (0, 0, sw - 1), (0, 0, 0))
+    # Between the source pixels the spread parameters are 0: finite weights times a zero scale.
+    # The parameters are spread and sliced one plane at a time (slices of a [..., P] array
+    # run many times slower on CPU).
+    src = _spread(scale, geom)
+    planes = [_spread(v, geom) for v in (zeta, *jnp.moveaxis(eta, -1, 0))]
 
     def tap(t, acc):
-        w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments).astype(acc_dtype)
-        contrib = lax.pad(scale * w[..., None], zero, interleave)
-        start = (0, (t // kw) * dh, (t % kw) * dw, 0)
-        current = lax.dynamic_slice(acc, start, contrib.shape)
-        return lax.dynamic_update_slice(acc, current + contrib, start)
+        start = ((kh - 1 - t // kw) * dh, (kw - 1 - t % kw) * dw)  # flipped, as _offsets
 
-    frame = (dy.shape[0], h + pt + pb, w + pl + pr, dy.shape[3])
-    acc = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(frame, acc_dtype))
-    dx = lax.pad(acc, zero, ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
+        def at(v):
+            return lax.dynamic_slice(
+                v, (0, *start, *(0,) * (v.ndim - 3)), (v.shape[0], h, w, *v.shape[3:])
+            )
+
+        z, *e = (at(v) for v in planes)
+        weight = gaussian.tap_weight(t, jnp.stack(e, -1), z, geom.kernel_size, moments)
+        return acc + at(src) * weight[..., None].astype(acc_dtype)
+
+    init = jnp.zeros((dy.shape[0], h, w, dy.shape[3]), acc_dtype)
+    dx = lax.fori_loop(0, geom.num_taps, tap, init)
     return dx.reshape(out_shape).astype(dy.dtype)
 
 
