@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import svconv
+from svconv import gaussian
 from tests.conftest import assert_close, random_cases, rands
 
 
@@ -240,6 +241,28 @@ def test_no_weights_array_in_the_xla_program():
     for fn in (loss, jax.grad(loss, argnums=(0, 1, 2, 3))):
         memory = jax.jit(fn).lower(x, s, s, s).compile().memory_analysis()
         assert memory.temp_size_in_bytes < 0.1 * weights_bytes, memory.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("kernel_size", [(5, 7), (4, 6)], ids=["odd", "even"])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_normalizer_and_moments_per_platform_agree(kernel_size, parts):
+    """The log-normalizer and the weight moments are a loop over the taps on CPU and one fused
+    reduction lowered for other platforms; both forms, called here directly, against the
+    explicit weights (float64 numpy) and each other."""
+    sr, sc, rho = rands(3, (2, 4, 5), (2, 4, 5), (2, 4, 5))
+    sr, sc = 0.3 + 2 * jnp.abs(sr), 0.3 + 2 * jnp.abs(sc)
+    sigma = sr if parts == 1 else (sr, sc)
+    eta = gaussian.parameters(sigma, 0.9 * jnp.tanh(rho) if parts == 3 else None)
+    phi = gaussian.tap_features(kernel_size, parts)
+    logits = np.asarray(eta, np.float64) @ phi.T
+    zeta = np.log(np.sum(np.exp(logits), axis=-1))
+    for form in (gaussian._log_normalizer_loop, gaussian._log_normalizer_fused):
+        assert_close(form(eta, kernel_size), zeta, terms=phi.shape[0])
+    z = jnp.asarray(zeta, jnp.float32)
+    for moments in [(0,) * parts, (1,) + (0,) * (parts - 1), (2,) * parts]:
+        expected = np.sum(np.exp(logits - zeta[..., None]) * np.prod(phi**moments, -1), -1)
+        for form in (gaussian._weight_moments_loop, gaussian._weight_moments_fused):
+            assert_close(form(eta, z, kernel_size, moments), expected, terms=phi.shape[0])
 
 
 def _filter(sigma, *, rho=None, x_dtype=None):

@@ -220,6 +220,8 @@ def _signature_results(stmt: str, n_results: int) -> list[Array]:
     types = _type_list(sig[arrows[-1] + 1 :] if arrows else sig)
     if len(types) == 1 and n_results > 1 and not arrows:
         types *= n_results
+    if len(types) == 2 and n_results == 1 and not arrows:  # select's `: pred type, type`
+        types = types[1:]
     if len(types) != n_results:
         raise ValueError(f"{n_results} results but types {types} in {stmt[:300]!r}")
     return types
@@ -357,6 +359,8 @@ class _Inliner:
                 return list(operands)
             if "\n" in st.text and TRITON_TARGET in st.text:
                 raise ValueError(f"a kernel inside control flow ({st.name}) is not supported")
+            if st.name.endswith("while"):  # priced once, it would hide all but one iteration
+                raise ValueError("a loop around the kernels is not priced (stablehlo.while)")
             if st.callee is not None:
                 ids = self.call(st.callee, operands)
             else:
@@ -644,7 +648,9 @@ class Case:
 
 def design_cases() -> list[Case]:
     """DESIGN's GPU shapes (stride 1, "SAME" padding). ``local_conv2d`` is taken at the GPU
-    benchmark's shape, N=8, 128x128, 32->32, 3x3; ``pixel_splat2d`` like ``pixel_filter2d``."""
+    benchmark's shape, N=8, 128x128, 32->32, 3x3; ``pixel_splat2d`` like ``pixel_filter2d``;
+    the Gaussian ops at 31x31 on the per-pixel filters' images (isotropic, and rotated with
+    ``rho`` for the filter)."""
 
     def pallas(fn):
         return functools.partial(fn, impl="pallas")
@@ -671,6 +677,16 @@ def design_cases() -> list[Case]:
         for k in (7, 15):
             inputs = (("x", (n, h, h, c)), ("k", (n, h, h, k, k)))
             cases.append(Case(op.__name__, f"{k}x{k}", pallas(op), inputs, (n, h, h, c)))
+    image, grid = ("x", (n, h, h, c)), (n, h, h)
+    for op in (svconv.gaussian_filter2d, svconv.gaussian_splat2d):
+        fn = functools.partial(pallas(op), size=31)
+        cases.append(Case(op.__name__, "31x31", fn, (image, ("sigma", grid)), (n, h, h, c)))
+
+    def rotated(x, sigma_rows, sigma_cols, rho):
+        return svconv.gaussian_filter2d(x, (sigma_rows, sigma_cols), 31, rho=rho, impl="pallas")
+
+    inputs = (image, ("sigma_rows", grid), ("sigma_cols", grid), ("rho", grid))
+    cases.append(Case("gaussian_filter2d", "31x31 rotated", rotated, inputs, (n, h, h, c)))
     return cases
 
 
