@@ -12,7 +12,11 @@ from sigma and rho; ``moments`` > 0 are the derivatives in ``eta``). Three kerne
 
 * `forward`: ``y = s * sum_tap w * x[pos]`` (the filter);
 * `grad_x`: its transpose in x (the splat), in gather form per stride phase as `pixel.grad_x`;
-* `grad_s`: ``ds[p] = sum_tap w[p, tap] sum_c x[pos, c] dy[p, c]``.
+* `grad_s`: ``ds[p] = sum_tap w[p, tap] sum_c x[pos, c] dy[p, c]``;
+
+and the tangents of the first two in one kernel each (`forward_jvp`, `grad_x_jvp`): for tangents
+of the image, of ``s`` and of the parameters at once, the weights' tangent being
+``w * (t_eta . phi(tap) - t_zeta)``.
 
 The weights are recomputed for every tap and never stored: memory is that of the images. Tiling
 and addressing (whole-array refs, masks for padding, strides, dilation and ragged tiles) follow
@@ -68,18 +72,22 @@ def _tile_pixels(ti, tj, bs: PixelBlockSizes):
 
 
 def _pixel_params(eta_ref, zeta_ref, b, i, j, ok):
-    """eta (a list of P arrays) and zeta of pixels (i, j) of image b, each like i."""
+    """eta (a list of P arrays) and zeta (None without its ref) of pixels (i, j) of image b,
+    each like i."""
     parts = eta_ref.shape[-1]
     eta = [gather(eta_ref.at[b, i, j, q], ok).astype(_F32) for q in range(parts)]
-    return eta, gather(zeta_ref.at[b, i, j], ok).astype(_F32)
+    zeta = None if zeta_ref is None else gather(zeta_ref.at[b, i, j], ok).astype(_F32)
+    return eta, zeta
 
 
-def _weight(eta, zeta, m, n, kernel_size, moments):
-    """The weight of tap (m, n) (traced int32 scalars) for pixels with parameters eta, zeta."""
+def _features(m, n, kernel_size, parts: int) -> list:
+    """``phi`` of tap (m, n) (traced int32 scalars)."""
     kh, kw = kernel_size
-    u = m.astype(_F32) - (kh - 1) / 2
-    v = n.astype(_F32) - (kw - 1) / 2
-    phi = features(u, v, len(eta))
+    return features(m.astype(_F32) - (kh - 1) / 2, n.astype(_F32) - (kw - 1) / 2, parts)
+
+
+def _weight(eta, zeta, phi, moments):
+    """The weight of the tap with features phi for pixels with parameters eta, zeta."""
     w = jnp.exp(sum(e * f for e, f in zip(eta, phi, strict=True)) - zeta)
     for f, power in zip(phi, moments, strict=True):
         for _ in range(power):
@@ -87,12 +95,32 @@ def _weight(eta, zeta, m, n, kernel_size, moments):
     return w
 
 
+def _tangent_params(teta_ref, tzeta_ref, b, i, j, ok):
+    """The parameters' tangents (eta's a list, or None for no tangent) of pixels (i, j)."""
+    teta = None if teta_ref is None else _pixel_params(teta_ref, None, b, i, j, ok)[0]
+    tzeta = None if tzeta_ref is None else gather(tzeta_ref.at[b, i, j], ok).astype(_F32)
+    return teta, tzeta
+
+
+def _weight_tangent_factor(teta, tzeta, phi):
+    """``t_eta . phi - t_zeta``: the weight's tangent over the weight (None for none)."""
+    terms = [] if teta is None else [t * f for t, f in zip(teta, phi, strict=True)]
+    if tzeta is not None:
+        terms.append(-tzeta)
+    return sum(terms) if terms else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Kernel bodies
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, y_ref, *, g, bs, moments, n_th):
+def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th):
+    """``y = s * sum_tap w * x``; with the tangent refs ``tx, ts, t_eta, t_zeta`` (each None or
+    not) before ``y``'s, its tangent ``sum_tap w * (s * (tx + x * f) + ts * x)``, ``f`` the
+    weight's relative tangent."""
+    *tangents, y_ref = refs
+    tx_ref, ts_ref, teta_ref, tzeta_ref = tangents or (None,) * 4
     _, h, w, c = x_ref.shape
     _, ho, wo, _ = y_ref.shape
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
@@ -101,21 +129,47 @@ def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, y_ref, *, g, bs, moments, n
     chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
     pix_ok = (rows < ho) & (cols < wo)
     eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
+    teta, tzeta = _tangent_params(teta_ref, tzeta_ref, b, rows, cols, pix_ok)
+    scale = None if s_ref is None else gather(s_ref.at[b, rows, cols], pix_ok).astype(_F32)
+    tscale = None if ts_ref is None else gather(ts_ref.at[b, rows, cols], pix_ok).astype(_F32)
 
     def tap(t, acc):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
-        xt = gather(x_ref.at[b, r, q, chans], pix_ok & inside(r, q, h, w) & (chans < c), KEEP)
-        return acc + xt.astype(_F32) * _weight(eta, zeta, m, n, (kh, kw), moments)
+        ok = pix_ok & inside(r, q, h, w) & (chans < c)
+        phi = _features(m, n, (kh, kw), len(eta))
+        weight = _weight(eta, zeta, phi, moments)
+        xt = gather(x_ref.at[b, r, q, chans], ok, KEEP).astype(_F32)
+        if not tangents:
+            return acc + xt * weight
+        plain, moved = acc  # sum w * x (for ts), sum w * (tx + x * f)
+        factor = _weight_tangent_factor(teta, tzeta, phi)
+        change = None if factor is None else xt * factor
+        if tx_ref is not None:
+            txt = gather(tx_ref.at[b, r, q, chans], ok, KEEP).astype(_F32)
+            change = txt if change is None else change + txt
+        if tscale is not None:
+            plain = plain + xt * weight
+        if change is not None:
+            moved = moved + change * weight
+        return plain, moved
 
-    acc = jnp.zeros((rows.shape[0], bs.block_channels), _F32)
-    acc = lax.fori_loop(0, kh * kw, tap, acc)
-    if s_ref is not None:
-        acc = acc * gather(s_ref.at[b, rows, cols], pix_ok).astype(_F32)
+    zeros = jnp.zeros((rows.shape[0], bs.block_channels), _F32)
+    acc = lax.fori_loop(0, kh * kw, tap, (zeros, zeros) if tangents else zeros)
+    if tangents:
+        plain, acc = acc
+    if scale is not None:
+        acc = acc * scale
+    if tscale is not None:
+        acc = acc + plain * tscale
     plt.store(y_ref.at[b, rows, cols, chans], acc.astype(y_ref.dtype), mask=pix_ok & (chans < c))
 
 
-def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, dx_ref, *, g, bs, moments, n_th, n_tw):
+def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th, n_tw):
+    """The splat of ``s * dy``; with the tangent refs ``ts, tdy, t_eta, t_zeta`` (each None or
+    not) before the result's, its tangent (as the forward's)."""
+    *tangents, dx_ref = refs
+    ts_ref, tdy_ref, teta_ref, tzeta_ref = tangents or (None,) * 4
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = dx_ref.shape
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
@@ -135,11 +189,24 @@ def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, dx_ref, *, g, bs, moments, 
         j = big_q + exact_div(phw + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
         ok = inside(i, j, ho, wo)
         eta, zeta = _pixel_params(eta_ref, zeta_ref, b, i, j, ok)
-        weight = _weight(eta, zeta, m, n, (kh, kw), moments)
-        if s_ref is not None:
-            weight = weight * gather(s_ref.at[b, i, j], ok).astype(_F32)
-        dyt = gather(dy_ref.at[b, i, j, chans], ok & (chans < c), KEEP)
-        return acc + dyt.astype(_F32) * weight
+        phi = _features(m, n, (kh, kw), len(eta))
+        weight = _weight(eta, zeta, phi, moments)
+        scale = None if s_ref is None else gather(s_ref.at[b, i, j], ok).astype(_F32)
+        dyt = gather(dy_ref.at[b, i, j, chans], ok & (chans < c), KEEP).astype(_F32)
+        if not tangents:
+            return acc + dyt * (weight if scale is None else weight * scale)
+        teta, tzeta = _tangent_params(teta_ref, tzeta_ref, b, i, j, ok)
+        factor = _weight_tangent_factor(teta, tzeta, phi)
+        change = None if factor is None else dyt * factor
+        if tdy_ref is not None:
+            tdyt = gather(tdy_ref.at[b, i, j, chans], ok & (chans < c), KEEP).astype(_F32)
+            change = tdyt if change is None else change + tdyt
+        if change is not None and scale is not None:
+            change = change * scale
+        if ts_ref is not None:
+            moved = dyt * gather(ts_ref.at[b, i, j], ok).astype(_F32)
+            change = moved if change is None else change + moved
+        return acc if change is None else acc + change * weight
 
     def row(u, acc):
         m = m0 + u * m_step
@@ -173,7 +240,7 @@ def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, 
         for ch, dyt in zip(blocks, dys, strict=True):
             xt = gather(x_ref.at[b, r, q, ch], pix_ok & inside(r, q, h, w) & (ch < c), KEEP)
             inner += jnp.sum(xt.astype(_F32) * dyt, axis=1, keepdims=True)
-        return acc + inner * _weight(eta, zeta, m, n, (kh, kw), moments)
+        return acc + inner * _weight(eta, zeta, _features(m, n, (kh, kw), len(eta)), moments)
 
     acc = lax.fori_loop(0, kh * kw, tap, jnp.zeros((rows.shape[0], 1), _F32))
     plt.store(ds_ref.at[b, rows, cols], acc.astype(ds_ref.dtype), mask=pix_ok)
@@ -187,6 +254,16 @@ def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, 
 def forward(x, s, eta, zeta, call: KernelCall) -> jax.Array:
     """The Gaussian filter: x [N, H, W, C] (scale s, parameters eta, zeta [N, Ho, Wo(, P)])
     -> y [N, Ho, Wo, C]."""
+    return _forward(x, s, eta, zeta, (), call)
+
+
+def forward_jvp(x, s, eta, zeta, tx, ts, teta, tzeta, call: KernelCall) -> jax.Array:
+    """The filter's tangent for tangents of x, s, eta and zeta (None for a zero one), in one
+    kernel."""
+    return _forward(x, s, eta, zeta, (tx, ts, teta, tzeta), call)
+
+
+def _forward(x, s, eta, zeta, tangents, call: KernelCall) -> jax.Array:
     n, ho, wo, c = call.out_shape
     bs = call.block_sizes or pixel_block_sizes(
         "forward", channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=x.dtype
@@ -194,11 +271,22 @@ def forward(x, s, eta, zeta, call: KernelCall) -> jax.Array:
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(c, bs.block_channels), pl.cdiv(wo, bs.block_w), n * n_th)
     body = functools.partial(_forward_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th)
-    return run(body, (x, s, eta, zeta), call, name="gaussian_forward", grid=grid, tiles=bs)
+    name = "gaussian_forward_jvp" if tangents else "gaussian_forward"
+    return run(body, (x, s, eta, zeta, *tangents), call, name=name, grid=grid, tiles=bs)
 
 
 def grad_x(s, dy, eta, zeta, call: KernelCall) -> jax.Array:
     """The filter's transpose in x (the splat): dy [N, Ho, Wo, C] -> [N, H, W, C]."""
+    return _grad_x(s, dy, eta, zeta, (), call)
+
+
+def grad_x_jvp(s, dy, eta, zeta, ts, tdy, teta, tzeta, call: KernelCall) -> jax.Array:
+    """The splat's tangent for tangents of s, dy, eta and zeta (None for a zero one), in one
+    kernel."""
+    return _grad_x(s, dy, eta, zeta, (ts, tdy, teta, tzeta), call)
+
+
+def _grad_x(s, dy, eta, zeta, tangents, call: KernelCall) -> jax.Array:
     n, h, w, c = call.out_shape
     sh, sw = call.geom.stride
     hq, wq = pl.cdiv(h, sh), pl.cdiv(w, sw)
@@ -211,7 +299,9 @@ def grad_x(s, dy, eta, zeta, call: KernelCall) -> jax.Array:
         _grad_x_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th, n_tw=n_tw
     )
     out = jax.ShapeDtypeStruct(call.out_shape, dy.dtype)
-    return run(body, (s, dy, eta, zeta), call, name="gaussian_grad_x", grid=grid, tiles=bs, out=out)
+    name = "gaussian_grad_x_jvp" if tangents else "gaussian_grad_x"
+    operands = (s, dy, eta, zeta, *tangents)
+    return run(body, operands, call, name=name, grid=grid, tiles=bs, out=out)
 
 
 def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:

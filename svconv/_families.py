@@ -106,4 +106,5 @@ GAUSSIAN = Family(
     pallas_unsupported=pallas_gaussian.unsupported_reason,
     params={"eta": ("b", "ho", "wo", "p"), "zeta": ("b", "ho", "wo")},
     param_jvp=_gaussian_param_jvp,
+    pallas_jvp={"y": pallas_gaussian.forward_jvp, "x": pallas_gaussian.grad_x_jvp},
 )

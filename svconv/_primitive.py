@@ -25,7 +25,8 @@ One primitive per family computes the partial derivative of ``T`` with respect t
 
 A family may also take *parameters*: arrays the form depends on nonlinearly (the Gaussian's
 ``eta`` and ``zeta``), after the slots' arrays. Their tangents go through the family's own
-rule, again in terms of the family's partials, and they are never transposed. So every
+rule, again in terms of the family's partials and linear in the tangent (or, with the slots'
+tangents, to the fused kernel); the parameters themselves are never transposed. So every
 derivative, in forward or reverse mode and to any order, is again one of the family's fused
 kernels, and every partial is transposable in its slots (``jax.linear_transpose``).
 
@@ -89,9 +90,10 @@ class Family:
       param_jvp: ``(spec, values, name, tangent) -> tangent of the partial`` for a tangent of
         parameter ``name``; ``values`` maps every operand's name to its array.
       pallas_jvp: target slot -> fused forward-mode kernel: the partial's tangent for tangents
-        in several slots at once, without a sum of one partial per slot. It takes the arrays of
-        the other slots as the kernel does, then one tangent per such slot (None where it has
-        none), then the call.
+        in several slots (and parameters) at once, without a sum of one partial per tangent. It
+        takes the arrays of the other slots and the parameters as the kernel does, then one
+        tangent per such slot, then one per parameter (None where there is none), then the
+        call.
     """
 
     name: str
@@ -130,9 +132,10 @@ class Spec:
         taps (the Gaussian's derivatives in its parameters).
       block_sizes: Pallas tiling, or None for the family's heuristic.
       interpret: Pallas kernels run in the interpreter (set when lowering).
-      tangents: slots whose tangents follow the operands (named ``slot'``): the partial's
-        tangent for those tangents, ``sum_t partial(slot t := its tangent)``, in one kernel
-        where the family has a fused one (see :func:`_jvp`).
+      tangents: slots and parameters whose tangents follow the operands (named ``name'``): the
+        partial's tangent for those tangents (for a slot ``partial(slot := its tangent)``, for a
+        parameter the family's ``param_jvp``, summed), in one kernel where the family has a
+        fused one (see :func:`_jvp`).
     """
 
     family: Family
@@ -221,19 +224,24 @@ def _abstract_eval(*avals, spec: Spec):
 
 
 def _expand(spec: Spec, *operands: jax.Array) -> jax.Array:
-    """A partial with tangents as the sum of one plain partial per tangent."""
+    """A partial with tangents as the sum of one term per tangent: the plain partial with the
+    tangent in its slot, or the family's ``param_jvp`` for a parameter's."""
     plain = spec.plain
     primals, tangents = operands[: len(plain.operands)], operands[len(plain.operands) :]
+    values = dict(zip(plain.operands, primals, strict=True))
     terms = []
-    for slot, tangent in zip(spec.tangents, tangents, strict=True):
-        args = list(primals)
-        args[plain.operands.index(slot)] = tangent
-        terms.append(bind(plain, *args))
+    for name, tangent in zip(spec.tangents, tangents, strict=True):
+        if name in spec.family.params:
+            terms.append(spec.family.param_jvp(plain, values, name, tangent))
+        else:
+            terms.append(
+                bind(plain, *(tangent if n == name else values[n] for n in plain.operands))
+            )
     return functools.reduce(jnp.add, terms)
 
 
 def _fuses_tangents(spec: Spec) -> bool:
-    """Whether tangents in several slots go to one fused kernel (else one partial each)."""
+    """Whether the tangents go to one fused kernel (else one term each)."""
     return spec.impl != "xla" and spec.target in spec.family.pallas_jvp
 
 
@@ -242,25 +250,13 @@ def _jvp(primals, tangents, *, spec: Spec):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
         return jax.jvp(functools.partial(_expand, spec), tuple(primals), tuple(tangents))
     out = bind(spec, *primals)
-    values = dict(zip(spec.operands, primals, strict=True))
-    slots, slot_tangents, param_terms = [], [], []
-    for name, tangent in zip(spec.operands, tangents, strict=True):
-        if type(tangent) is ad.Zero:
-            continue
-        if name in spec.family.params:
-            param_terms.append(spec.family.param_jvp(spec, values, name, tangent))
-        else:
-            slots.append(name)
-            slot_tangents.append(tangent)
-    terms = []
-    if slots:  # one fused kernel where the family has one, else one partial per slot
-        with_tangents = dataclasses.replace(spec, tangents=tuple(slots))
-        run = bind if _fuses_tangents(spec) else _expand
-        terms.append(run(with_tangents, *primals, *slot_tangents))
-    terms += param_terms
-    if not terms:
+    given = [(n, t) for n, t in zip(spec.operands, tangents, strict=True) if type(t) is not ad.Zero]
+    if not given:
         return out, ad.Zero.from_primal_value(out)
-    return out, functools.reduce(jnp.add, terms)
+    # One fused kernel where the family has one, else one term per tangent.
+    with_tangents = dataclasses.replace(spec, tangents=tuple(n for n, _ in given))
+    run = bind if _fuses_tangents(spec) else _expand
+    return out, run(with_tangents, *primals, *(t for _, t in given))
 
 
 def _transpose(ct, *args, spec: Spec):
@@ -297,10 +293,19 @@ def _transpose_tangents(ct, *args, spec: Spec):
             f"{spec.family.name}: a forward-mode tangent is linear in the tangents only"
         )
     out = [None] * len(args)
-    for k, slot in enumerate(spec.tangents):
+    for k, name in enumerate(spec.tangents):
         tangent = args[len(plain.operands) + k]
-        if ad.is_undefined_primal(tangent):
-            at, i = list(primals), plain.operands.index(slot)
+        if not ad.is_undefined_primal(tangent):
+            continue
+        if name in plain.family.params and type(ct) is ad.Zero:
+            out[len(plain.operands) + k] = ad.Zero(tangent.aval)
+        elif name in plain.family.params:  # param_jvp is linear in the tangent: its transpose
+            values = dict(zip(plain.operands, primals, strict=True))
+            term = functools.partial(plain.family.param_jvp, plain, values, name)
+            aval = jax.ShapeDtypeStruct(tangent.aval.shape, tangent.aval.dtype)
+            (out[len(plain.operands) + k],) = jax.linear_transpose(term, aval)(ct)
+        else:
+            at, i = list(primals), plain.operands.index(name)
             at[i] = tangent
             out[len(plain.operands) + k] = _transpose(ct, *at, spec=plain)[i]
     return out
@@ -396,9 +401,9 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     values = dict(zip(spec.operands, operands, strict=True))
     others = [s for s in spec.family.slots if s != spec.target]
     args = [values.get(s) for s in others] + [values[p] for p in spec.family.params]
-    if spec.tangents:  # the fused forward-mode kernel: one tangent per slot, None where none
+    if spec.tangents:  # the fused forward-mode kernel: one tangent per slot and parameter
         kernel = spec.family.pallas_jvp[spec.target]
-        args += [values.get(s + "'") for s in others]
+        args += [values.get(s + "'") for s in (*others, *spec.family.params)]
     else:
         kernel = (spec.family.pallas if pallas else spec.family.xla)[spec.target]
     return kernel(*args, call)

@@ -66,8 +66,9 @@ CHECKS = (
     # A batch-shared d split over the axis that also splits the batch of x: d is gathered, and
     # its Explicit-typed gradient must come back with d's sharding.
     Check("modulated_shared", "xla", "cross", explicit=True, split=False),
-    # Forward mode: the fused tangent kernels (Pallas) take halos for the tangent of x too.
-    *(Check(op, "pallas", "height", jvp=True) for op in ("modulated", "splat")),
+    # Forward mode: the fused tangent kernels (Pallas) take halos for the tangent of x too, and
+    # the Gaussian's tangents of its parameters sharded like them.
+    *(Check(op, "pallas", "height", jvp=True) for op in ("modulated", "splat", "gaussian")),
 )
 NAMES = tuple(c.name for c in CHECKS)
 

@@ -364,6 +364,26 @@ def test_hessian_in_sigma_against_finite_differences(impl):
     assert_close(jnp.tensordot(hess, direction, axes=sr.ndim), fd, tol=3e-3)
 
 
+@pytest.mark.parametrize("op", ["filter", "splat"])
+def test_forward_mode_is_one_fused_kernel(op):
+    """Lowered for CUDA, the JVP with tangents in the image, both sigmas and rho holds the op's
+    kernel and one fused tangent kernel, nothing else."""
+    from experiments.static.lowering import lower_for_cuda, triton_kernel_names
+
+    f, args = _small("pallas")
+    if op == "splat":
+        args = (jnp.ones((*args[1].shape, args[0].shape[3])), *args[1:])
+
+        def f(v, sr, sc, rho):
+            return svconv.gaussian_splat2d(v, (sr, sc), 3, rho=rho, impl="pallas")
+
+    count = len(args)
+    text = lower_for_cuda(lambda *a: jax.jvp(f, a[:count], a[count:]), *args, *args)
+    kernel = "forward" if op == "filter" else "grad_x"
+    names = [f"svconv_gaussian_{kernel}", f"svconv_gaussian_{kernel}_jvp"]
+    assert sorted(triton_kernel_names(text)) == names
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_splat_is_the_transpose_of_the_filter(impl):
     f, (x, sr, sc, rho) = _small(impl)

@@ -27,22 +27,10 @@ class OverBudget(AssertionError):
 
 # Rows that fail today: how they fail and why. A row that starts passing fails (strict xfail),
 # and so does a row that fails the other way (a direction that becomes available but is over
-# budget): update this table then. (Forward mode of the modulated conv and the per-pixel filter
-# and splat takes the tangents of every slot in one fused kernel: no sum of one kernel per
-# tangent.)
-_GAUSSIAN_JVP = (
-    "the Gaussian family has no fused tangent kernel: one kernel per tangent (x, each "
-    "parameter, the log-normalizer), their results summed by XLA"
-)
-KNOWN_FAILING: dict = {
-    (case, "jvp", dtype): (OverBudget, _GAUSSIAN_JVP)
-    for case in (
-        "gaussian_filter2d 31x31",
-        "gaussian_splat2d 31x31",
-        "gaussian_filter2d 31x31 rotated",
-    )
-    for dtype in traffic.DTYPES
-}
+# budget): update this table then. (Forward mode of the modulated conv, the per-pixel and the
+# Gaussian filters and splats takes the tangents of every slot and parameter in one fused
+# kernel: no sum of one kernel per tangent.)
+KNOWN_FAILING: dict = {}
 
 
 def _design_params():
