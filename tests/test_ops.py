@@ -16,8 +16,8 @@ from tests.conftest import Case, assert_close, random_cases, rands
 
 IMPLS = ["xla", "pallas"]
 # The Pallas interpreter is slow on CPU: it gets a subset of the geometries.
-CASES = random_cases(seed=0, count=8)
-PALLAS_CASES = CASES[:4]
+CASES = random_cases(seed=7, count=6)  # between them every stride, dilation and padding form
+PALLAS_CASES = CASES[:3]  # dilations, strides, VALID, int and per-side padding
 
 
 def _params():

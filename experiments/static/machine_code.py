@@ -64,8 +64,9 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One op call: ``family`` is ``modulated``, ``local``, ``filter`` (``pixel_filter2d``),
-    ``splat`` (``pixel_splat2d``) or ``gaussian`` (``gaussian_filter2d`` with rotated elliptical
-    Gaussians: its gradients run the splat and the scale-gradient kernels); ``groups`` applies
+    ``splat`` (``pixel_splat2d``), ``gaussian`` (``gaussian_filter2d`` with rotated elliptical
+    Gaussians: its gradients run the splat and the scale-gradient kernels) or
+    ``gaussian_splat`` (``gaussian_splat2d``, likewise); ``groups`` applies
     to the pixel ops, ``shared_d`` (one ``d``
     for the whole batch) to ``modulated``. The op is called with its default ``precision`` and
     lowered under JAX's default matmul precision ``precision``: ``"default"`` (float32 dots on
@@ -87,7 +88,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        pixel = self.family in ("filter", "splat", "gaussian")
+        pixel = self.family in ("filter", "splat", "gaussian", "gaussian_splat")
         channels = f"C{self.cin}" if pixel else f"{self.cin}to{self.cout}"
         parts = [
             self.family,
@@ -108,13 +109,12 @@ class Case:
 
     def op(self) -> Callable[..., jax.Array]:
         geometry = {"stride": self.stride, "dilation": self.dilation, "padding": "SAME"}
-        if self.family == "gaussian":
+        if self.family in ("gaussian", "gaussian_splat"):
+            op = svconv.gaussian_filter2d if self.family == "gaussian" else svconv.gaussian_splat2d
 
             def gaussian(x, sigma_rows, sigma_cols, rho):
                 sigma = (sigma_rows, sigma_cols)
-                return svconv.gaussian_filter2d(
-                    x, sigma, self.k, rho=rho, **geometry, impl="pallas"
-                )
+                return op(x, sigma, self.k, rho=rho, **geometry, impl="pallas")
 
             return gaussian
         fn = {
@@ -129,7 +129,8 @@ class Case:
     def kernels(self) -> int:
         """Distinct kernels in the forward and every gradient: the forward and one per slot it
         is differentiated in (the Gaussian's parameters share one kernel, for the scale)."""
-        return {"modulated": 4, "local": 3, "filter": 3, "splat": 3, "gaussian": 3}[self.family]
+        families = ("modulated", "local", "filter", "splat", "gaussian", "gaussian_splat")
+        return dict(zip(families, (4, 3, 3, 3, 3, 3), strict=True))[self.family]
 
     def args(self) -> list[jax.ShapeDtypeStruct]:
         """Abstract arguments: the kernels are compiled, never run, so no arrays are needed."""
@@ -148,6 +149,7 @@ class Case:
             "filter": [x, (self.n, ho, wo, *k, *tail)],
             "splat": [x, (self.n, self.h, self.w, *k, *tail)],
             "gaussian": [x, *[(self.n, ho, wo)] * 3],
+            "gaussian_splat": [x, *[(self.n, self.h, self.w)] * 3],
         }[self.family]
         return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
 
@@ -223,6 +225,7 @@ JVP_CASES: list[Case] = [
     Case("filter", 8, 256, 256, 64, 64, 7, "bf16"),
     Case("splat", 2, 16, 16, 5, 5, 5, "bf16", stride=2),
     Case("gaussian", 2, 32, 32, 3, 3, 15, "bf16"),
+    Case("gaussian_splat", 2, 16, 16, 3, 3, 7, "f16", stride=2),
 ]
 
 
