@@ -16,6 +16,8 @@ from tests.conftest import assert_close, rands
 def _model(x, w, d, k):
     y = jnp.tanh(svconv.modulated_conv2d(x, w, d, stride=2))
     y = svconv.pixel_filter2d(y, k, padding=2, dilation=2)
+    # Its log-normalizer is a loop on CPU and one fused reduction elsewhere.
+    y = svconv.gaussian_filter2d(y, 0.5 + jax.nn.sigmoid(y[..., 0]), 3)
     return svconv.local_conv2d(y, jnp.ones((4, 4, 3, 3, 4, 2)) / 36)
 
 
@@ -42,6 +44,7 @@ def test_export_for_cpu_and_cuda_picks_per_platform():
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(*args)
     assert sorted(set(triton_kernel_names(exported.mlir_module()))) == [
+        "svconv_gaussian_forward",
         "svconv_local_forward",
         "svconv_modulated_forward",
         "svconv_pixel_forward",
