@@ -118,7 +118,16 @@ def _patch(x_ref, i, j, kk, g: Geometry):
     return r, q, lax.rem(kk, cin), ok
 
 
-def _forward_kernel(x_ref, w_ref, y_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
+def _forward_kernel(x_ref, w_ref, *refs, g: Geometry, bs: LocalBlockSizes, precision):
+    """``y = sum_tap x @ w``; with the tangent refs ``tx, tw`` (each None or not) before
+    ``y``'s, its tangent ``sum_tap tx @ w + x @ tw``."""
+    *tangents, y_ref = refs
+    # (image, weights) ref pairs whose products are summed.
+    products = [(x_ref, w_ref)] if not tangents else []
+    if tangents and tangents[0] is not None:
+        products.append((tangents[0], w_ref))
+    if tangents and tangents[1] is not None:
+        products.append((x_ref, tangents[1]))
     n_img = x_ref.shape[0]
     _, wo, k_total, cout = w_ref.shape
     i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
@@ -128,10 +137,12 @@ def _forward_kernel(x_ref, w_ref, y_ref, *, g: Geometry, bs: LocalBlockSizes, pr
     def step(kb, acc):
         kk = kb * bs.block_k + jnp.arange(bs.block_k)
         r, q, c, ok = _patch(x_ref, i, j, kk[None, :], g)
-        xt = gather(x_ref.at[imgs, r, q, c], ok & (imgs < n_img), KEEP)
         wmask = (kk[:, None] < k_total) & (outs < cout)
-        wt = gather(w_ref.at[i, j, kk[:, None], outs], wmask, STREAM)
-        return acc + _dot(xt, wt, precision)
+        for image_ref, weight_ref in products:
+            xt = gather(image_ref.at[imgs, r, q, c], ok & (imgs < n_img), KEEP)
+            wt = gather(weight_ref.at[i, j, kk[:, None], outs], wmask, STREAM)
+            acc += _dot(xt, wt, precision)
+        return acc
 
     acc = jnp.zeros((bs.block_batch, bs.block_out), jnp.float32)
     acc = lax.fori_loop(0, pl.cdiv(k_total, bs.block_k), step, acc)
@@ -219,13 +230,29 @@ def _sizes(call: KernelCall, batch: int, cin: int, cout: int, dtype) -> LocalBlo
 def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
     """Locally connected convolution (a different kernel at every output pixel): x [N, H, W,
     Cin], w [Ho, Wo, kh, kw, Cin, Cout] -> [N, Ho, Wo, Cout]."""
+    return _forward(x, w, (), call)
+
+
+def forward_jvp(x, w, tx, tw, call: KernelCall) -> jax.Array:
+    """The forward's tangent ``forward(tx, w) + forward(x, tw)`` (None for a zero tangent) in one
+    kernel: ``w`` and ``tw`` read once."""
+    return _forward(x, w, (tx, tw), call)
+
+
+def _forward(x, w, tangents, call: KernelCall) -> jax.Array:
     n, _, _, cin = x.shape
     ho, wo, kh, kw, _, cout = w.shape
     bs = _sizes(call, n, cin, cout, x.dtype)
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cout, bs.block_out), ho * wo)
     body = functools.partial(_forward_kernel, g=call.geom, bs=bs, precision=call.precision)
-    w_rows = w.reshape(ho, wo, kh * kw * cin, cout)
-    return run(body, (x, w_rows), call, name="local_forward", grid=grid, tiles=bs)
+
+    def rows(v):  # [Ho, Wo, kh * kw * Cin, Cout]: one row per (tap, input channel)
+        return None if v is None else v.reshape(ho, wo, kh * kw * cin, cout)
+
+    tx, tw = tangents or (None, None)
+    operands = (x, rows(w), *((tx, rows(tw)) if tangents else ()))
+    name = "local_forward_jvp" if tangents else "local_forward"
+    return run(body, operands, call, name=name, grid=grid, tiles=bs)
 
 
 def grad_x(w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:

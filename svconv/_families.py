@@ -48,6 +48,7 @@ LOCAL = Family(
     xla={"y": xla.local_forward, "x": xla.local_grad_x, "w": xla.local_grad_w},
     pallas={"y": pallas_local.forward, "x": pallas_local.grad_x, "w": pallas_local.grad_w},
     pallas_unsupported=pallas_local.unsupported_reason,
+    pallas_jvp={"y": pallas_local.forward_jvp},
 )
 
 PIXEL = Family(

@@ -27,9 +27,8 @@ class OverBudget(AssertionError):
 
 # Rows that fail today: how they fail and why. A row that starts passing fails (strict xfail),
 # and so does a row that fails the other way (a direction that becomes available but is over
-# budget): update this table then. (Forward mode of the modulated conv, the per-pixel and the
-# Gaussian filters and splats takes the tangents of every slot and parameter in one fused
-# kernel: no sum of one kernel per tangent.)
+# budget): update this table then. (Forward mode of every op takes the tangents of every slot
+# and parameter in one fused kernel: no sum of one kernel per tangent.)
 KNOWN_FAILING: dict = {}
 
 

@@ -261,7 +261,7 @@ def test_forward_mode_under_jit_vmap_and_scan(name):
     assert_close(scanned[1], want, what="scan(jvp)")
 
 
-@pytest.mark.parametrize("name", ["modulated", "filter", "splat"])
+@pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
 def test_forward_mode_in_several_slots_is_one_fused_kernel(name):
     """Tangents in any two or more slots go to one fused kernel (Pallas, in the interpreter
     here), equal to the sum of one partial per slot; lowered for CUDA, the JVP holds the forward
@@ -286,7 +286,7 @@ def test_forward_mode_in_several_slots_is_one_fused_kernel(name):
         got = jax.jvp(functools.partial(restricted, f), primals, moving)[1]
         want = jax.jvp(functools.partial(restricted, ref), primals, moving)[1]
         assert_close(got, want, what=f"jvp in slots {subset}")
-    family = "modulated" if name == "modulated" else "pixel"
+    family = name if name in ("modulated", "local") else "pixel"
     kernel = "forward" if name != "splat" else "grad_x"
     text = lower_for_cuda(lambda *a: jax.jvp(f, a[:count], a[count:]), *args, *tangents)
     assert sorted(triton_kernel_names(text)) == [
