@@ -68,7 +68,10 @@ CHECKS = (
     Check("modulated_shared", "xla", "cross", explicit=True, split=False),
     # Forward mode: the fused tangent kernels (Pallas) take halos for the tangent of x too, and
     # the Gaussian's tangents of its parameters sharded like them.
-    *(Check(op, "pallas", "height", jvp=True) for op in ("modulated", "splat", "gaussian")),
+    *(
+        Check(op, "pallas", "height", jvp=True)
+        for op in ("modulated", "local", "splat", "gaussian")
+    ),
 )
 NAMES = tuple(c.name for c in CHECKS)
 
