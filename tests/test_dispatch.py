@@ -117,14 +117,11 @@ def test_lowered_for_cuda_holds_only_compiled_kernels(name, dtype, impl):
     args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
     _assert_only_kernels(lower_for_cuda(fn, *args), family, 1)
     # The backward holds the forward and a kernel per gradient; the JVP the forward kernel and
-    # one fused kernel for the tangents of every argument (the local conv: the forward kernel
-    # with each tangent in its slot).
+    # one fused kernel for the tangents of every argument (the Gaussian's parameters too).
     _assert_only_kernels(lower_for_cuda(_grad_all(fn, len(args)), *args), family, kernels)
     jvp = lower_for_cuda(_jvp_all(fn), *args)
     _assert_only_kernels(jvp, family, 1)
-    if family != "gaussian":  # (its parameters' tangents take one kernel per parameter)
-        tangent_kernels = len(args) if family == "local" else 1
-        assert len(triton_kernel_names(jvp)) == 1 + tangent_kernels
+    assert len(triton_kernel_names(jvp)) == 2
 
 
 def _lower_for(fn, args, platforms):
