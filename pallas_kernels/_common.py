@@ -121,6 +121,17 @@ def exact_div(num, stride: int, low: int):
     return lax.div(num + bias, stride) - bias // stride
 
 
+def products(first, second, tangents):
+    """The ref pairs a bilinear kernel sums the products of: ``(first, second)``, or with the
+    tangent refs ``(t_first, t_second)`` (None where a slot has none) the pairs of its tangent
+    ``t_first * second + first * t_second``."""
+    if not tangents:
+        return [(first, second)]
+    t_first, t_second = tangents
+    pairs = ((t_first, second), (first, t_second))
+    return [(a, c) for a, c in pairs if a is not None and c is not None]
+
+
 def split(pid, inner: int):
     """A flat program id as ``(pid // inner, pid % inner)``."""
     return lax.div(pid, inner), lax.rem(pid, inner)

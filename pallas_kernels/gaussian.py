@@ -72,10 +72,11 @@ def _tile_pixels(ti, tj, bs: PixelBlockSizes):
 
 
 def _pixel_params(eta_ref, zeta_ref, b, i, j, ok):
-    """eta (a list of P arrays) and zeta (None without its ref) of pixels (i, j) of image b,
-    each like i."""
-    parts = eta_ref.shape[-1]
-    eta = [gather(eta_ref.at[b, i, j, q], ok).astype(_F32) for q in range(parts)]
+    """eta (a list of P arrays) and zeta of pixels (i, j) of image b, each like i; or their
+    tangents (each None where its ref is)."""
+    eta = None
+    if eta_ref is not None:
+        eta = [gather(eta_ref.at[b, i, j, q], ok).astype(_F32) for q in range(eta_ref.shape[-1])]
     zeta = None if zeta_ref is None else gather(zeta_ref.at[b, i, j], ok).astype(_F32)
     return eta, zeta
 
@@ -93,13 +94,6 @@ def _weight(eta, zeta, phi, moments):
         for _ in range(power):
             w = w * f
     return w
-
-
-def _tangent_params(teta_ref, tzeta_ref, b, i, j, ok):
-    """The parameters' tangents (eta's a list, or None for no tangent) of pixels (i, j)."""
-    teta = None if teta_ref is None else _pixel_params(teta_ref, None, b, i, j, ok)[0]
-    tzeta = None if tzeta_ref is None else gather(tzeta_ref.at[b, i, j], ok).astype(_F32)
-    return teta, tzeta
 
 
 def _weight_tangent_factor(teta, tzeta, phi):
@@ -129,7 +123,7 @@ def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th
     chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
     pix_ok = (rows < ho) & (cols < wo)
     eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
-    teta, tzeta = _tangent_params(teta_ref, tzeta_ref, b, rows, cols, pix_ok)
+    teta, tzeta = _pixel_params(teta_ref, tzeta_ref, b, rows, cols, pix_ok)
     scale = None if s_ref is None else gather(s_ref.at[b, rows, cols], pix_ok).astype(_F32)
     tscale = None if ts_ref is None else gather(ts_ref.at[b, rows, cols], pix_ok).astype(_F32)
 
@@ -195,7 +189,7 @@ def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th
         dyt = gather(dy_ref.at[b, i, j, chans], ok & (chans < c), KEEP).astype(_F32)
         if not tangents:
             return acc + dyt * (weight if scale is None else weight * scale)
-        teta, tzeta = _tangent_params(teta_ref, tzeta_ref, b, i, j, ok)
+        teta, tzeta = _pixel_params(teta_ref, tzeta_ref, b, i, j, ok)
         factor = _weight_tangent_factor(teta, tzeta, phi)
         change = None if factor is None else dyt * factor
         if tdy_ref is not None:

@@ -35,6 +35,7 @@ from pallas_kernels._common import (
     exact_div,
     gather,
     next_pow2,
+    products,
     run,
     sweep,
 )
@@ -122,12 +123,7 @@ def _forward_kernel(x_ref, w_ref, *refs, g: Geometry, bs: LocalBlockSizes, preci
     """``y = sum_tap x @ w``; with the tangent refs ``tx, tw`` (each None or not) before
     ``y``'s, its tangent ``sum_tap tx @ w + x @ tw``."""
     *tangents, y_ref = refs
-    # (image, weights) ref pairs whose products are summed.
-    products = [(x_ref, w_ref)] if not tangents else []
-    if tangents and tangents[0] is not None:
-        products.append((tangents[0], w_ref))
-    if tangents and tangents[1] is not None:
-        products.append((x_ref, tangents[1]))
+    pairs = products(x_ref, w_ref, tangents)  # (image, weights) refs whose products are summed
     n_img = x_ref.shape[0]
     _, wo, k_total, cout = w_ref.shape
     i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
@@ -138,7 +134,7 @@ def _forward_kernel(x_ref, w_ref, *refs, g: Geometry, bs: LocalBlockSizes, preci
         kk = kb * bs.block_k + jnp.arange(bs.block_k)
         r, q, c, ok = _patch(x_ref, i, j, kk[None, :], g)
         wmask = (kk[:, None] < k_total) & (outs < cout)
-        for image_ref, weight_ref in products:
+        for image_ref, weight_ref in pairs:
             xt = gather(image_ref.at[imgs, r, q, c], ok & (imgs < n_img), KEEP)
             wt = gather(weight_ref.at[i, j, kk[:, None], outs], wmask, STREAM)
             acc += _dot(xt, wt, precision)

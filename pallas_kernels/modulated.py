@@ -41,6 +41,7 @@ from pallas_kernels._common import (
     gather,
     inside,
     next_pow2,
+    products,
     run,
     sweep,
 )
@@ -218,9 +219,8 @@ def _forward_kernel(x_ref, w_ref, d_ref, *refs, g, bs, shared, precision):
     # (weight, [(image, modulation), ...]): each product's dot with its weight.
     if tangents:
         tx_ref, tw_ref, td_ref = tangents
-        pairs = ((tx_ref, d_ref), (x_ref, td_ref))
-        products = [(a, c) for a, c in pairs if a is not None and c is not None]
-        terms = [(w_ref, products)] if products else []
+        images = products(x_ref, d_ref, (tx_ref, td_ref))
+        terms = [(w_ref, images)] if images else []
         if tw_ref is not None:
             terms.append((tw_ref, [(x_ref, d_ref)]))
     else:
@@ -230,12 +230,12 @@ def _forward_kernel(x_ref, w_ref, d_ref, *refs, g, bs, shared, precision):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         for kb in range(pl.cdiv(cin, bs.block_k)):
             chans = _arange(kb * bs.block_k, bs.block_k)
-            for weight_ref, products in terms:
+            for weight_ref, images in terms:
                 wt = gather(
                     weight_ref.at[m, n, chans[:, None], outs],
                     (chans[:, None] < cin) & (outs < cout),
                 )
-                for a, c in products:  # one dot each: fewer live tiles than their sum
+                for a, c in images:  # one dot each: fewer live tiles than their sum
                     xs = _modulated_tile(
                         a, c, b, i, j, m, n, chans[None, :], ok, g=g, shared=shared
                     )

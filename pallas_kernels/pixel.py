@@ -35,6 +35,7 @@ from pallas_kernels._common import (
     gather,
     inside,
     next_pow2,
+    products,
     run,
     split,
     sweep,
@@ -133,21 +134,10 @@ def _block_channels(gb, sb, cpg: int, groups: int, bs: PixelBlockSizes):
 # ------------------------------------------------------------------------------------------------
 
 
-def _products(first, second, tangents):
-    """The (image, filter) ref pairs a kernel sums: ``first * second``, or with the tangent refs
-    ``(t_first, t_second)`` (None where a slot has none) the tangent
-    ``t_first * second + first * t_second``."""
-    if not tangents:
-        return [(first, second)]
-    t_first, t_second = tangents
-    pairs = ((t_first, second), (first, t_second))
-    return [(a, c) for a, c in pairs if a is not None and c is not None]
-
-
 def _forward_kernel(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int):
     """``y = sum_tap x * k``; with the tangent refs ``tx, tk`` before ``y``'s, its tangent."""
     *tangents, o_ref = refs
-    products = _products(x_ref, k_ref, tangents)
+    pairs = products(x_ref, k_ref, tangents)
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = k_ref.shape
@@ -162,7 +152,7 @@ def _forward_kernel(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub
     def tap(m, n, acc):
         r = rows * sh + m * dh - ptop
         q = cols * sw + n * dw - pleft
-        for image_ref, filter_ref in products:
+        for image_ref, filter_ref in pairs:
             xt = gather(image_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
             kt = gather(filter_ref.at[b, rows, cols, m, n, grp], k_ok)
             acc += xt.astype(jnp.float32) * kt.astype(jnp.float32)
@@ -179,7 +169,7 @@ def _grad_x_kernel(
     """The splat of ``dy`` with ``k``; with the tangent refs ``tdy, tk`` before the result's,
     its tangent."""
     *tangents, o_ref = refs
-    products = _products(dy_ref, k_ref, tangents)
+    pairs = products(dy_ref, k_ref, tangents)
     (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = o_ref.shape
@@ -201,7 +191,7 @@ def _grad_x_kernel(
         i = big_r + exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
         j = big_q + exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
         ok = inside(i, j, ho, wo)
-        for source_ref, filter_ref in products:
+        for source_ref, filter_ref in pairs:
             dyt = gather(source_ref.at[b, i, j, chan], ok & chan_ok, KEEP)
             kt = gather(filter_ref.at[b, i, j, m, n, grp], ok & (grp < groups))
             acc += dyt.astype(jnp.float32) * kt.astype(jnp.float32)

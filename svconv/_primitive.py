@@ -292,6 +292,7 @@ def _transpose_tangents(ct, *args, spec: Spec):
         raise ValueError(
             f"{spec.family.name}: a forward-mode tangent is linear in the tangents only"
         )
+    values = dict(zip(plain.operands, primals, strict=True))
     out = [None] * len(args)
     for k, name in enumerate(spec.tangents):
         tangent = args[len(plain.operands) + k]
@@ -300,7 +301,6 @@ def _transpose_tangents(ct, *args, spec: Spec):
         if name in plain.family.params and type(ct) is ad.Zero:
             out[len(plain.operands) + k] = ad.Zero(tangent.aval)
         elif name in plain.family.params:  # param_jvp is linear in the tangent: its transpose
-            values = dict(zip(plain.operands, primals, strict=True))
             term = functools.partial(plain.family.param_jvp, plain, values, name)
             aval = jax.ShapeDtypeStruct(tangent.aval.shape, tangent.aval.dtype)
             (out[len(plain.operands) + k],) = jax.linear_transpose(term, aval)(ct)
