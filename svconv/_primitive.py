@@ -228,6 +228,12 @@ def _expand(spec: Spec, *operands: jax.Array) -> jax.Array:
     tangent in its slot, or the family's ``param_jvp`` for a parameter's."""
     plain = spec.plain
     primals, tangents = operands[: len(plain.operands)], operands[len(plain.operands) :]
+    out_dtype = jax.eval_shape(functools.partial(bind, plain), *primals).dtype
+    if len(tangents) > 1 and jnp.finfo(out_dtype).bits < 32:
+        # Each term would be rounded to 16 bits before the sum: the terms in float32, summed and
+        # rounded once, as the fused kernels do.
+        up = functools.partial(_upcast, like=out_dtype)
+        primals, tangents = tuple(map(up, primals)), tuple(map(up, tangents))
     values = dict(zip(plain.operands, primals, strict=True))
     terms = []
     for name, tangent in zip(spec.tangents, tangents, strict=True):
@@ -237,7 +243,12 @@ def _expand(spec: Spec, *operands: jax.Array) -> jax.Array:
             terms.append(
                 bind(plain, *(tangent if n == name else values[n] for n in plain.operands))
             )
-    return functools.reduce(jnp.add, terms)
+    return functools.reduce(jnp.add, terms).astype(out_dtype)
+
+
+def _upcast(v: jax.Array, *, like) -> jax.Array:
+    """``v`` in float32 where it has ``like``'s (16-bit) dtype."""
+    return v.astype(jnp.float32) if v.dtype == like else v
 
 
 def _fuses_tangents(spec: Spec) -> bool:

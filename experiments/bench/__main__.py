@@ -188,8 +188,38 @@ def main(argv=None) -> dict:
             proxy, torch_desc = None, f"the torch worker failed: {e}"
             meta["torch"] = torch_desc
 
+    out = args.out or (None if args.quick else str(ROOT / "results"))
     results, skipped = [], {}
-    for c in cases:
+
+    def finish(compile_records: list[dict], pending=()) -> dict:
+        """The report of what is measured so far, written to ``out``; ``pending``: the cases
+        not reached yet (a report written while the run goes on)."""
+        kw = dict(quick=args.quick)
+        targets = compute_targets(results, backend, peaks, compile_records, **kw)
+        # The same ratios from each column's fastest sample: on a loaded machine the medians
+        # and the minima can disagree, and both are worth seeing.
+        from_minima = compute_targets(results, backend, peaks, compile_records, stat="min_ms", **kw)
+        for r, r_min in zip(targets, from_minima, strict=True):
+            r["value_from_minima"] = r_min["value"]
+        meta["seconds"] = round(time.perf_counter() - started, 1)
+        meta["load_average_at_end"] = _load()
+        report = {
+            "meta": meta,
+            "peaks": peaks,
+            "cases": results,
+            "compile": compile_records,
+            "skipped": skipped | {c.id: "not reached: the run was stopped" for c in pending},
+            "targets": targets,
+        }
+        if out:
+            base = rep.write(report, Path(out))
+            if not pending:
+                print(f"wrote {base}.json and {base}.md")
+        return report
+
+    for i, c in enumerate(cases):
+        if i:  # what is measured so far, in case the run is stopped (a compile can take minutes)
+            finish([], pending=cases[i:])
         if args.time_limit is not None and time.perf_counter() - started > 0.8 * args.time_limit:
             skipped[c.id] = f"the run's time limit ({args.time_limit:g} s) was near"
             print(f"\n{c.id}: skipped, time limit")
@@ -237,31 +267,6 @@ def main(argv=None) -> dict:
         )
     if proxy:
         proxy.close()
-
-    out = args.out or (None if args.quick else str(ROOT / "results"))
-
-    def finish(compile_records: list[dict]) -> dict:
-        kw = dict(quick=args.quick)
-        targets = compute_targets(results, backend, peaks, compile_records, **kw)
-        # The same ratios from each column's fastest sample: on a loaded machine the medians
-        # and the minima can disagree, and both are worth seeing.
-        from_minima = compute_targets(results, backend, peaks, compile_records, stat="min_ms", **kw)
-        for r, r_min in zip(targets, from_minima, strict=True):
-            r["value_from_minima"] = r_min["value"]
-        meta["seconds"] = round(time.perf_counter() - started, 1)
-        meta["load_average_at_end"] = _load()
-        report = {
-            "meta": meta,
-            "peaks": peaks,
-            "cases": results,
-            "compile": compile_records,
-            "skipped": skipped,
-            "targets": targets,
-        }
-        if out:
-            base = rep.write(report, Path(out))
-            print(f"wrote {base}.json and {base}.md")
-        return report
 
     report = finish([])  # written now too: the compile times can take minutes
     if not args.no_compile_times:
