@@ -243,11 +243,12 @@ def test_no_weights_array_in_the_xla_program():
         assert memory.temp_size_in_bytes < 0.1 * weights_bytes, memory.temp_size_in_bytes
 
 
-@pytest.mark.parametrize("kernel_size", [(5, 7), (4, 6)], ids=["odd", "even"])
+@pytest.mark.parametrize(
+    "kernel_size", [(5, 7), (4, 6), (3, 19)], ids=["odd", "even", "wide"]
+)  # wide: the CPU loop's last block of columns is partial
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_normalizer_and_moments(kernel_size, parts):
-    """The log-normalizer and the weight moments, in both forms (the CPU's loop over rows and
-    the accelerators' unrolled taps, called here directly), against the explicit weights in
+    """The log-normalizer and the weight moments in every form against the explicit weights in
     float64 numpy."""
     sr, sc, rho = rands(3, (2, 4, 5), (2, 4, 5), (2, 4, 5))
     sr, sc = 0.3 + 2 * jnp.abs(sr), 0.3 + 2 * jnp.abs(sc)
@@ -257,11 +258,20 @@ def test_normalizer_and_moments(kernel_size, parts):
     logits = np.asarray(eta, np.float64) @ phi.T
     zeta = np.log(np.sum(np.exp(logits), axis=-1))
     z = jnp.asarray(zeta, jnp.float32)
-    moments = ((0,) * parts, (1,) + (0,) * (parts - 1), (2,) * parts)
-    for over in (gaussian._over_rows, gaussian._unrolled):
-        got = gaussian._log_normalizer(eta, kernel_size=kernel_size, over=over)
-        assert_close(got, zeta, terms=phi.shape[0])
-        got = gaussian._weight_moments(eta, z, kernel_size=kernel_size, moments=moments, over=over)
+    moments = ((0,) * parts, (1,) + (0,) * (parts - 1), (2,) * parts, (3,) + (1,) * (parts - 1))
+
+    # The two forms of the sums over the taps, called directly, and without rho the public
+    # functions' product of sums over the rows and over the columns.
+    for form in [gaussian._looped, gaussian._unrolled] + ["separable"] * (parts < 3):
+        if form == "separable":
+            got_zeta = gaussian.log_normalizer(eta, kernel_size)
+            got = gaussian.weight_moments(eta, z, kernel_size, moments)
+        else:
+            got_zeta = gaussian._log_normalizer(eta, kernel_size=kernel_size, over=form)
+            got = gaussian._weight_moments(
+                eta, z, kernel_size=kernel_size, moments=moments, over=form
+            )
+        assert_close(got_zeta, zeta, terms=phi.shape[0])
         for a, value in zip(moments, got, strict=True):
             expected = np.sum(np.exp(logits - zeta[..., None]) * np.prod(phi**a, -1), -1)
             assert_close(value, expected, terms=phi.shape[0])
