@@ -55,12 +55,17 @@ def tap_features(kernel_size: tuple[int, int], parts: int) -> np.ndarray:
 
 
 def _tap_features(m, n, kernel_size, parts: int, dtype) -> list:
-    """``phi`` of tap ``(m, n)`` (row and column, traced int32 or Python ints), from the
-    indices: the loops that call this stay free of array constants."""
+    """``phi`` of tap ``(m, n)`` (row and column, traced int32 or Python ints: then Python
+    floats, so that an unrolled sum traces no op for them), from the indices: the loops that
+    call this stay free of array constants."""
     kh, kw = kernel_size
-    u = jnp.asarray(m).astype(dtype) - (kh - 1) / 2
-    v = jnp.asarray(n).astype(dtype) - (kw - 1) / 2
-    return features(u, v, parts)
+
+    def offset(i, size):
+        if isinstance(i, int):
+            return i - (size - 1) / 2
+        return jnp.asarray(i).astype(dtype) - (size - 1) / 2
+
+    return features(offset(m, kh), offset(n, kw), parts)
 
 
 def _times_moment(weight: jax.Array, phi: list, moments) -> jax.Array:
@@ -71,12 +76,13 @@ def _times_moment(weight: jax.Array, phi: list, moments) -> jax.Array:
     return weight
 
 
-def _dot(phi: list, eta: jax.Array) -> jax.Array:
-    """``eta . phi``: ``[...]``."""
-    return sum(eta[..., p] * f for p, f in enumerate(phi))
+def _dot(phi: list, eta) -> jax.Array:
+    """``eta . phi``: ``[...]``; ``eta`` an array ``[..., P]`` or its ``P`` planes."""
+    planes = eta if isinstance(eta, list) else [eta[..., p] for p in range(eta.shape[-1])]
+    return sum(plane * f for plane, f in zip(planes, phi, strict=True))
 
 
-def _exp_logit(phi: list, eta: jax.Array, zeta) -> jax.Array:
+def _exp_logit(phi: list, eta, zeta) -> jax.Array:
     """``exp(eta . phi - zeta)``."""
     return jnp.exp(_dot(phi, eta) - zeta)
 
@@ -195,9 +201,14 @@ mlir.register_lowering(
 mlir.register_lowering(_sums_p, mlir.lower_fun(functools.partial(_sums_impl, over=_unrolled), True))
 
 
-def _logit(m, n, eta: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
-    """``eta . phi`` of tap ``(m, n)``: ``[...]``."""
-    return _dot(_tap_features(m, n, kernel_size, eta.shape[-1], eta.dtype), eta)
+def _logit(m, n, planes: list, kernel_size: tuple[int, int]) -> jax.Array:
+    """``eta . phi`` of tap ``(m, n)``: ``[...]``, from ``eta``'s planes."""
+    return _dot(_tap_features(m, n, kernel_size, len(planes), planes[0].dtype), planes)
+
+
+def _planes(eta: jax.Array) -> list:
+    """``eta [..., P]`` as ``P`` arrays ``[...]``, sliced once for every tap."""
+    return [eta[..., p] for p in range(eta.shape[-1])]
 
 
 def _odd(kernel_size: tuple[int, int]) -> bool:
@@ -218,20 +229,21 @@ def log_normalizer(eta: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
 
 
 def _log_normalizer(eta, *, kernel_size, over):
+    planes = _planes(eta)
     if _odd(kernel_size):
 
         def add(m, n, total):
-            return total + jnp.exp(_logit(m, n, eta, kernel_size))
+            return total + jnp.exp(_logit(m, n, planes, kernel_size))
 
         return jnp.log(over(add, kernel_size, jnp.zeros(eta.shape[:-1], eta.dtype)))
 
     def tap(m, n, carry):
         top, total = carry
-        logit = _logit(m, n, eta, kernel_size)
+        logit = _logit(m, n, planes, kernel_size)
         new_top = jnp.maximum(top, logit)
         return new_top, total * jnp.exp(top - new_top) + jnp.exp(logit - new_top)
 
-    first = _logit(0, 0, eta, kernel_size)
+    first = _logit(0, 0, planes, kernel_size)
     top, total = over(tap, kernel_size, (first, jnp.zeros_like(first)))
     return top + jnp.log(total)
 
@@ -303,9 +315,11 @@ def weight_moments(
 
 
 def _weight_moments(eta, zeta, *, kernel_size, moments, over):
+    planes = _planes(eta)
+
     def add(m, n, totals):
-        phi = _tap_features(m, n, kernel_size, eta.shape[-1], eta.dtype)
-        weight = _exp_logit(phi, eta, zeta)
+        phi = _tap_features(m, n, kernel_size, len(planes), eta.dtype)
+        weight = _exp_logit(phi, planes, zeta)
         return tuple(
             total + _times_moment(weight, phi, a) for total, a in zip(totals, moments, strict=True)
         )
