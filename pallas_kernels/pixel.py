@@ -60,6 +60,10 @@ class PixelBlockSizes:
       block_groups: groups per program.
       block_channels: channels of one group per program (a group wider than this is split).
       num_warps, num_stages: Triton launch settings.
+      column_phases: ``forward`` only: output columns computed as this many interleaved sets,
+        the window's columns unrolled, so that one loaded image vector serves several taps
+        (:func:`_forward_phased`). 1: one tap at a time (the default, the only form a GPU has
+        timed so far).
     """
 
     block_h: int
@@ -68,9 +72,15 @@ class PixelBlockSizes:
     block_channels: int
     num_warps: int = 4
     num_stages: int = 2
+    column_phases: int = 1
 
     def __post_init__(self):
         check_tiles(self, minimum=1)
+        if self.column_phases > self.block_w:
+            raise ValueError(
+                f"PixelBlockSizes.column_phases ({self.column_phases}) must be at most "
+                f"block_w ({self.block_w})"
+            )
 
 
 def pixel_block_sizes(
@@ -246,6 +256,53 @@ def _grad_k_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_
 # ------------------------------------------------------------------------------------------------
 
 
+def _forward_phased(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int):
+    """:func:`_forward_kernel` computing ``J = bs.column_phases`` interleaved sets of output
+    columns (column ``J * q + s`` of the tile in accumulator ``s``), the window's columns
+    unrolled: an image vector loaded for input column offset ``u`` serves every ``(s, n)`` with
+    ``s * sw + n * dw = u`` (stride 1, dilation 1: ``J + kw - 1`` loads a row of taps instead of
+    ``J * kw``)."""
+    *tangents, o_ref = refs
+    pairs = products(x_ref, k_ref, tangents)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    _, h, w, c = x_ref.shape
+    _, ho, wo, _, _, groups = k_ref.shape
+    phases = bs.column_phases
+    gb, sb = split(pl.program_id(0), n_sub)
+    b, ti = split(pl.program_id(2), n_th)
+    per_phase = bs.block_w // phases
+    p = jnp.arange(bs.block_h * per_phase)[:, None, None]  # [P, 1, 1]
+    rows = ti * bs.block_h + lax.div(p, per_phase)
+    first_col = pl.program_id(1) * bs.block_w + phases * lax.rem(p, per_phase)
+    cols = [first_col + s for s in range(phases)]
+    grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
+    pix_ok = [(rows < ho) & (q < wo) for q in cols]
+    k_ok = [ok & (grp < groups) for ok in pix_ok]
+    # Input column of output column s and tap n: first_col * sw + (s * sw + n * dw) - pleft.
+    uses: dict[int, list[tuple[int, int]]] = {}
+    for s in range(phases):
+        for n in range(kw):
+            uses.setdefault(s * sw + n * dw, []).append((s, n))
+
+    def row(m, accs):
+        accs = list(accs)
+        r = rows * sh + m * dh - ptop
+        for u, pairs_at in sorted(uses.items()):
+            q = first_col * sw + u - pleft
+            for image_ref, filter_ref in pairs:
+                xt = gather(image_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
+                xt = xt.astype(jnp.float32)
+                for s, n in pairs_at:
+                    kt = gather(filter_ref.at[b, rows, cols[s], m, n, grp], k_ok[s])
+                    accs[s] = accs[s] + xt * kt.astype(jnp.float32)
+        return tuple(accs)
+
+    zero = jnp.zeros((p.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
+    accs = lax.fori_loop(0, kh, row, (zero,) * phases)
+    for q, ok, acc in zip(cols, pix_ok, accs, strict=True):
+        plt.store(o_ref.at[b, rows, q, chan], acc.astype(o_ref.dtype), mask=ok & chan_ok)
+
+
 def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the pixel kernels handle this case, else why not (one line). ``shapes``: the
     shape of every slot (``x``, ``k``, ``y``) by name."""
@@ -274,7 +331,8 @@ def _forward(x, k, tangents, call: KernelCall) -> jax.Array:
     n_sub = pl.cdiv(c // groups, bs.block_channels)
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, pl.cdiv(wo, bs.block_w), n * n_th)
-    body = functools.partial(_forward_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
+    kernel = _forward_phased if bs.column_phases > 1 else _forward_kernel
+    body = functools.partial(kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
     name = "pixel_forward_jvp" if tangents else "pixel_forward"
     return run(body, (x, k, *tangents), call, name=name, grid=grid, tiles=bs)
 

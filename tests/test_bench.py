@@ -27,6 +27,17 @@ def test_case_flops_and_bytes():
     assert p.min_bytes("fwd") == 2 * (64 * 4 + 64 * 25 + 64 * 4)
 
 
+def test_gpu_pixel_column_in_column_phases_is_forward_only():
+    """On a GPU the pixel cases time the forward in interleaved column phases beside the default
+    tiles: forward only, the same numbers (here in the interpreter)."""
+    case = Case("pixel", 1, 8, 8, 4, 4, 3, "float32")
+    cols, _ = jax_columns(case, "gpu", 2**30)
+    fwd, diff = cols["svconv pallas, 4 column phases"]
+    assert diff is None
+    inputs = make_inputs(case)
+    np.testing.assert_allclose(fwd(inputs), cols["svconv xla"][0](inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_design_cases():
     cpu = {c.id for c in make_cases("cpu", quick=False)}
     assert "modulated-N4-128x128-32to32-3x3-float32" in cpu

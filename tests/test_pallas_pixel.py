@@ -59,6 +59,23 @@ CASES = [
         dtype=F16,
         block_sizes=PixelBlockSizes(4, 2, 2, 2),
     ),
+    # The forward in interleaved column phases (one loaded vector for several taps): ragged
+    # tiles; strides, dilation, groups and channel sub-blocks.
+    Case(1, 9, 13, 8, 8, 5, padding=2, block_sizes=PixelBlockSizes(2, 8, 1, 8, column_phases=4)),
+    Case(
+        2,
+        10,
+        11,
+        6,
+        6,
+        3,
+        groups=2,
+        stride=(1, 2),
+        dilation=2,
+        padding=((1, 2), (2, 1)),
+        dtype=BF16,
+        block_sizes=PixelBlockSizes(2, 4, 2, 2, column_phases=2),
+    ),
 ]
 
 
@@ -145,6 +162,24 @@ def test_kernels_match_oracle(op, case):
     out = _run(case, op, INTERPRET, *_inputs(case))
     assert out.dtype == case.dtype
     assert_close(out, _expected(case)[op], case.dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.block_sizes], ids=lambda c: c.id)
+def test_forward_jvp(case):
+    """The fused tangent ``forward(tx, k) + forward(x, tk)`` in one kernel."""
+    x, k, _ = _inputs(case)
+    tx, tk, _ = _inputs(case, seed=5)
+    n, (ho, wo) = case.n, case.geom().out_size
+    got = pixel.forward_jvp(x, k, tx, tk, case.call((n, ho, wo, case.cin), INTERPRET))
+    f32 = functools.partial(jnp.asarray, dtype=F32)
+    want = _oracle_gather(f32(tx), f32(k), case) + _oracle_gather(f32(x), f32(tk), case)
+    assert got.dtype == case.dtype
+    assert_close(got, want, case.dtype)
+
+
+def test_column_phases_at_most_the_tile_width():
+    with pytest.raises(ValueError, match=r"column_phases \(4\) must be at most block_w \(2\)"):
+        PixelBlockSizes(2, 2, 1, 4, column_phases=4)
 
 
 def test_vmap():

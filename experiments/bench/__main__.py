@@ -240,6 +240,8 @@ def main(argv=None) -> dict:
             print(f"  {mode}")
             columns = {}
             for name, (fwd, diff) in jcols.items():
+                if diff is None and mode != "fwd":  # a forward-only column
+                    continue
                 fn = fwd if mode == "fwd" else fwd_bwd_fn(fwd, diff)
                 columns[name] = JaxColumn(fn, inputs, block_each=not gpu, mem_limit=mem_limit)
             if proxy:

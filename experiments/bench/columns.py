@@ -5,6 +5,7 @@ forward+backward."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 
@@ -14,6 +15,7 @@ from jax import lax
 
 import svconv
 from experiments.bench.cases import Case
+from pallas_kernels import pixel
 from pallas_kernels.geometry import Geometry
 from svconv import xla as svxla
 
@@ -60,6 +62,19 @@ def op_fn(case: Case, impl: str | None):
     if case.op == "gaussian":
         return lambda a: svconv.gaussian_filter2d(a["x"], a["sigma"], case.k, impl=impl)
     return lambda a: svconv.local_conv2d(a["x"], a["w"], impl=impl)
+
+
+def _pixel_phased(case: Case):
+    tiles = pixel.pixel_block_sizes(
+        "forward",
+        channels=case.cin,
+        groups=1,
+        out_hw=(case.h, case.w),
+        batch=case.n,
+        dtype=jnp.dtype(case.dtype),
+    )
+    tiles = dataclasses.replace(tiles, column_phases=min(4, tiles.block_w))
+    return lambda a: svconv.pixel_filter2d(a["x"], a["k"], impl="pallas", block_sizes=tiles)
 
 
 def _geometry(case: Case) -> Geometry:
@@ -114,6 +129,10 @@ def jax_columns(
     else:
         cols["lax local"] = (_lax_local, diff)
 
+    if case.op == "pixel" and backend == "gpu":
+        # The forward in interleaved column phases (pallas_kernels.pixel._forward_phased) beside
+        # today's default tiles: forward only (its tiles are the forward's).
+        cols["svconv pallas, 4 column phases"] = (_pixel_phased(case), None)
     missing = {}
     if backend != "gpu":
         del cols["svconv pallas"]

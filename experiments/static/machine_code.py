@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 import svconv
 from experiments.static.lowering import TritonKernel, lower, triton_kernels
+from pallas_kernels import pixel
 
 # Compute capability -> shared memory one block may use (the opt-in maximum; it includes the
 # shared memory the cubin reserves statically, which the driver subtracts).
@@ -85,6 +86,7 @@ class Case:
     groups: int = 1
     shared_d: bool = False
     precision: str = "default"
+    column_phases: int = 1  # ``filter``: the forward's tiles with this many column phases
 
     @property
     def id(self) -> str:
@@ -105,6 +107,8 @@ class Case:
             parts.append("dshared")
         if self.precision != "default":
             parts.append(self.precision)
+        if self.column_phases != 1:
+            parts.append(f"J{self.column_phases}")
         return "-".join([*parts, self.dtype])
 
     def op(self) -> Callable[..., jax.Array]:
@@ -123,6 +127,16 @@ class Case:
             "filter": svconv.pixel_filter2d,
             "splat": svconv.pixel_splat2d,
         }[self.family]
+        if self.column_phases != 1:  # the forward's tiles (the gradients' kernels take them too)
+            tiles = pixel.pixel_block_sizes(
+                "forward",
+                channels=self.cin,
+                groups=self.groups,
+                out_hw=(-(-self.h // self.stride), -(-self.w // self.stride)),
+                batch=self.n,
+                dtype=_DTYPES[self.dtype],
+            )
+            geometry["block_sizes"] = dataclasses.replace(tiles, column_phases=self.column_phases)
         return functools.partial(fn, **geometry, impl="pallas")
 
     @property
@@ -198,20 +212,28 @@ def _design() -> list[Case]:
     ]
 
 
+# The pixel forward in interleaved column phases (the window's columns unrolled), not yet the
+# default: at the DESIGN shapes.
+_PHASED = [
+    Case("filter", 8, 256, 256, 64, 64, 7, "f32", column_phases=4),
+    Case("filter", 8, 256, 256, 64, 64, 15, "bf16", column_phases=4),
+]
 # float32 with exact dots (``precision="highest"``): FMA, no tensor cores, the most registers.
 _EXACT_F32 = [
     Case("modulated", 8, 128, 128, 64, 64, 3, "f32", precision="highest"),
     Case("local", 8, 64, 64, 32, 32, 3, "f32", precision="highest"),
 ]
 # Every geometry in every dtype: the CLI's matrix.
-CASES: list[Case] = _design() + _EXACT_F32 + _sweep(lambda i: _DTYPES)
+CASES: list[Case] = _design() + _EXACT_F32 + _PHASED + _sweep(lambda i: _DTYPES)
 # The test suite's: the DESIGN shapes in float32 and bfloat16 (the Gaussian's, whose kernels
 # compile slowly at 31x31, in bfloat16; float16 compiles like bfloat16 and meets every family in
 # the sweep), each sweep geometry in one dtype, taken in turn so that every op family meets every
 # dtype across the kernel sizes.
-TEST_CASES: list[Case] = [
-    c for c in _design() if c.dtype == "bf16" or (c.dtype == "f32" and c.family != "gaussian")
-] + _sweep(lambda i: [list(_DTYPES)[(i + i // 3) % 3]])
+TEST_CASES: list[Case] = (
+    [c for c in _design() if c.dtype == "bf16" or (c.dtype == "f32" and c.family != "gaussian")]
+    + _sweep(lambda i: [list(_DTYPES)[(i + i // 3) % 3]])
+    + _PHASED
+)
 # Forward mode: one case per op (its kernels are the other cases' kernels with a tangent in
 # another slot).
 JVP_CASES: list[Case] = [
