@@ -46,6 +46,10 @@ LIMITS = {
     "dry": {"pytest": 120, "compare": 240, "bench": 240},
 }
 PYTEST_TIMEOUT = {"gpu": 120, "dry": 60}  # one test's limit, with pytest-timeout
+# The dry run's comparison (the stage's plumbing; the kernels' own tests cover every op): a dot op
+# with a per-image and one with a per-location kernel and a Gaussian, in float32, bfloat16 and
+# float16 in turn.
+DRY_RUN_OPS = ("modulated", "local", "gaussian")
 WORKERS = 8
 
 
@@ -299,7 +303,7 @@ def main(argv=None) -> int:
     compare_cmd = [py, "-m", "experiments.gpu_check.compare", "--out", str(out / "compare.json")]
     compare_cmd += ["--time-limit", f"{0.75 * limits['compare']:g}"]
     if args.dry_run:
-        compare_cmd += ["--tiny", "--problems", "1", "--rotate"]
+        compare_cmd += ["--tiny", "--problems", "1", "--rotate", "--ops", ",".join(DRY_RUN_OPS)]
     # 3. The benchmark.
     bench_cmd = [py, "-m", "experiments.bench", "--out", str(results)]
     bench_cmd += ["--time-limit", f"{limits['bench'] - 40:g}"]
