@@ -84,12 +84,20 @@ class PixelBlockSizes:
 
 
 def pixel_block_sizes(
-    op: str, *, channels: int, groups: int, out_hw: tuple[int, int], batch: int, dtype
+    op: str,
+    *,
+    channels: int,
+    groups: int,
+    out_hw: tuple[int, int],
+    batch: int,
+    dtype,
+    column_phases: int = 1,
 ) -> PixelBlockSizes:
     """Tiles for `op` in ("forward", "grad_x", "grad_k") on an H100.
 
     `out_hw` is the grid of pixels the programs tile (for grad_x: one stride phase of the
-    output) and `batch` the number of such grids (for grad_x: N * sh * sw).
+    output) and `batch` the number of such grids (for grad_x: N * sh * sw). `column_phases`
+    (forward only) asks for the column-phase forward, with at most the tile's width of phases.
     """
     if op not in ("forward", "grad_x", "grad_k"):
         raise ValueError(f"op must be 'forward', 'grad_x' or 'grad_k', got {op!r}")
@@ -122,7 +130,13 @@ def pixel_block_sizes(
     block_h = pixels // block_w
     # The tap loop has independent loads every iteration: double buffering hides their latency.
     return PixelBlockSizes(
-        block_h, block_w, block_groups, block_channels, num_warps=4, num_stages=2
+        block_h,
+        block_w,
+        block_groups,
+        block_channels,
+        num_warps=4,
+        num_stages=2,
+        column_phases=min(column_phases, block_w),
     )
 
 

@@ -78,7 +78,7 @@ def _times_moment(weight: jax.Array, phi: list, moments) -> jax.Array:
 
 def _dot(phi: list, eta) -> jax.Array:
     """``eta . phi``: ``[...]``; ``eta`` an array ``[..., P]`` or its ``P`` planes."""
-    planes = eta if isinstance(eta, list) else [eta[..., p] for p in range(eta.shape[-1])]
+    planes = eta if isinstance(eta, list) else _planes(eta)
     return sum(plane * f for plane, f in zip(planes, phi, strict=True))
 
 
@@ -266,14 +266,14 @@ def _axis_sums(e: jax.Array, size: int, orders) -> tuple[jax.Array, dict]:
 
 
 def _separable_log_normalizer(eta, kernel_size):
-    er, ec = (eta[..., 0], eta[..., -1])
+    er, ec = eta[..., 0], eta[..., -1]
     return _axis_sums(er, kernel_size[0], ())[0] + _axis_sums(ec, kernel_size[1], ())[0]
 
 
 def _separable_moments(eta, zeta, kernel_size, moments):
     """The weight moments without ``rho``: for the pair form ``phi = (A, B)`` a product of one
     axis's means; isotropic, ``phi = A + B``, the binomial expansion of ``(A + B)^k``."""
-    er, ec = (eta[..., 0], eta[..., -1])
+    er, ec = eta[..., 0], eta[..., -1]
     if eta.shape[-1] == 2:
         row_orders, col_orders = {a[0] for a in moments}, {a[1] for a in moments}
     else:

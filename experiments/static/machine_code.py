@@ -128,15 +128,15 @@ class Case:
             "splat": svconv.pixel_splat2d,
         }[self.family]
         if self.column_phases != 1:  # the forward's tiles (the gradients' kernels take them too)
-            tiles = pixel.pixel_block_sizes(
+            geometry["block_sizes"] = pixel.pixel_block_sizes(
                 "forward",
                 channels=self.cin,
                 groups=self.groups,
                 out_hw=(-(-self.h // self.stride), -(-self.w // self.stride)),
                 batch=self.n,
                 dtype=_DTYPES[self.dtype],
+                column_phases=self.column_phases,
             )
-            geometry["block_sizes"] = dataclasses.replace(tiles, column_phases=self.column_phases)
         return functools.partial(fn, **geometry, impl="pallas")
 
     @property
