@@ -322,9 +322,10 @@ def pixel_splat2d(
 SigmaLike = jax.Array | tuple[jax.Array, jax.Array]
 
 
-def _gaussian_arguments(sigma, rho, grid: tuple[int, ...] | None, layout: str):
+def _gaussian_arguments(sigma, rho, grid: tuple[int, ...] | None, layout: str, context=""):
     """Check ``sigma`` (an array or a pair of arrays) and ``rho``: floating, one shape (``grid``
-    when given), ``rho`` in (-1, 1) where it is concrete. Returns them as arrays."""
+    when given; ``context`` says where it comes from), ``rho`` in (-1, 1) where it is concrete.
+    Returns them as arrays."""
     pair = isinstance(sigma, (tuple, list))
     if pair and len(sigma) != 2:
         raise ValueError(
@@ -340,7 +341,9 @@ def _gaussian_arguments(sigma, rho, grid: tuple[int, ...] | None, layout: str):
     for name, value in zip(names, arrays, strict=True):
         if tuple(value.shape) != tuple(want):
             given = ", ".join(f"`{n}` {tuple(v.shape)}" for n, v in zip(names, arrays, strict=True))
-            raise ValueError(f"`{name}` must be {layout} of shape {tuple(want)}; got {given}")
+            raise ValueError(
+                f"`{name}` must be {layout} of shape {tuple(want)}{context}; got {given}"
+            )
     if rho is not None:
         rho = arrays[-1]
         if not isinstance(rho, jax.core.Tracer) and rho.size:
@@ -457,7 +460,12 @@ def gaussian_filter2d(
         shapes={"x": x.shape},
     )
     layout = "[batch, out_height, out_width]"
-    sigma, rho = _gaussian_arguments(sigma, rho, (x.shape[0], *geom.out_size), layout)
+    context = (
+        f" (the output grid of `x` of shape {tuple(x.shape)} with kernel {kernel_size}, "
+        f"stride {geom.stride}, dilation {geom.dilation}, padding {padding!r})"
+    )
+    grid = (x.shape[0], *geom.out_size)
+    sigma, rho = _gaussian_arguments(sigma, rho, grid, layout, context)
     oracle = reference.pixel_filter2d
     args = (x, sigma, rho, geom, impl, block_sizes, "x")
     return _gaussian_call("gaussian_filter2d", "y", oracle, *args)
@@ -494,7 +502,9 @@ def gaussian_splat2d(
     impl = _checks.impl(impl)
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     kernel_size = _checks.pair("size", size)
-    sigma, rho = _gaussian_arguments(sigma, rho, tuple(x.shape[:3]), "[batch, height, width]")
+    sigma, rho = _gaussian_arguments(
+        sigma, rho, tuple(x.shape[:3]), "[batch, height, width]", f" (`x` is {tuple(x.shape)})"
+    )
     geom = _splat_geometry(
         "gaussian_splat2d", x, kernel_size, stride, padding, dilation, output_size, {}
     )

@@ -289,9 +289,11 @@ def _filter(sigma, *, rho=None, x_dtype=None):
 ONES = jnp.ones((1, 6, 6))
 BAD = [
     ("sigma-shape", _filter(jnp.ones((1, 5, 6))), ValueError,
-     r"`sigma` must be \[batch, out_height, out_width\] of shape \(1, 6, 6\)"),
+     r"`sigma` must be \[batch, out_height, out_width\] of shape \(1, 6, 6\) \(the output grid of "
+     r"`x` of shape \(1, 6, 6, 2\) with kernel \(3, 3\).*; got `sigma` \(1, 5, 6\)"),
     ("pair-shapes", _filter((ONES, jnp.ones((6, 6)))), ValueError,
-     r"`sigma\[1\]` must be .*\(1, 6, 6\); got `sigma\[0\]` \(1, 6, 6\), `sigma\[1\]` \(6, 6\)"),
+     r"`sigma\[1\]` must be .*\(1, 6, 6\) \(the output grid .*\); "
+     r"got `sigma\[0\]` \(1, 6, 6\), `sigma\[1\]` \(6, 6\)"),
     ("pair-length", _filter((ONES,) * 3), ValueError,
      r"pair \(sigma_rows, sigma_cols\), got 3 arrays"),
     ("rho-range", _filter(ONES, rho=ONES), ValueError,
@@ -300,7 +302,7 @@ BAD = [
     ("sigma-int", _filter(ONES.astype(jnp.int32)), TypeError, r"`sigma` must have a floating"),
     ("x-int", _filter(ONES, x_dtype=jnp.int32), TypeError, r"`x` must have a floating or complex"),
     ("splat-sigma", lambda x: svconv.gaussian_splat2d(x, jnp.ones((1, 3, 6)), 3), ValueError,
-     r"`sigma` must be \[batch, height, width\] of shape \(1, 6, 6\)"),
+     r"`sigma` must be \[batch, height, width\] of shape \(1, 6, 6\) \(`x` is \(1, 6, 6, 2\)\)"),
     ("size", lambda x: svconv.gaussian_filter2d(x, ONES, 0), ValueError, r"`size`"),
 ]  # fmt: skip
 
