@@ -22,7 +22,7 @@ if command -v pyenv >/dev/null 2>&1; then \
 exit 1
 endef
 
-.PHONY: help test demo bench gpu-check lint venv clean
+.PHONY: help test demo bench gpu-check gpu-tune lint venv clean
 
 help:
 	@echo "make test       create .venv, install svconv and the test deps, run the test suite"
@@ -34,6 +34,9 @@ help:
 	@echo "                reference, the GPU benchmark -> results/, summary and logs in"
 	@echo "                out/gpu-check/ (GPU_CHECK_ARGS=--out DIR); DRY_RUN=1: the same on a"
 	@echo "                CPU with tiny shapes (the test suite runs this)"
+	@echo "make gpu-tune   on a GPU machine, after gpu-check: each Pallas kernel's tiles against"
+	@echo "                neighbouring tilings -> results/tune-<device>.{md,json}"
+	@echo "                (GPU_TUNE_ARGS=--time-limit S, default 240; DRY_RUN=1 on a CPU)"
 	@echo "make lint       ruff check and format check"
 	@echo "make clean      remove .venv and caches"
 
@@ -73,6 +76,10 @@ DRY_RUN        ?=
 gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m experiments.gpu_check \
 	  $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
+
+gpu-tune:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m experiments.gpu_check.tune \
+	  $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(GPU_TUNE_ARGS)
 
 .PHONY: .venv-torch
 .venv-torch:

@@ -1,0 +1,63 @@
+"""The GPU tile tuner: its dry run end to end on the CPU (interpreter), and its plumbing for
+every kernel it tunes on a GPU (heuristic tiles, neighbouring tilings, operand shapes)."""
+
+import dataclasses
+import json
+
+import jax
+import pytest
+
+from experiments.gpu_check import tune
+from svconv._primitive import bind
+
+
+def test_dry_run_writes_a_report(tmp_path):
+    assert tune.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tune-cpu.json").read_text())
+    names = [r["kernel"] for r in report["kernels"]]
+    assert names == [k.name for k in tune.kernels(dry_run=True)]
+    for record in report["kernels"]:
+        assert record["heuristic_ms"] > 0 and record["best_ms"] > 0
+        assert record["trials"][0]["tiles"] == "(the heuristic's)"
+    # The pixel forward's first two parameters have neighbours at the dry run's shape.
+    assert len(report["kernels"][0]["trials"]) > 1
+    text = (tmp_path / "tune-cpu.md").read_text()
+    assert "| pixel forward 3x3 x[1x12x12x4] float32 |" in text
+
+
+def test_a_time_limit_lists_the_kernels_not_reached(tmp_path, capsys):
+    assert tune.main(["--dry-run", "--time-limit", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tune-cpu.json").read_text())
+    assert report["kernels"] == []
+    assert report["not_reached"] == [k.name for k in tune.kernels(dry_run=True)]
+    assert "not reached (time limit)" in (tmp_path / "tune-cpu.md").read_text()
+
+
+@pytest.mark.parametrize("kernel", tune.kernels(dry_run=False), ids=lambda k: k.name)
+def test_every_gpu_kernel_binds_with_its_tiles(kernel):
+    base = kernel.heuristic()
+    spec = kernel.spec(base)
+    args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
+    out = jax.eval_shape(lambda *a: bind(spec, *a), *args)
+    assert out.shape == kernel.shapes[kernel.target] and out.dtype == kernel.dtype
+    params = tune.PARAMS[(kernel.family.name, kernel.target)]
+    changed = set()
+    for param in params:
+        assert hasattr(base, param), (kernel.name, param)
+        for cand in tune.neighbours(base, param, dry_run=False):
+            diff = [f.name for f in dataclasses.fields(base) if getattr(cand, f.name) !=
+                    getattr(base, f.name)]  # fmt: skip
+            assert diff == [param]
+            changed.add(param)
+    assert {"num_warps", "num_stages"} <= changed
+
+
+def test_a_tiling_with_other_numbers_is_rejected():
+    kernel = tune.kernels(dry_run=True)[0]
+    timer = tune.Timer(kernel, reps=1)
+    base = kernel.heuristic()
+    timer.prepare(base)
+    timer.reference = timer.reference + 1.0
+    timer.compiled.clear()
+    with pytest.raises(ArithmeticError, match="differs from the heuristic's result"):
+        timer.prepare(base)
