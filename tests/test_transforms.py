@@ -66,6 +66,37 @@ def test_jit_and_vmap_over_each_argument(impl, name):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_with_a_batch_shared_modulation(impl):
+    """A batch-shared ``d`` ``[Ho, Wo, kh, kw]`` mapped by vmap (one per mapped index, broadcast
+    over the images), and its gradient under a vmap over ``x`` (summed over the images of each
+    mapped index)."""
+    kw = {**CASE.kw(), "impl": impl}
+    (ho, wo), k = GEOM.out_size, GEOM.kernel_size
+    x, w, d, xs = rands(
+        5,
+        (CASE.n, CASE.h, CASE.w, CASE.cin),
+        (*k, CASE.cin, CASE.cout),
+        (3, ho, wo, *k),
+        (3, CASE.n, CASE.h, CASE.w, CASE.cin),
+    )
+
+    def loss(op, d, x):
+        return jnp.sum(op(x, w, d) ** 2)
+
+    op = functools.partial(svconv.modulated_conv2d, **kw)
+    ref = functools.partial(svconv.modulated_conv2d, **{**kw, "impl": "reference"})
+    # The reference (plain jnp, no batching rule of svconv's) under the same vmaps.
+    for in_axes, args, what in (
+        ((0, None), (d, x), "a shared d mapped"),
+        ((None, 0), (d[0], xs), "x mapped, d shared"),
+    ):
+        got = jax.vmap(lambda d, x: op(x, w, d), in_axes)(*args)
+        assert_close(got, jax.vmap(lambda d, x: ref(x, w, d), in_axes)(*args), what=what)
+        grad_of = [jax.vmap(jax.grad(functools.partial(loss, f)), in_axes) for f in (op, ref)]
+        assert_close(grad_of[0](*args), grad_of[1](*args), what=f"gradient in d, {what}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["modulated", "local", "filter", "splat"])
 def test_grad_of_grad(impl, name):
     f, args = _ops(impl)[name]
@@ -191,6 +222,24 @@ def test_jvp_and_linearize(name, dtype, impl):
         plus = f(*(a + eps * t for a, t in zip(args, tangents, strict=True)))
         minus = f(*(a - eps * t for a, t in zip(args, tangents, strict=True)))
         assert_close(ty, (plus - minus) / (2 * eps), tol=1e-3, what="finite differences")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["modulated", "filter"])
+def test_forward_over_forward_mode(impl, name):
+    """The JVP of a JVP (a fused tangent kernel differentiated in forward mode again) of a
+    nonlinear function of the op, against the reference's."""
+    args = _small_ops(impl)[name][1]
+    t1, t2 = _tangents(args, 33), _tangents(args, 34)
+
+    def second(op):
+        def inner(*a):
+            return jax.jvp(lambda *b: op(*b) ** 2, a, t1)[1]
+
+        return jax.jvp(inner, args, t2)[1]
+
+    want = second(_small_ops("reference")[name][0])
+    assert_close(second(_small_ops(impl)[name][0]), want, what="forward over forward")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
