@@ -43,11 +43,15 @@ def channel_block(c: int, cap: int) -> int:
 
 
 def check_tiles(tiles, *, minimum: int, counts: tuple[str, ...] = ("num_stages",)) -> None:
-    """Validate a tiling dataclass: the ``counts`` fields >= 1, ``num_warps`` a power of 2, every
-    other field (a block size) a power of 2 >= ``minimum``."""
+    """Validate a tiling dataclass: the ``counts`` fields >= 1, ``num_warps`` a power of 2, the
+    fields declared ``bool`` booleans, every other field (a block size) a power of 2 >=
+    ``minimum``."""
     for field in dataclasses.fields(tiles):
         value, name = getattr(tiles, field.name), f"{type(tiles).__name__}.{field.name}"
-        if field.name in counts:
+        if field.type in (bool, "bool"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        elif field.name in counts:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         elif field.name == "num_warps":
@@ -150,7 +154,10 @@ KEEP, STREAM = "evict_last", "evict_first"
 
 def gather(view, mask, policy: str | None = None):
     """The elements of ``view`` (a ref indexed with index arrays) where ``mask`` holds, zero
-    elsewhere (a masked Triton load); ``policy``: ``KEEP``, ``STREAM`` or the default."""
+    elsewhere (a masked Triton load); ``mask=None``: every element, no bounds test (the caller
+    knows they are all inside). ``policy``: ``KEEP``, ``STREAM`` or the default."""
+    if mask is None:
+        return plt.load(view, eviction_policy=policy)
     return plt.load(view, mask=mask, other=0.0, eviction_policy=policy)
 
 

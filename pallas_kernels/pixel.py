@@ -64,6 +64,10 @@ class PixelBlockSizes:
         the window's columns unrolled, so that one loaded image vector serves several taps
         (:func:`_forward_phased`). 1: one tap at a time (the default, the only form a GPU has
         timed so far).
+      unmasked_interior: ``forward`` only: a program whose tile and window lie wholly inside
+        the image and whose channel block is full runs its tap loop without bounds tests (a
+        branch per program; the loads of the other programs stay masked). Not the default
+        until a GPU has timed it.
     """
 
     block_h: int
@@ -73,6 +77,7 @@ class PixelBlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     column_phases: int = 1
+    unmasked_interior: bool = False
 
     def __post_init__(self):
         check_tiles(self, minimum=1)
@@ -92,12 +97,14 @@ def pixel_block_sizes(
     batch: int,
     dtype,
     column_phases: int = 1,
+    unmasked_interior: bool = False,
 ) -> PixelBlockSizes:
     """Tiles for `op` in ("forward", "grad_x", "grad_k") on an H100.
 
     `out_hw` is the grid of pixels the programs tile (for grad_x: one stride phase of the
     output) and `batch` the number of such grids (for grad_x: N * sh * sw). `column_phases`
-    (forward only) asks for the column-phase forward, with at most the tile's width of phases.
+    (forward only) asks for the column-phase forward, with at most the tile's width of phases;
+    `unmasked_interior` (forward only) for interior programs without bounds tests.
     """
     if op not in ("forward", "grad_x", "grad_k"):
         raise ValueError(f"op must be 'forward', 'grad_x' or 'grad_k', got {op!r}")
@@ -137,6 +144,7 @@ def pixel_block_sizes(
         num_warps=4,
         num_stages=2,
         column_phases=min(column_phases, block_w),
+        unmasked_interior=unmasked_interior,
     )
 
 
@@ -151,6 +159,35 @@ def _block_channels(gb, sb, cpg: int, groups: int, bs: PixelBlockSizes):
     grp = gb * bs.block_groups + jnp.arange(bs.block_groups)[None, :, None]
     sub = sb * bs.block_channels + jnp.arange(bs.block_channels)[None, None, :]
     return grp, grp * cpg + sub, (grp < groups) & (sub < cpg)
+
+
+def _interior(ti, tj, g: Geometry, bs: PixelBlockSizes, shapes, groups: int):
+    """Whether program tile ``(ti, tj)`` needs no bounds test in the forward's tap loop: its
+    output pixels inside the output, every tap's input inside the image, its channel block
+    full. None when the tiles do not ask for it (or channel blocks are never full)."""
+    (h, w), (ho, wo), c = shapes
+    cpg = c // groups
+    if not bs.unmasked_interior or groups % bs.block_groups or cpg % bs.block_channels:
+        return None
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    r0, c0 = ti * bs.block_h, tj * bs.block_w
+    r1, c1 = r0 + bs.block_h - 1, c0 + bs.block_w - 1  # the tile's last row and column
+    return (
+        (r1 < ho)
+        & (c1 < wo)
+        & (r0 * sh - ptop >= 0)
+        & (c0 * sw - pleft >= 0)
+        & (r1 * sh + (kh - 1) * dh - ptop < h)
+        & (c1 * sw + (kw - 1) * dw - pleft < w)
+    )
+
+
+def _tap_loop(interior, loop):
+    """``loop(masked)`` (a function of the accumulator) with bounds tests, or without them in a
+    branch of its own where ``interior`` (a scalar) holds."""
+    if interior is None:
+        return loop(True)
+    return lambda acc: lax.cond(interior, loop(False), loop(True), acc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,18 +209,25 @@ def _forward_kernel(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub
     grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
     pix_ok = (rows < ho) & (cols < wo)
     k_ok = pix_ok & (grp < groups)
+    interior = _interior(ti, pl.program_id(1), g, bs, ((h, w), (ho, wo), c), groups)
 
-    def tap(m, n, acc):
-        r = rows * sh + m * dh - ptop
-        q = cols * sw + n * dw - pleft
-        for image_ref, filter_ref in pairs:
-            xt = gather(image_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
-            kt = gather(filter_ref.at[b, rows, cols, m, n, grp], k_ok)
-            acc += xt.astype(jnp.float32) * kt.astype(jnp.float32)
-        return acc
+    def loop(masked: bool):
+        def tap(m, n, acc):
+            r = rows * sh + m * dh - ptop
+            q = cols * sw + n * dw - pleft
+            x_ok = inside(r, q, h, w) & chan_ok if masked else None
+            for image_ref, filter_ref in pairs:
+                xt = gather(image_ref.at[b, r, q, chan], x_ok, KEEP)
+                kt = gather(filter_ref.at[b, rows, cols, m, n, grp], k_ok if masked else None)
+                acc += xt.astype(jnp.float32) * kt.astype(jnp.float32)
+            return acc
+
+        return lambda acc: lax.fori_loop(
+            0, kh, lambda m, a: lax.fori_loop(0, kw, functools.partial(tap, m), a), acc
+        )
 
     acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
-    acc = lax.fori_loop(0, kh, lambda m, a: lax.fori_loop(0, kw, functools.partial(tap, m), a), acc)
+    acc = _tap_loop(interior, loop)(acc)
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=pix_ok & chan_ok)
 
 
@@ -298,21 +342,27 @@ def _forward_phased(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub
         for n in range(kw):
             uses.setdefault(s * sw + n * dw, []).append((s, n))
 
-    def row(m, accs):
-        accs = list(accs)
-        r = rows * sh + m * dh - ptop
-        for u, pairs_at in sorted(uses.items()):
-            q = first_col * sw + u - pleft
-            for image_ref, filter_ref in pairs:
-                xt = gather(image_ref.at[b, r, q, chan], inside(r, q, h, w) & chan_ok, KEEP)
-                xt = xt.astype(jnp.float32)
-                for s, n in pairs_at:
-                    kt = gather(filter_ref.at[b, rows, cols[s], m, n, grp], k_ok[s])
-                    accs[s] = accs[s] + xt * kt.astype(jnp.float32)
-        return tuple(accs)
+    interior = _interior(ti, pl.program_id(1), g, bs, ((h, w), (ho, wo), c), groups)
+
+    def loop(masked: bool):
+        def row(m, accs):
+            accs = list(accs)
+            r = rows * sh + m * dh - ptop
+            for u, pairs_at in sorted(uses.items()):
+                q = first_col * sw + u - pleft
+                x_ok = inside(r, q, h, w) & chan_ok if masked else None
+                for image_ref, filter_ref in pairs:
+                    xt = gather(image_ref.at[b, r, q, chan], x_ok, KEEP).astype(jnp.float32)
+                    for s, n in pairs_at:
+                        view = filter_ref.at[b, rows, cols[s], m, n, grp]
+                        kt = gather(view, k_ok[s] if masked else None)
+                        accs[s] = accs[s] + xt * kt.astype(jnp.float32)
+            return tuple(accs)
+
+        return lambda accs: lax.fori_loop(0, kh, row, accs)
 
     zero = jnp.zeros((p.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
-    accs = lax.fori_loop(0, kh, row, (zero,) * phases)
+    accs = _tap_loop(interior, loop)((zero,) * phases)
     for q, ok, acc in zip(cols, pix_ok, accs, strict=True):
         plt.store(o_ref.at[b, rows, q, chan], acc.astype(o_ref.dtype), mask=ok & chan_ok)
 

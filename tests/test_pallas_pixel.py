@@ -1,6 +1,7 @@
 """Pixel-filter Pallas kernels: interpreter vs an independent oracle, and lowering for CUDA."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,20 @@ CASES = [
         dtype=BF16,
         block_sizes=PixelBlockSizes(2, 4, 2, 2, column_phases=2),
     ),
-]
+    # Interior programs without bounds tests (a branch per program), beside border and ragged
+    # ones: one tap at a time and in column phases; strides, dilation, groups.
+    # (a crop at the bottom and a width of whole tiles: the last row of tiles is outside the
+    # output but reads inside the image, the last column of tiles reads past the image)
+    Case(1, 23, 20, 8, 8, 3, padding=((1, -3), (1, 1)), block_sizes=PixelBlockSizes(4, 4, 1, 8,
+         unmasked_interior=True)),
+    Case(2, 23, 19, 8, 8, 3, groups=2, stride=(2, 1), dilation=(1, 2), padding=((1, 2), (2, 1)),
+         block_sizes=PixelBlockSizes(2, 4, 1, 4, unmasked_interior=True)),
+    Case(1, 18, 26, 8, 8, 5, padding=2, block_sizes=PixelBlockSizes(2, 8, 1, 8, column_phases=4,
+         unmasked_interior=True)),
+    Case(2, 16, 22, 6, 6, 3, groups=3, stride=(1, 2), dilation=2, padding=((1, 2), (2, 1)),
+         dtype=BF16, block_sizes=PixelBlockSizes(2, 4, 1, 2, column_phases=2,
+         unmasked_interior=True)),
+]  # fmt: skip
 
 
 def _oracle_gather(x, k, case):
@@ -175,6 +189,56 @@ def test_forward_jvp(case):
     want = _oracle_gather(f32(tx), f32(k), case) + _oracle_gather(f32(x), f32(tk), case)
     assert got.dtype == case.dtype
     assert_close(got, want, case.dtype)
+
+
+def test_unmasked_interior_is_a_branch_of_unmasked_loads():
+    """Lowered for CUDA, the forward with ``unmasked_interior`` holds a branch with the tap
+    loop's loads unmasked (the image's and the filter's) beside the masked loop; without it,
+    no load goes unmasked."""
+    from experiments.static.lowering import lower, triton_kernels
+
+    def loads(tiles):
+        case = Case(1, 32, 32, 8, 8, 3, padding=1, block_sizes=tiles)
+        x, k, _ = _inputs(case)
+        lowered = lower(lambda x, k: _run(case, "forward", False, x, k, None), x, k)
+        (kernel,) = triton_kernels(lowered)
+        # Generic MLIR: a load's operands are (pointers, mask, other), the last two optional.
+        segments = re.findall(r'"tt\.load".*operandSegmentSizes = array<i32: (\d), (\d)',
+                              kernel.ttir)  # fmt: skip
+        unmasked = sum(mask == "0" for _, mask in segments)
+        return "scf.if" in kernel.ttir, unmasked, len(segments) - unmasked
+
+    branch, unmasked, masked = loads(PixelBlockSizes(4, 4, 1, 8, unmasked_interior=True))
+    assert branch and unmasked == 2 and masked >= 2
+    branch, unmasked, masked = loads(PixelBlockSizes(4, 4, 1, 8))
+    assert not branch and unmasked == 0 and masked >= 2
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.block_sizes and c.block_sizes.unmasked_interior],
+    ids=lambda c: c.id,
+)  # fmt: skip
+def test_interior_programs_read_only_inside(case):
+    """The programs the forward runs without bounds tests are exactly those whose every output
+    pixel is in the output and every tap reads inside the image (the interpreter cannot tell:
+    there an unmasked load out of bounds reads zero, like the padding), and some are."""
+    geom, bs = case.geom(), case.block_sizes
+    (h, w), (ho, wo), (kh, kw) = geom.in_size, geom.out_size, geom.kernel_size
+    (sh, sw), (dh, dw), ((top, _), (left, _)) = geom.stride, geom.dilation, geom.padding
+    shapes = ((h, w), (ho, wo), case.cin)
+    found = 0
+    for ti in range(-(-ho // bs.block_h)):
+        for tj in range(-(-wo // bs.block_w)):
+            rows = range(ti * bs.block_h, (ti + 1) * bs.block_h)
+            cols = range(tj * bs.block_w, (tj + 1) * bs.block_w)
+            inside_all = all(i < ho and j < wo for i in rows for j in cols) and all(
+                0 <= i * sh + m * dh - top < h and 0 <= j * sw + n * dw - left < w
+                for i in rows for j in cols for m in range(kh) for n in range(kw)
+            )  # fmt: skip
+            got = pixel._interior(ti, tj, geom, bs, shapes, case.groups)
+            assert bool(got) == inside_all, (ti, tj)
+            found += inside_all
+    assert found > 0
 
 
 def test_column_phases_at_most_the_tile_width():

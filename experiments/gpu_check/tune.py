@@ -7,8 +7,8 @@ against neighbouring tilings, timed side by side.
 For every kernel (a family's partial with respect to one slot: the forward ``y``, the
 gradients), a coordinate search from the heuristic's tiles: each tile parameter in turn is set
 to its neighbouring values (half and double a block size, other warp and stage counts, for the
-per-pixel forward the column phases) with the others at the best so far; a change is kept when
-it is at least 3% faster. A tiling whose result differs from the heuristic's (beyond a
+per-pixel forward the column phases and unmasked interior programs) with the others at the
+best so far; a change is kept when it is at least 3% faster. A tiling whose result differs from the heuristic's (beyond a
 garbage threshold) or that does not compile is reported and never kept. At the end the
 heuristic's tiles and the best are timed again, interleaved, and both medians reported. The
 kernels are bound with the public machinery (``svconv._primitive.bind`` with ``impl="pallas"``
@@ -50,7 +50,14 @@ GARBAGE = 2e-2  # relative difference from the heuristic's result that marks a t
 # The tile parameters each kernel reads (the others do not change it).
 _WARPS = ("num_warps", "num_stages")
 PARAMS = {
-    ("pixel", "y"): ("block_h", "block_w", "block_channels", "column_phases", *_WARPS),
+    ("pixel", "y"): (
+        "block_h",
+        "block_w",
+        "block_channels",
+        "column_phases",
+        "unmasked_interior",
+        *_WARPS,
+    ),  # fmt: skip
     ("pixel", "x"): ("block_h", "block_w", "block_channels", *_WARPS),
     ("pixel", "k"): ("block_h", "block_w", "block_channels", *_WARPS),
     ("modulated", "y"): ("block_m", "block_n", "block_k", *_WARPS),
@@ -162,7 +169,9 @@ def kernels(dry_run: bool) -> list[Kernel]:
 def neighbours(tiles, param: str, dry_run: bool) -> list:
     """Valid tilings that differ from ``tiles`` in ``param`` only."""
     value = getattr(tiles, param)
-    if param == "num_warps":
+    if isinstance(value, bool):
+        values = [not value]
+    elif param == "num_warps":
         values = [2, 4, 8]
     elif param == "num_stages":
         values = [1, 2, 3, 4]

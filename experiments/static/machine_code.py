@@ -87,6 +87,7 @@ class Case:
     shared_d: bool = False
     precision: str = "default"
     column_phases: int = 1  # ``filter``: the forward's tiles with this many column phases
+    unmasked_interior: bool = False  # ``filter``: the forward's interior programs unmasked
 
     @property
     def id(self) -> str:
@@ -109,6 +110,8 @@ class Case:
             parts.append(self.precision)
         if self.column_phases != 1:
             parts.append(f"J{self.column_phases}")
+        if self.unmasked_interior:
+            parts.append("U")
         return "-".join([*parts, self.dtype])
 
     def op(self) -> Callable[..., jax.Array]:
@@ -127,7 +130,8 @@ class Case:
             "filter": svconv.pixel_filter2d,
             "splat": svconv.pixel_splat2d,
         }[self.family]
-        if self.column_phases != 1:  # the forward's tiles (the gradients' kernels take them too)
+        if self.column_phases != 1 or self.unmasked_interior:
+            # the forward's tiles (the gradients' kernels take them too)
             geometry["block_sizes"] = pixel.pixel_block_sizes(
                 "forward",
                 channels=self.cin,
@@ -136,6 +140,7 @@ class Case:
                 batch=self.n,
                 dtype=_DTYPES[self.dtype],
                 column_phases=self.column_phases,
+                unmasked_interior=self.unmasked_interior,
             )
         return functools.partial(fn, **geometry, impl="pallas")
 
@@ -212,11 +217,13 @@ def _design() -> list[Case]:
     ]
 
 
-# The pixel forward in interleaved column phases (the window's columns unrolled), not yet the
-# default: at the DESIGN shapes.
+# The pixel forward's variants not yet the default, at the DESIGN shapes: in interleaved column
+# phases (the window's columns unrolled), and with interior programs unmasked.
 _PHASED = [
     Case("filter", 8, 256, 256, 64, 64, 7, "f32", column_phases=4),
     Case("filter", 8, 256, 256, 64, 64, 15, "bf16", column_phases=4),
+    Case("filter", 8, 256, 256, 64, 64, 7, "f32", unmasked_interior=True),
+    Case("filter", 8, 256, 256, 64, 64, 7, "f32", column_phases=4, unmasked_interior=True),
 ]
 # float32 with exact dots (``precision="highest"``): FMA, no tensor cores, the most registers.
 _EXACT_F32 = [
