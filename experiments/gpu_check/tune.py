@@ -8,9 +8,10 @@ For every kernel (a family's partial with respect to one slot: the forward ``y``
 gradients), a coordinate search from the heuristic's tiles: each tile parameter in turn is set
 to its neighbouring values (half and double a block size, other warp and stage counts, for the
 per-pixel forward the column phases and unmasked interior programs) with the others at the
-best so far; a change is kept when it is at least 3% faster. A tiling whose result differs from the heuristic's (beyond a
-garbage threshold) or that does not compile is reported and never kept. At the end the
-heuristic's tiles and the best are timed again, interleaved, and both medians reported. The
+best so far; a change is kept when it is at least 3% faster. A tiling whose result differs
+from the heuristic's (beyond a garbage threshold) or that does not compile is reported and
+never kept. At the end the heuristic's tiles and the best are timed again, interleaved, and
+both medians reported. The
 kernels are bound with the public machinery (``svconv._primitive.bind`` with ``impl="pallas"``
 and ``block_sizes``), so what is timed is what the ops run.
 
