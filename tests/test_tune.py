@@ -5,10 +5,13 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments.gpu_check import tune
+from svconv import gaussian
 from svconv._primitive import bind
+from tests.conftest import assert_close
 
 
 def test_dry_run_writes_a_report(tmp_path):
@@ -61,3 +64,15 @@ def test_a_tiling_with_other_numbers_is_rejected():
     timer.compiled.clear()
     with pytest.raises(ArithmeticError, match="differs from the heuristic's result"):
         timer.prepare(base)
+
+
+def test_gaussian_operands_are_valid_parameters():
+    """The Gaussian kernels are timed on parameters of real (rotated) Gaussians: finite, with a
+    log-normalizer that matches them."""
+    kernel = tune.kernels(dry_run=True)[-1]
+    assert kernel.family.name == "gaussian"
+    operands = dict(zip(kernel.spec(None).operands, kernel.operands(), strict=True))
+    eta, zeta = operands["eta"], operands["zeta"]
+    assert bool(jnp.isfinite(eta).all()) and bool(jnp.isfinite(zeta).all())
+    assert_close(zeta, gaussian.log_normalizer(eta, (kernel.kernel_size,) * 2))
+    assert float(jnp.abs(eta[..., 1]).max()) > 0  # the rotation term, rho / (sr sc)

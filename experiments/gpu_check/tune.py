@@ -41,7 +41,8 @@ import numpy as np
 from experiments.bench.report import machine_info
 from pallas_kernels import local, modulated, pixel
 from pallas_kernels.geometry import Geometry
-from svconv._families import LOCAL, MODULATED, PIXEL
+from svconv import gaussian
+from svconv._families import GAUSSIAN, LOCAL, MODULATED, PIXEL
 from svconv._primitive import Family, Spec, bind
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +69,15 @@ PARAMS = {
     ("local", "y"): ("block_batch", "block_k", "block_out", *_WARPS),
     ("local", "x"): ("block_batch", "block_in", "block_out", *_WARPS),
     ("local", "w"): ("block_batch", "block_k", "block_out", *_WARPS),
+    ("gaussian", "y"): ("block_h", "block_w", "block_channels", *_WARPS),
+    ("gaussian", "x"): ("block_h", "block_w", "block_channels", *_WARPS),
+    ("gaussian", "s"): ("block_h", "block_w", "block_channels", *_WARPS),
 }
-KERNEL_NAMES = {"y": "forward", "x": "grad_x", "w": "grad_w", "d": "grad_d", "k": "grad_k"}
+KERNEL_NAMES = {
+    "y": "forward", "x": "grad_x", "w": "grad_w", "d": "grad_d", "k": "grad_k", "s": "grad_s"
+}  # fmt: skip
+# The per-pixel tiling heuristic's kernel for each Gaussian kernel (their loops are alike).
+_GAUSSIAN_TILES = {"y": "forward", "x": "grad_x", "s": "grad_k"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,28 +105,39 @@ class Kernel:
         return Geometry.of((h, w), (self.kernel_size,) * 2, (1, 1), (1, 1), (pad, pad))
 
     def spec(self, tiles) -> Spec:
+        extra = {}
+        if self.family is GAUSSIAN:  # the op's own partials: unit scale but for grad_s
+            unit = () if self.target == "s" else ("s",)
+            extra = {"unit": unit, "moments": (0,) * self.shapes["eta"][-1]}
         return Spec(family=self.family, target=self.target, geom=self.geom, impl="pallas",
-                    block_sizes=tiles)  # fmt: skip
+                    block_sizes=tiles, **extra)  # fmt: skip
 
     def operands(self, seed: int = 0) -> list[jax.Array]:
         spec = self.spec(None)
         keys = jax.random.split(jax.random.key(seed), len(spec.operands))
         dtype = jnp.dtype(self.dtype)
-        return [
-            jax.random.normal(key, self.shapes[name], jnp.float32).astype(dtype)
+        arrays = {
+            name: jax.random.normal(key, self.shapes[name], jnp.float32).astype(dtype)
             for key, name in zip(keys, spec.operands, strict=True)
-        ]
+        }
+        if self.family is GAUSSIAN:  # rotated ellipses, sigma 0.5-4, rho in (-0.6, 0.6)
+            grid = self.shapes["zeta"]
+            sr, sc, rho = jax.random.uniform(keys[0], (3, *grid), minval=0.5, maxval=4.0)
+            eta = gaussian.parameters((sr, sc), (rho - 2.25) / 3)
+            arrays["eta"] = eta
+            arrays["zeta"] = gaussian.log_normalizer(eta, (self.kernel_size,) * 2)
+        return [arrays[name] for name in spec.operands]
 
     def heuristic(self):
         """The tiles the kernel picks when given none (the same call the kernel makes)."""
         n, h, w, c = self.shapes["x"]
         dtype = jnp.dtype(self.dtype)
-        if self.family is PIXEL:
+        if self.family in (PIXEL, GAUSSIAN):  # stride 1: grad_x tiles the same grid
+            op = KERNEL_NAMES[self.target] if self.family is PIXEL else _GAUSSIAN_TILES[self.target]
             ho, wo = self.geom.out_size
             return pixel.pixel_block_sizes(
-                KERNEL_NAMES[self.target], channels=c, groups=1, out_hw=(ho, wo), batch=n,
-                dtype=dtype,
-            )  # fmt: skip
+                op, channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=dtype
+            )
         if self.family is MODULATED:
             cout = self.shapes["w"][-1]
             return modulated.modulated_block_sizes(
@@ -131,7 +150,8 @@ class Kernel:
 
 
 def kernels(dry_run: bool) -> list[Kernel]:
-    """The DESIGN GPU shapes (tiny ones for a dry run), per-pixel filter first."""
+    """The DESIGN GPU shapes (tiny ones for a dry run), per-pixel filter first, the Gaussian
+    filter (C=3, 31x31) last."""
     if dry_run:
         n, px, c, mod, cm, loc, cl = 1, 12, 4, 8, 4, 8, 4
     else:
@@ -146,12 +166,18 @@ def kernels(dry_run: bool) -> list[Kernel]:
                   "y": (n, mod, mod, cm)}  # fmt: skip
         return [Kernel(MODULATED, t, shapes, dtype, 3) for t in targets]
 
+    def gaussian_kernels(size, targets):
+        grid = (n, px, px)
+        shapes = {"x": (*grid, 3), "s": grid, "y": (*grid, 3), "eta": (*grid, 3), "zeta": grid}
+        return [Kernel(GAUSSIAN, t, shapes, "float32", size) for t in targets]
+
     local_shapes = {"x": (n, loc, loc, cl), "w": (loc, loc, 3, 3, cl, cl), "y": (n, loc, loc, cl)}
     if dry_run:
         return [
             *pixel_kernels(3, "float32", "y"),
             *modulated_kernels("float32", "y"),
             Kernel(LOCAL, "y", local_shapes, "float32", 3),
+            *gaussian_kernels(3, "y"),
         ]
     return [
         *pixel_kernels(7, "float32", "y"),
@@ -164,6 +190,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
         *modulated_kernels("bfloat16", "xwd"),
         *[Kernel(LOCAL, t, local_shapes, "float32", 3) for t in "yxw"],
         *pixel_kernels(15, "float32", "xk"),
+        *gaussian_kernels(31, "yxs"),  # rotated elliptical Gaussians
     ]
 
 
