@@ -10,15 +10,8 @@ import pytest
 from experiments.static.lowering import lower_for_cuda
 from pallas_kernels import local
 from pallas_kernels.local import LocalBlockSizes
-from tests.conftest import (
-    Case,
-    assert_close,
-    check_kernels_lower_for_cuda,
-    check_unsupported_reason,
-    check_vmapped_kernels,
-    oracle_with_vjp,
-    rands,
-)
+from tests import kernel_checks
+from tests.conftest import Case, rands
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -72,22 +65,10 @@ def _oracle(x, w, case):
 
 def _loops(x, w, case):
     """Plain loops over taps on a zero-padded x: checks the oracle's weight layout."""
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = (
-        case.geom().kernel_size,
-        case.geom().stride,
-        case.geom().dilation,
-        case.geom().out_size,
+    return sum(
+        jnp.einsum("bijc,ijco->bijo", window, w[:, :, m, n], precision=HIGHEST)
+        for m, n, window in kernel_checks.tap_windows(x, case.geom())
     )
-    xp = jnp.pad(x, ((0, 0), case.geom().padding[0], case.geom().padding[1], (0, 0)))
-    y = 0.0
-    for m in range(kh):
-        for n in range(kw):
-            rows = slice(m * dh, m * dh + (ho - 1) * sh + 1, sh)
-            cols = slice(n * dw, n * dw + (wo - 1) * sw + 1, sw)
-            y = y + jnp.einsum(
-                "bijc,ijco->bijo", xp[:, rows, cols, :], w[:, :, m, n], precision=HIGHEST
-            )
-    return y
 
 
 def _inputs(case, seed=0):
@@ -104,7 +85,7 @@ def _inputs(case, seed=0):
 def _expected(case):
     """Oracle forward and its vjp in x and in w, from float32 copies of the inputs."""
     oracle = functools.partial(_oracle, case=case)
-    return oracle_with_vjp(oracle, _inputs(case), OPS)
+    return kernel_checks.oracle_with_vjp(oracle, _inputs(case), OPS)
 
 
 def _run(case, op, interpret, x, w, dy, precision=None):
@@ -127,8 +108,7 @@ def test_oracle_matches_tap_loops():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kernels_match_oracle(op, case):
     out = _run(case, op, INTERPRET, *_inputs(case))
-    assert out.dtype == case.dtype
-    assert_close(out, _expected(case)[op], case.dtype)
+    kernel_checks.check_kernel_output(out, case, _expected(case)[op])
 
 
 def test_vmap():
@@ -136,7 +116,7 @@ def test_vmap():
     run = functools.partial(_run, case)
     oracle = functools.partial(_oracle, case=case)
     inputs = [_inputs(case, 1), _inputs(case, 2)]
-    check_vmapped_kernels(run, oracle, inputs, OPS, "local", INTERPRET)
+    kernel_checks.check_vmapped_kernels(run, oracle, inputs, OPS, "local", INTERPRET)
 
 
 def test_precision_reaches_the_dot():
@@ -153,7 +133,7 @@ def test_precision_reaches_the_dot():
 
 def test_unsupported():
     shapes = {"x": (1, 5, 5, 3), "w": (5, 5, 3, 3, 3, 4), "y": (1, 5, 5, 4)}
-    check_unsupported_reason(local.unsupported_reason, shapes)
+    kernel_checks.check_unsupported_reason(local.unsupported_reason, shapes)
 
 
 LOWER_CASES = [
@@ -169,4 +149,6 @@ LOWER_CASES = [
     "case", LOWER_CASES + [c for c in CASES if c.block_sizes], ids=lambda c: c.id
 )
 def test_lowers_for_cuda(case):
-    check_kernels_lower_for_cuda(functools.partial(_run, case), lambda: _inputs(case), OPS, "local")
+    kernel_checks.check_kernels_lower_for_cuda(
+        functools.partial(_run, case), lambda: _inputs(case), OPS, "local"
+    )

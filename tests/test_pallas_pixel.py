@@ -10,15 +10,8 @@ import pytest
 
 from pallas_kernels import pixel
 from pallas_kernels.pixel import PixelBlockSizes
-from tests.conftest import (
-    Case,
-    assert_close,
-    check_kernels_lower_for_cuda,
-    check_unsupported_reason,
-    check_vmapped_kernels,
-    oracle_with_vjp,
-    rands,
-)
+from tests import kernel_checks
+from tests.conftest import Case, assert_close, rands
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -114,21 +107,10 @@ def _oracle_gather(x, k, case):
 
 def _loops_gather(x, k, case):
     """Plain loops over taps on a zero-padded x: checks the oracle's layout assumptions."""
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = (
-        case.geom().kernel_size,
-        case.geom().stride,
-        case.geom().dilation,
-        case.geom().out_size,
-    )
-    xp = jnp.pad(x, ((0, 0), case.geom().padding[0], case.geom().padding[1], (0, 0)))
     kc = jnp.repeat(k, x.shape[-1] // k.shape[-1], axis=-1)
-    y = jnp.zeros((x.shape[0], ho, wo, x.shape[-1]), jnp.float32)
-    for m in range(kh):
-        for n in range(kw):
-            rows = slice(m * dh, m * dh + (ho - 1) * sh + 1, sh)
-            cols = slice(n * dw, n * dw + (wo - 1) * sw + 1, sw)
-            y = y + xp[:, rows, cols, :] * kc[:, :, :, m, n, :]
-    return y
+    return sum(
+        window * kc[:, :, :, m, n, :] for m, n, window in kernel_checks.tap_windows(x, case.geom())
+    )
 
 
 def test_oracle_matches_tap_loops():
@@ -150,7 +132,9 @@ def _inputs(case, seed=0):
 @functools.cache
 def _expected(case):
     """Oracle gather, and its vjp in x (= scatter) and in k (= correlate), from float32 copies."""
-    return oracle_with_vjp(functools.partial(_oracle_gather, case=case), _inputs(case), OPS)
+    return kernel_checks.oracle_with_vjp(
+        functools.partial(_oracle_gather, case=case), _inputs(case), OPS
+    )
 
 
 # Kernels compile on a GPU and run in Pallas's interpreter elsewhere.
@@ -174,8 +158,7 @@ OPS = ["forward", "grad_x", "grad_k"]
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kernels_match_oracle(op, case):
     out = _run(case, op, INTERPRET, *_inputs(case))
-    assert out.dtype == case.dtype
-    assert_close(out, _expected(case)[op], case.dtype)
+    kernel_checks.check_kernel_output(out, case, _expected(case)[op])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.block_sizes], ids=lambda c: c.id)
@@ -251,12 +234,12 @@ def test_vmap():
     run = functools.partial(_run, case)
     oracle = functools.partial(_oracle_gather, case=case)
     inputs = [_inputs(case, 1), _inputs(case, 2)]
-    check_vmapped_kernels(run, oracle, inputs, OPS, "pixel", INTERPRET)
+    kernel_checks.check_vmapped_kernels(run, oracle, inputs, OPS, "pixel", INTERPRET)
 
 
 def test_unsupported():
     shapes = {"x": (1, 5, 5, 3), "k": (1, 5, 5, 3, 3, 1), "y": (1, 5, 5, 3)}
-    check_unsupported_reason(pixel.unsupported_reason, shapes)
+    kernel_checks.check_unsupported_reason(pixel.unsupported_reason, shapes)
 
 
 LOWER_CASES = [
@@ -273,4 +256,6 @@ LOWER_CASES = [
     "case", LOWER_CASES + [c for c in CASES if c.block_sizes], ids=lambda c: c.id
 )
 def test_lowers_for_cuda(case):
-    check_kernels_lower_for_cuda(functools.partial(_run, case), lambda: _inputs(case), OPS, "pixel")
+    kernel_checks.check_kernels_lower_for_cuda(
+        functools.partial(_run, case), lambda: _inputs(case), OPS, "pixel"
+    )
