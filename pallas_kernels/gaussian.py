@@ -31,17 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import (
-    KEEP,
-    common_unsupported_reason,
-    contributing_taps,
-    exact_div,
-    gather,
-    inside,
-    run,
-    split,
-    sweep,
-)
+from pallas_kernels import _common as cm
 from pallas_kernels.geometry import Geometry, KernelCall
 from pallas_kernels.pixel import PixelBlockSizes, pixel_block_sizes
 
@@ -62,7 +52,7 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the kernels handle this case, else why not (one line). ``shapes``: the shape
     of every slot and parameter by name."""
     del geom  # every geometry the API accepts
-    return common_unsupported_reason(shapes, dtype)
+    return cm.common_unsupported_reason(shapes, dtype)
 
 
 def _tile_pixels(ti, tj, bs: PixelBlockSizes):
@@ -76,8 +66,8 @@ def _pixel_params(eta_ref, zeta_ref, b, i, j, ok):
     tangents (each None where its ref is)."""
     eta = None
     if eta_ref is not None:
-        eta = [gather(eta_ref.at[b, i, j, q], ok).astype(_F32) for q in range(eta_ref.shape[-1])]
-    zeta = None if zeta_ref is None else gather(zeta_ref.at[b, i, j], ok).astype(_F32)
+        eta = [cm.gather(eta_ref.at[b, i, j, q], ok).astype(_F32) for q in range(eta_ref.shape[-1])]
+    zeta = None if zeta_ref is None else cm.gather(zeta_ref.at[b, i, j], ok).astype(_F32)
     return eta, zeta
 
 
@@ -117,30 +107,30 @@ def _forward_kernel(x_ref, s_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th
     tx_ref, ts_ref, teta_ref, tzeta_ref = tangents or (None,) * 4
     _, h, w, c = x_ref.shape
     _, ho, wo, _ = y_ref.shape
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    b, ti = split(pl.program_id(2), n_th)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
+    b, ti = cm.split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
     pix_ok = (rows < ho) & (cols < wo)
     eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
     teta, tzeta = _pixel_params(teta_ref, tzeta_ref, b, rows, cols, pix_ok)
-    scale = None if s_ref is None else gather(s_ref.at[b, rows, cols], pix_ok).astype(_F32)
-    tscale = None if ts_ref is None else gather(ts_ref.at[b, rows, cols], pix_ok).astype(_F32)
+    scale = None if s_ref is None else cm.gather(s_ref.at[b, rows, cols], pix_ok).astype(_F32)
+    tscale = None if ts_ref is None else cm.gather(ts_ref.at[b, rows, cols], pix_ok).astype(_F32)
 
     def tap(t, acc):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
-        ok = pix_ok & inside(r, q, h, w) & (chans < c)
+        ok = pix_ok & cm.inside(r, q, h, w) & (chans < c)
         phi = _features(m, n, (kh, kw), len(eta))
         weight = _weight(eta, zeta, phi, moments)
-        xt = gather(x_ref.at[b, r, q, chans], ok, KEEP).astype(_F32)
+        xt = cm.gather(x_ref.at[b, r, q, chans], ok, cm.KEEP).astype(_F32)
         if not tangents:
             return acc + xt * weight
         plain, moved = acc  # sum w * x (for ts), sum w * (tx + x * f)
         factor = _weight_tangent_factor(teta, tzeta, phi)
         change = None if factor is None else xt * factor
         if tx_ref is not None:
-            txt = gather(tx_ref.at[b, r, q, chans], ok, KEEP).astype(_F32)
+            txt = cm.gather(tx_ref.at[b, r, q, chans], ok, cm.KEEP).astype(_F32)
             change = txt if change is None else change + txt
         if tscale is not None:
             plain = plain + xt * weight
@@ -166,39 +156,39 @@ def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th
     ts_ref, tdy_ref, teta_ref, tzeta_ref = tangents or (None,) * 4
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = dx_ref.shape
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    phw, tj = split(pl.program_id(1), n_tw)
-    b, rest = split(pl.program_id(2), sh * n_th)
-    phh, ti = split(rest, n_th)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
+    phw, tj = cm.split(pl.program_id(1), n_tw)
+    b, rest = cm.split(pl.program_id(2), sh * n_th)
+    phh, ti = cm.split(rest, n_th)
     # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
     # of that phase reach them, each from source pixel (R + const, Q + const).
     big_r, big_q = _tile_pixels(ti, tj, bs)
     rows, cols = big_r * sh + phh, big_q * sw + phw
     chans = pl.program_id(0) * bs.block_channels + jnp.arange(bs.block_channels)[None, :]
-    m0, m_count, m_step = contributing_taps(lax.rem(phh + ptop % sh, sh), kh, sh, dh)
-    n0, n_count, n_step = contributing_taps(lax.rem(phw + pleft % sw, sw), kw, sw, dw)
+    m0, m_count, m_step = cm.contributing_taps(lax.rem(phh + ptop % sh, sh), kh, sh, dh)
+    n0, n_count, n_step = cm.contributing_taps(lax.rem(phw + pleft % sw, sw), kw, sw, dw)
 
     def tap(m, n, acc):
-        i = big_r + exact_div(phh + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
-        j = big_q + exact_div(phw + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
-        ok = inside(i, j, ho, wo)
+        i = big_r + cm.exact_div(phh + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
+        j = big_q + cm.exact_div(phw + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
+        ok = cm.inside(i, j, ho, wo)
         eta, zeta = _pixel_params(eta_ref, zeta_ref, b, i, j, ok)
         phi = _features(m, n, (kh, kw), len(eta))
         weight = _weight(eta, zeta, phi, moments)
-        scale = None if s_ref is None else gather(s_ref.at[b, i, j], ok).astype(_F32)
-        dyt = gather(dy_ref.at[b, i, j, chans], ok & (chans < c), KEEP).astype(_F32)
+        scale = None if s_ref is None else cm.gather(s_ref.at[b, i, j], ok).astype(_F32)
+        dyt = cm.gather(dy_ref.at[b, i, j, chans], ok & (chans < c), cm.KEEP).astype(_F32)
         if not tangents:
             return acc + dyt * (weight if scale is None else weight * scale)
         teta, tzeta = _pixel_params(teta_ref, tzeta_ref, b, i, j, ok)
         factor = _weight_tangent_factor(teta, tzeta, phi)
         change = None if factor is None else dyt * factor
         if tdy_ref is not None:
-            tdyt = gather(tdy_ref.at[b, i, j, chans], ok & (chans < c), KEEP).astype(_F32)
+            tdyt = cm.gather(tdy_ref.at[b, i, j, chans], ok & (chans < c), cm.KEEP).astype(_F32)
             change = tdyt if change is None else change + tdyt
         if change is not None and scale is not None:
             change = change * scale
         if ts_ref is not None:
-            moved = dyt * gather(ts_ref.at[b, i, j], ok).astype(_F32)
+            moved = dyt * cm.gather(ts_ref.at[b, i, j], ok).astype(_F32)
             change = moved if change is None else change + moved
         return acc if change is None else acc + change * weight
 
@@ -215,8 +205,8 @@ def _grad_x_kernel(s_ref, dy_ref, eta_ref, zeta_ref, *refs, g, bs, moments, n_th
 def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, n_th):
     _, h, w, c = x_ref.shape
     _, ho, wo = ds_ref.shape
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
-    b, ti = split(pl.program_id(2), n_th)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
+    b, ti = cm.split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     pix_ok = (rows < ho) & (cols < wo)
     eta, zeta = _pixel_params(eta_ref, zeta_ref, b, rows, cols, pix_ok)
@@ -225,14 +215,16 @@ def _grad_s_kernel(x_ref, dy_ref, eta_ref, zeta_ref, ds_ref, *, g, bs, moments, 
         for k in range(pl.cdiv(c, bs.block_channels))
     ]
     # dy is the same for every tap: read it once.
-    dys = [gather(dy_ref.at[b, rows, cols, ch], pix_ok & (ch < c)).astype(_F32) for ch in blocks]
+    dys = [cm.gather(dy_ref.at[b, rows, cols, ch], pix_ok & (ch < c)).astype(_F32) for ch in blocks]
 
     def tap(t, acc):
         m, n = lax.div(t, kw), lax.rem(t, kw)
         r, q = rows * sh + m * dh - ptop, cols * sw + n * dw - pleft
         inner = jnp.zeros_like(acc)
         for ch, dyt in zip(blocks, dys, strict=True):
-            xt = gather(x_ref.at[b, r, q, ch], pix_ok & inside(r, q, h, w) & (ch < c), KEEP)
+            xt = cm.gather(
+                x_ref.at[b, r, q, ch], pix_ok & cm.inside(r, q, h, w) & (ch < c), cm.KEEP
+            )
             inner += jnp.sum(xt.astype(_F32) * dyt, axis=1, keepdims=True)
         return acc + inner * _weight(eta, zeta, _features(m, n, (kh, kw), len(eta)), moments)
 
@@ -266,7 +258,7 @@ def _forward(x, s, eta, zeta, tangents, call: KernelCall) -> jax.Array:
     grid = (pl.cdiv(c, bs.block_channels), pl.cdiv(wo, bs.block_w), n * n_th)
     body = functools.partial(_forward_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th)
     name = "gaussian_forward_jvp" if tangents else "gaussian_forward"
-    return run(body, (x, s, eta, zeta, *tangents), call, name=name, grid=grid, tiles=bs)
+    return cm.run(body, (x, s, eta, zeta, *tangents), call, name=name, grid=grid, tiles=bs)
 
 
 def grad_x(s, dy, eta, zeta, call: KernelCall) -> jax.Array:
@@ -295,7 +287,7 @@ def _grad_x(s, dy, eta, zeta, tangents, call: KernelCall) -> jax.Array:
     out = jax.ShapeDtypeStruct(call.out_shape, dy.dtype)
     name = "gaussian_grad_x_jvp" if tangents else "gaussian_grad_x"
     operands = (s, dy, eta, zeta, *tangents)
-    return run(body, operands, call, name=name, grid=grid, tiles=bs, out=out)
+    return cm.run(body, operands, call, name=name, grid=grid, tiles=bs, out=out)
 
 
 def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:
@@ -309,4 +301,4 @@ def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (1, pl.cdiv(wo, bs.block_w), n * n_th)
     body = functools.partial(_grad_s_kernel, g=call.geom, bs=bs, moments=call.moments, n_th=n_th)
-    return run(body, (x, dy, eta, zeta), call, name="gaussian_grad_s", grid=grid, tiles=bs)
+    return cm.run(body, (x, dy, eta, zeta), call, name="gaussian_grad_s", grid=grid, tiles=bs)

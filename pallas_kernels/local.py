@@ -26,19 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import (
-    KEEP,
-    STREAM,
-    check_tiles,
-    common_unsupported_reason,
-    contributing_taps,
-    exact_div,
-    gather,
-    next_pow2,
-    products,
-    run,
-    sweep,
-)
+from pallas_kernels import _common as cm
 from pallas_kernels.geometry import Geometry, KernelCall
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +57,7 @@ class LocalBlockSizes:
     num_stages: int = 3
 
     def __post_init__(self):
-        check_tiles(self, minimum=_DOT_MIN)
+        cm.check_tiles(self, minimum=_DOT_MIN)
 
 
 def local_block_sizes(
@@ -78,7 +66,7 @@ def local_block_sizes(
     """Tiles for the three local-conv kernels on an H100 (memory-bound on w)."""
 
     def fit(n: int, cap: int) -> int:
-        return min(max(next_pow2(n), _DOT_MIN), cap)
+        return min(max(cm.next_pow2(n), _DOT_MIN), cap)
 
     # The whole batch in one program reads each w tile once; beyond 64 images the batch is split
     # over neighbouring programs (grid axis 0), which read the same w tile together from L2.
@@ -109,7 +97,7 @@ def _dot(a, b, precision, contract=((1,), (0,))):
 
 def _patch(x_ref, i, j, kk, g: Geometry):
     """Input rows, columns, channels and in-bounds mask of flattened taps kk = (m, n, c)."""
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     _, h, w, cin = x_ref.shape
     m = lax.div(kk, kw * cin)
     n = lax.rem(lax.div(kk, cin), kw)
@@ -123,7 +111,7 @@ def _forward_kernel(x_ref, w_ref, *refs, g: Geometry, bs: LocalBlockSizes, preci
     """``y = sum_tap x @ w``; with the tangent refs ``tx, tw`` (each None or not) before
     ``y``'s, its tangent ``sum_tap tx @ w + x @ tw``."""
     *tangents, y_ref = refs
-    pairs = products(x_ref, w_ref, tangents)  # (image, weights) refs whose products are summed
+    pairs = cm.products(x_ref, w_ref, tangents)  # (image, weights) refs whose products are summed
     n_img = x_ref.shape[0]
     _, wo, k_total, cout = w_ref.shape
     i, j = lax.div(pl.program_id(2), wo), lax.rem(pl.program_id(2), wo)
@@ -135,8 +123,8 @@ def _forward_kernel(x_ref, w_ref, *refs, g: Geometry, bs: LocalBlockSizes, preci
         r, q, c, ok = _patch(x_ref, i, j, kk[None, :], g)
         wmask = (kk[:, None] < k_total) & (outs < cout)
         for image_ref, weight_ref in pairs:
-            xt = gather(image_ref.at[imgs, r, q, c], ok & (imgs < n_img), KEEP)
-            wt = gather(weight_ref.at[i, j, kk[:, None], outs], wmask, STREAM)
+            xt = cm.gather(image_ref.at[imgs, r, q, c], ok & (imgs < n_img), cm.KEEP)
+            wt = cm.gather(weight_ref.at[i, j, kk[:, None], outs], wmask, cm.STREAM)
             acc += _dot(xt, wt, precision)
         return acc
 
@@ -147,26 +135,28 @@ def _forward_kernel(x_ref, w_ref, *refs, g: Geometry, bs: LocalBlockSizes, preci
 
 
 def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: Geometry, bs: LocalBlockSizes, precision):
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     n_img, ho, wo, cout = dy_ref.shape
     _, h, w, cin = dx_ref.shape
     p, q = lax.div(pl.program_id(2), w), lax.rem(pl.program_id(2), w)
     imgs = pl.program_id(0) * bs.block_batch + jnp.arange(bs.block_batch)[:, None]  # [B, 1]
     chans = pl.program_id(1) * bs.block_in + jnp.arange(bs.block_in)[:, None]  # [C, 1]
     # Only the taps of this pixel's stride phase reach it, each from one source pixel (i, j).
-    m0, m_count, m_step = contributing_taps(lax.rem(p + ptop, sh), kh, sh, dh)
-    n0, n_count, n_step = contributing_taps(lax.rem(q + pleft, sw), kw, sw, dw)
+    m0, m_count, m_step = cm.contributing_taps(lax.rem(p + ptop, sh), kh, sh, dh)
+    n0, n_count, n_step = cm.contributing_taps(lax.rem(q + pleft, sw), kw, sw, dw)
 
     def tap(m, n, acc):
-        i = exact_div(p + ptop - m * dh, sh, -(kh - 1) * dh)
-        j = exact_div(q + pleft - n * dw, sw, -(kw - 1) * dw)
+        i = cm.exact_div(p + ptop - m * dh, sh, -(kh - 1) * dh)
+        j = cm.exact_div(q + pleft - n * dw, sw, -(kw - 1) * dw)
         src_ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
 
         def out_block(ob, acc):
             outs = ob * bs.block_out + jnp.arange(bs.block_out)[None, :]  # [1, O]
-            dyt = gather(dy_ref.at[imgs, i, j, outs], src_ok & (imgs < n_img) & (outs < cout), KEEP)
-            wt = gather(
-                w_ref.at[i, j, m, n, chans, outs], src_ok & (chans < cin) & (outs < cout), STREAM
+            dyt = cm.gather(
+                dy_ref.at[imgs, i, j, outs], src_ok & (imgs < n_img) & (outs < cout), cm.KEEP
+            )
+            wt = cm.gather(
+                w_ref.at[i, j, m, n, chans, outs], src_ok & (chans < cin) & (outs < cout), cm.STREAM
             )
             return acc + _dot(dyt, wt, precision, contract=((1,), (1,)))
 
@@ -193,9 +183,9 @@ def _grad_w_kernel(x_ref, dy_ref, dw_ref, *, g: Geometry, bs: LocalBlockSizes, p
 
     def batch_block(bb, acc):
         imgs = bb * bs.block_batch + jnp.arange(bs.block_batch)
-        xt = gather(x_ref.at[imgs[None, :], r, q, c], ok & (imgs < n_img), KEEP)
+        xt = cm.gather(x_ref.at[imgs[None, :], r, q, c], ok & (imgs < n_img), cm.KEEP)
         dmask = (imgs[:, None] < n_img) & (outs < cout)
-        dyt = gather(dy_ref.at[imgs[:, None], i, j, outs], dmask, KEEP)
+        dyt = cm.gather(dy_ref.at[imgs[:, None], i, j, outs], dmask, cm.KEEP)
         return acc + _dot(xt, dyt, precision)
 
     acc = jnp.zeros((bs.block_k, bs.block_out), jnp.float32)
@@ -213,7 +203,7 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the local-conv kernels handle this case, else why not (one line). ``shapes``:
     the shape of every slot (``x``, ``w``, ``y``) by name."""
     del geom  # every geometry the API accepts
-    return common_unsupported_reason(shapes, dtype)
+    return cm.common_unsupported_reason(shapes, dtype)
 
 
 def _sizes(call: KernelCall, batch: int, cin: int, cout: int, dtype) -> LocalBlockSizes:
@@ -248,7 +238,7 @@ def _forward(x, w, tangents, call: KernelCall) -> jax.Array:
     tx, tw = tangents or (None, None)
     operands = (x, rows(w), *((tx, rows(tw)) if tangents else ()))
     name = "local_forward_jvp" if tangents else "local_forward"
-    return run(body, operands, call, name=name, grid=grid, tiles=bs)
+    return cm.run(body, operands, call, name=name, grid=grid, tiles=bs)
 
 
 def grad_x(w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -258,7 +248,7 @@ def grad_x(w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     bs = _sizes(call, n, cin, w.shape[5], dy.dtype)
     grid = (pl.cdiv(n, bs.block_batch), pl.cdiv(cin, bs.block_in), h * w_in)
     body = functools.partial(_grad_x_kernel, g=call.geom, bs=bs, precision=call.precision)
-    return run(body, (dy, w), call, name="local_grad_x", grid=grid, tiles=bs)
+    return cm.run(body, (dy, w), call, name="local_grad_x", grid=grid, tiles=bs)
 
 
 def grad_w(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -271,5 +261,5 @@ def grad_w(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     grid = (pl.cdiv(k_total, bs.block_k), pl.cdiv(cout, bs.block_out), ho * wo)
     body = functools.partial(_grad_w_kernel, g=call.geom, bs=bs, precision=call.precision)
     out = jax.ShapeDtypeStruct((ho, wo, k_total, cout), x.dtype)
-    dw = run(body, (x, dy), call, name="local_grad_w", grid=grid, tiles=bs, out=out)
+    dw = cm.run(body, (x, dy), call, name="local_grad_w", grid=grid, tiles=bs, out=out)
     return dw.reshape(call.out_shape)

@@ -31,20 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import (
-    KEEP,
-    channel_block,
-    check_tiles,
-    common_unsupported_reason,
-    contributing_taps,
-    exact_div,
-    gather,
-    inside,
-    next_pow2,
-    products,
-    run,
-    sweep,
-)
+from pallas_kernels import _common as cm
 from pallas_kernels.geometry import Geometry, KernelCall
 
 _NUM_SMS = 132  # H100 SXM
@@ -89,7 +76,7 @@ class ModulatedBlockSizes:
     num_stages: int
 
     def __post_init__(self):
-        check_tiles(self, minimum=16, counts=("num_stages", "chunks_dw"))
+        cm.check_tiles(self, minimum=16, counts=("num_stages", "chunks_dw"))
 
 
 def _pixel_block(pixels: int, channel_blocks: int) -> int:
@@ -103,7 +90,7 @@ def _pixel_block(pixels: int, channel_blocks: int) -> int:
     block = 128
     while block > floor and pl.cdiv(pixels, block) * channel_blocks < 2 * _NUM_SMS:
         block //= 2
-    return min(block, max(16, next_pow2(pixels)))
+    return min(block, max(16, cm.next_pow2(pixels)))
 
 
 def _exact_float32(dtype, precision) -> bool:
@@ -125,8 +112,8 @@ def modulated_block_sizes(
     # fp32 tiles take twice the registers and shared memory of 16-bit ones: halve the channel
     # blocks so 3 pipeline stages of A and B tiles still fit in shared memory.
     ch_cap, k_cap = (64, 32) if wide else (128, 64)
-    block_n = channel_block(cout, ch_cap)
-    block_n_dx = channel_block(cin, ch_cap)
+    block_n = cm.channel_block(cout, ch_cap)
+    block_n_dx = cm.channel_block(cin, ch_cap)
     # Exact float32 dots hold their operands in registers: half the pixels, or they spill.
     m_cap = 64 if _exact_float32(dtype, precision) else 128
     block_m = min(m_cap, _pixel_block(batch * ho * wo, pl.cdiv(cout, block_n)))
@@ -135,8 +122,8 @@ def modulated_block_sizes(
     # grad_w holds a [block_cin, block_cout] fp32 accumulator per program and contracts over
     # pixels, so its dot's M is input channels: 64 of them keep wgmma; 32 output channels keep
     # the accumulator at 16 registers a thread.
-    block_cin_dw = channel_block(cin, 64)
-    block_cout_dw = channel_block(cout, 32)
+    block_cin_dw = cm.channel_block(cin, 64)
+    block_cout_dw = cm.channel_block(cout, 32)
     block_m_dw = 64
     # One fp32 partial sum of dw per chunk, added in JAX: enough chunks for 2 programs per SM,
     # but their write and read at most 1/16 of the bytes of x and dy.
@@ -150,10 +137,10 @@ def modulated_block_sizes(
     return ModulatedBlockSizes(
         block_m=block_m,
         block_n=block_n,
-        block_k=channel_block(cin, k_cap),
+        block_k=cm.channel_block(cin, k_cap),
         block_m_dx=block_m_dx,
         block_n_dx=block_n_dx,
-        block_k_dx=channel_block(cout, k_cap),
+        block_k_dx=cm.channel_block(cout, k_cap),
         block_m_dw=block_m_dw,
         chunks_dw=chunks_dw,
         block_cin_dw=block_cin_dw,
@@ -167,7 +154,7 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the kernels handle this case, else a one-line reason. ``shapes``: the shape
     of every slot (``x``, ``w``, ``d``, ``y``) by name."""
     del geom  # every geometry the API accepts
-    return common_unsupported_reason(shapes, dtype)
+    return cm.common_unsupported_reason(shapes, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,11 +177,11 @@ def _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans, ok, *, g: Geometry, shar
     channels ``chans`` (``[1, K]``), its rows scaled by ``d``, in ``x``'s dtype; zero where
     ``ok`` is false or the tap falls in the padding."""
     _, h, w, cin = x_ref.shape
-    _, (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    _, (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     r, q = i * sh + m * dh - ptop, j * sw + n * dw - pleft
-    xt = gather(x_ref.at[b, r, q, chans], ok & inside(r, q, h, w) & (chans < cin), KEEP)
+    xt = cm.gather(x_ref.at[b, r, q, chans], ok & cm.inside(r, q, h, w) & (chans < cin), cm.KEEP)
     d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
-    dt = gather(d_at, ok)
+    dt = cm.gather(d_at, ok)
     return (xt.astype(_F32) * dt.astype(_F32)).astype(xt.dtype)
 
 
@@ -212,14 +199,14 @@ def _forward_kernel(x_ref, w_ref, d_ref, *refs, g, bs, shared, precision):
     *tangents, y_ref = refs
     cin = x_ref.shape[3]
     _, ho, wo, cout = y_ref.shape
-    (kh, kw), *_ = sweep(g)
+    (kh, kw), *_ = cm.sweep(g)
     b = pl.program_id(2)
     i, j, ok = _out_pixels(pl.program_id(1) * bs.block_m, bs.block_m, ho, wo)
     outs = _arange(pl.program_id(0) * bs.block_n, bs.block_n)[None, :]
     # (weight, [(image, modulation), ...]): each product's dot with its weight.
     if tangents:
         tx_ref, tw_ref, td_ref = tangents
-        images = products(x_ref, d_ref, (tx_ref, td_ref))
+        images = cm.products(x_ref, d_ref, (tx_ref, td_ref))
         terms = [(w_ref, images)] if images else []
         if tw_ref is not None:
             terms.append((tw_ref, [(x_ref, d_ref)]))
@@ -231,7 +218,7 @@ def _forward_kernel(x_ref, w_ref, d_ref, *refs, g, bs, shared, precision):
         for kb in range(pl.cdiv(cin, bs.block_k)):
             chans = _arange(kb * bs.block_k, bs.block_k)
             for weight_ref, images in terms:
-                wt = gather(
+                wt = cm.gather(
                     weight_ref.at[m, n, chans[:, None], outs],
                     (chans[:, None] < cin) & (outs < cout),
                 )
@@ -249,7 +236,7 @@ def _forward_kernel(x_ref, w_ref, d_ref, *refs, g, bs, shared, precision):
 def _grad_x_kernel(w_ref, d_ref, dy_ref, dx_ref, *, g, bs, shared, precision, blocks):
     _, h, w, cin = dx_ref.shape
     _, ho, wo, cout = dy_ref.shape
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     b = pl.program_id(2)
     phase, block = lax.div(pl.program_id(1), blocks), lax.rem(pl.program_id(1), blocks)
     pa, pb = lax.div(phase, sw), lax.rem(phase, sw)
@@ -261,20 +248,20 @@ def _grad_x_kernel(w_ref, d_ref, dy_ref, dx_ref, *, g, bs, shared, precision, bl
     rows, cols = big_p * sh + pa, big_q * sw + pb
     chans = _arange(pl.program_id(0) * bs.block_n_dx, bs.block_n_dx)[None, :]
     # Residues of pa + ptop (mod sh) without a negative operand: ptop may be negative (a crop).
-    m0, m_count, m_step = contributing_taps(lax.rem(pa + ptop % sh, sh), kh, sh, dh)
-    n0, n_count, n_step = contributing_taps(lax.rem(pb + pleft % sw, sw), kw, sw, dw)
+    m0, m_count, m_step = cm.contributing_taps(lax.rem(pa + ptop % sh, sh), kh, sh, dh)
+    n0, n_count, n_step = cm.contributing_taps(lax.rem(pb + pleft % sw, sw), kw, sw, dw)
 
     def tap(m, n, acc):
-        i = big_p + exact_div(pa + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
-        j = big_q + exact_div(pb + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
+        i = big_p + cm.exact_div(pa + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
+        j = big_q + cm.exact_div(pb + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
         ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
         d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
-        dt = gather(d_at, ok).astype(_F32)
+        dt = cm.gather(d_at, ok).astype(_F32)
         for ob in range(pl.cdiv(cout, bs.block_k_dx)):
             outs = _arange(ob * bs.block_k_dx, bs.block_k_dx)
-            dyt = gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout), KEEP)
+            dyt = cm.gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout), cm.KEEP)
             gs = (dyt.astype(_F32) * dt).astype(dyt.dtype)
-            wt = gather(
+            wt = cm.gather(
                 w_ref.at[m, n, chans, outs[:, None]], (chans < cin) & (outs[:, None] < cout)
             )
             acc += _dot(gs, wt, precision)
@@ -293,7 +280,7 @@ def _grad_w_kernel(x_ref, d_ref, dy_ref, dw_ref, *, g, bs, shared, precision, ch
     # dw_ref: [chunks, kh * kw, Cin, Cout] fp32 partial sums.
     _, _, _, cin = x_ref.shape
     n_img, ho, wo, cout = dy_ref.shape
-    (_, kw), *_ = sweep(g)
+    (_, kw), *_ = cm.sweep(g)
     t = pl.program_id(2)
     m, n = lax.div(t, kw), lax.rem(t, kw)
     chans = _arange(pl.program_id(1) * bs.block_cin_dw, bs.block_cin_dw)
@@ -308,7 +295,7 @@ def _grad_w_kernel(x_ref, d_ref, dy_ref, dw_ref, *, g, bs, shared, precision, ch
         b, p = lax.div(f, ho * wo), lax.rem(f, ho * wo)
         i, j = lax.div(p, wo), lax.rem(p, wo)
         xs = _modulated_tile(x_ref, d_ref, b, i, j, m, n, chans[None, :], ok, g=g, shared=shared)
-        dyt = gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout), KEEP)
+        dyt = cm.gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout), cm.KEEP)
         # Contract over pixels (dim 0 of both): Triton transposes the A tile in registers.
         return acc + _dot(xs, dyt, precision, contract=((0,), (0,)))
 
@@ -321,7 +308,7 @@ def _grad_w_kernel(x_ref, d_ref, dy_ref, dw_ref, *, g, bs, shared, precision, ch
 def _grad_d_kernel(x_ref, w_ref, dy_ref, dd_ref, *, g, bs, shared, precision):
     n_img, _, _, cin = x_ref.shape
     _, ho, wo, cout = dy_ref.shape
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     _, h, w, _ = x_ref.shape
     i, j, ok = _out_pixels(pl.program_id(0) * bs.block_m, bs.block_m, ho, wo)
     r_base, q_base = i * sh - ptop, j * sw - pleft
@@ -330,19 +317,21 @@ def _grad_d_kernel(x_ref, w_ref, dy_ref, dd_ref, *, g, bs, shared, precision):
 
     def image(b, total, m, n):
         r, q = r_base + m * dh, q_base + n * dw
-        x_ok = ok & inside(r, q, h, w)
+        x_ok = ok & cm.inside(r, q, h, w)
         for ob in range(pl.cdiv(cout, bs.block_n)):
             outs = _arange(ob * bs.block_n, bs.block_n)
             z = jnp.zeros((bs.block_m, bs.block_n), _F32)
             for kb in range(pl.cdiv(cin, bs.block_k)):
                 chans = _arange(kb * bs.block_k, bs.block_k)
-                xt = gather(x_ref.at[b, r, q, chans[None, :]], x_ok & (chans[None, :] < cin), KEEP)
-                wt = gather(
+                xt = cm.gather(
+                    x_ref.at[b, r, q, chans[None, :]], x_ok & (chans[None, :] < cin), cm.KEEP
+                )
+                wt = cm.gather(
                     w_ref.at[m, n, chans[:, None], outs[None, :]],
                     (chans[:, None] < cin) & (outs[None, :] < cout),
                 )
                 z += _dot(xt, wt, precision)
-            dyt = gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout))
+            dyt = cm.gather(dy_ref.at[b, i, j, outs[None, :]], ok & (outs[None, :] < cout))
             total += jnp.sum(dyt.astype(_F32) * z, axis=1, keepdims=True)
         return total
 
@@ -386,7 +375,7 @@ def forward(x: jax.Array, w: jax.Array, d: jax.Array, call: KernelCall) -> jax.A
     bs = _sizes(call, x.shape, cout, x.dtype)
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
     body = _body(_forward_kernel, call, bs, d.ndim == 4)
-    return run(body, (x, w, d), call, name="modulated_forward", grid=grid, tiles=bs)
+    return cm.run(body, (x, w, d), call, name="modulated_forward", grid=grid, tiles=bs)
 
 
 def forward_jvp(x, w, d, tx, tw, td, call: KernelCall) -> jax.Array:
@@ -407,7 +396,7 @@ def forward_jvp(x, w, d, tx, tw, td, call: KernelCall) -> jax.Array:
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
     body = _body(_forward_kernel, call, bs, d.ndim == 4)
     operands = (x, w, d, tx, tw, td)
-    return run(body, operands, call, name="modulated_forward_jvp", grid=grid, tiles=bs)
+    return cm.run(body, operands, call, name="modulated_forward_jvp", grid=grid, tiles=bs)
 
 
 def grad_x(w: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -419,7 +408,7 @@ def grad_x(w: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     grid = (pl.cdiv(cin, bs.block_n_dx), sh * sw * blocks, n)
     body = _body(_grad_x_kernel, call, bs, d.ndim == 4, blocks=blocks)
     out = jax.ShapeDtypeStruct(call.out_shape, dy.dtype)
-    return run(body, (w, d, dy), call, name="modulated_grad_x", grid=grid, tiles=bs, out=out)
+    return cm.run(body, (w, d, dy), call, name="modulated_grad_x", grid=grid, tiles=bs, out=out)
 
 
 def grad_w(x: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -433,7 +422,7 @@ def grad_w(x: jax.Array, d: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     grid = (pl.cdiv(cout, bs.block_cout_dw), pl.cdiv(cin, bs.block_cin_dw), kh * kw, chunks)
     body = _body(_grad_w_kernel, call, bs, d.ndim == 4, chunk=chunk)
     out = jax.ShapeDtypeStruct((chunks, kh * kw, cin, cout), _F32)
-    partial = run(body, (x, d, dy), call, name="modulated_grad_w", grid=grid, tiles=bs, out=out)
+    partial = cm.run(body, (x, d, dy), call, name="modulated_grad_w", grid=grid, tiles=bs, out=out)
     return partial.sum(axis=0).reshape(call.out_shape).astype(x.dtype)
 
 
@@ -445,4 +434,4 @@ def grad_d(x: jax.Array, w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     bs = _sizes(call, x.shape, cout, x.dtype)
     grid = (pl.cdiv(ho * wo, bs.block_m), 1 if shared else n)
     body = _body(_grad_d_kernel, call, bs, shared)
-    return run(body, (x, w, dy), call, name="modulated_grad_d", grid=grid, tiles=bs)
+    return cm.run(body, (x, w, dy), call, name="modulated_grad_d", grid=grid, tiles=bs)

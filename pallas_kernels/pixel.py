@@ -26,20 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import (
-    KEEP,
-    check_tiles,
-    common_unsupported_reason,
-    contributing_taps,
-    exact_div,
-    gather,
-    inside,
-    next_pow2,
-    products,
-    run,
-    split,
-    sweep,
-)
+from pallas_kernels import _common as cm
 from pallas_kernels.geometry import Geometry, KernelCall
 
 # ------------------------------------------------------------------------------------------------
@@ -80,7 +67,7 @@ class PixelBlockSizes:
     unmasked_interior: bool = False
 
     def __post_init__(self):
-        check_tiles(self, minimum=1)
+        cm.check_tiles(self, minimum=1)
         if self.column_phases > self.block_w:
             raise ValueError(
                 f"PixelBlockSizes.column_phases ({self.column_phases}) must be at most "
@@ -112,8 +99,8 @@ def pixel_block_sizes(
     # The kernels are memory-bound: a group's channels are contiguous in memory, so they get the
     # lanes first (one wide vector load per pixel), whole groups next.
     lanes = _LANE_BYTES // jnp.dtype(dtype).itemsize
-    block_channels = min(next_pow2(cpg), lanes)
-    block_groups = min(next_pow2(groups), max(lanes // block_channels, 1))
+    block_channels = min(cm.next_pow2(cpg), lanes)
+    block_groups = min(cm.next_pow2(groups), max(lanes // block_channels, 1))
     channel_programs = pl.cdiv(groups, block_groups) * pl.cdiv(cpg, block_channels)
     # grad_k keeps every channel block of its groups live (the dy tiles); the others one.
     live = block_groups * block_channels
@@ -125,15 +112,15 @@ def pixel_block_sizes(
     pixels = max(_TILE_ELEMENTS // live, 1)
     h, w = out_hw
     # Pixels beyond the image are masked lanes: don't make tiles much larger than the image.
-    pixels = min(pixels, next_pow2(h) * next_pow2(w))
+    pixels = min(pixels, cm.next_pow2(h) * cm.next_pow2(w))
     # At least two programs per SM so that one program's loads overlap another's arithmetic;
     # below 16 pixels a tile's halo (re-read for every tap) costs more than the idle SMs.
     while pixels > 16 and batch * pl.cdiv(h * w, pixels) * channel_programs < 2 * _NUM_SMS:
         pixels //= 2
     # Square tiles re-read the least halo per tap; the wider side goes along W, where a tile row
     # is one contiguous run of block_w * C elements.
-    block_w = min(next_pow2(w), next_pow2(math.isqrt(pixels - 1) + 1))
-    block_w = max(block_w, pixels // next_pow2(h))
+    block_w = min(cm.next_pow2(w), cm.next_pow2(math.isqrt(pixels - 1) + 1))
+    block_w = max(block_w, pixels // cm.next_pow2(h))
     block_h = pixels // block_w
     # The tap loop has independent loads every iteration: double buffering hides their latency.
     return PixelBlockSizes(
@@ -169,7 +156,7 @@ def _interior(ti, tj, g: Geometry, bs: PixelBlockSizes, shapes, groups: int):
     cpg = c // groups
     if not bs.unmasked_interior or groups % bs.block_groups or cpg % bs.block_channels:
         return None
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     r0, c0 = ti * bs.block_h, tj * bs.block_w
     r1, c1 = r0 + bs.block_h - 1, c0 + bs.block_w - 1  # the tile's last row and column
     return (
@@ -198,12 +185,12 @@ def _tap_loop(interior, loop):
 def _forward_kernel(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub: int, n_th: int):
     """``y = sum_tap x * k``; with the tangent refs ``tx, tk`` before ``y``'s, its tangent."""
     *tangents, o_ref = refs
-    pairs = products(x_ref, k_ref, tangents)
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    pairs = cm.products(x_ref, k_ref, tangents)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = k_ref.shape
-    gb, sb = split(pl.program_id(0), n_sub)
-    b, ti = split(pl.program_id(2), n_th)
+    gb, sb = cm.split(pl.program_id(0), n_sub)
+    b, ti = cm.split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     rows, cols = rows[..., None], cols[..., None]  # [P, 1, 1]
     grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
@@ -215,10 +202,10 @@ def _forward_kernel(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub
         def tap(m, n, acc):
             r = rows * sh + m * dh - ptop
             q = cols * sw + n * dw - pleft
-            x_ok = inside(r, q, h, w) & chan_ok if masked else None
+            x_ok = cm.inside(r, q, h, w) & chan_ok if masked else None
             for image_ref, filter_ref in pairs:
-                xt = gather(image_ref.at[b, r, q, chan], x_ok, KEEP)
-                kt = gather(filter_ref.at[b, rows, cols, m, n, grp], k_ok if masked else None)
+                xt = cm.gather(image_ref.at[b, r, q, chan], x_ok, cm.KEEP)
+                kt = cm.gather(filter_ref.at[b, rows, cols, m, n, grp], k_ok if masked else None)
                 acc += xt.astype(jnp.float32) * kt.astype(jnp.float32)
             return acc
 
@@ -237,31 +224,31 @@ def _grad_x_kernel(
     """The splat of ``dy`` with ``k``; with the tangent refs ``tdy, tk`` before the result's,
     its tangent."""
     *tangents, o_ref = refs
-    pairs = products(dy_ref, k_ref, tangents)
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    pairs = cm.products(dy_ref, k_ref, tangents)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     _, ho, wo, c = dy_ref.shape
     _, h, w, _ = o_ref.shape
     groups = k_ref.shape[-1]
-    gb, sb = split(pl.program_id(0), n_sub)
-    phw, tj = split(pl.program_id(1), n_tw)
-    b, rest = split(pl.program_id(2), sh * n_th)
-    phh, ti = split(rest, n_th)
+    gb, sb = cm.split(pl.program_id(0), n_sub)
+    phw, tj = cm.split(pl.program_id(1), n_tw)
+    b, rest = cm.split(pl.program_id(2), sh * n_th)
+    phh, ti = cm.split(rest, n_th)
     # The program's pixels are (R * sh + phh, Q * sw + phw) for (R, Q) in its tile: only the taps
     # of that phase reach them, each from source pixel (R + const, Q + const).
     big_r, big_q = _tile_pixels(ti, tj, bs)
     big_r, big_q = big_r[..., None], big_q[..., None]
     rows, cols = big_r * sh + phh, big_q * sw + phw
     grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
-    m0, m_count, m_step = contributing_taps(lax.rem(phh + ptop, sh), kh, sh, dh)
-    n0, n_count, n_step = contributing_taps(lax.rem(phw + pleft, sw), kw, sw, dw)
+    m0, m_count, m_step = cm.contributing_taps(lax.rem(phh + ptop, sh), kh, sh, dh)
+    n0, n_count, n_step = cm.contributing_taps(lax.rem(phw + pleft, sw), kw, sw, dw)
 
     def tap(m, n, acc):
-        i = big_r + exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
-        j = big_q + exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
-        ok = inside(i, j, ho, wo)
+        i = big_r + cm.exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
+        j = big_q + cm.exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
+        ok = cm.inside(i, j, ho, wo)
         for source_ref, filter_ref in pairs:
-            dyt = gather(source_ref.at[b, i, j, chan], ok & chan_ok, KEEP)
-            kt = gather(filter_ref.at[b, i, j, m, n, grp], ok & (grp < groups))
+            dyt = cm.gather(source_ref.at[b, i, j, chan], ok & chan_ok, cm.KEEP)
+            kt = cm.gather(filter_ref.at[b, i, j, m, n, grp], ok & (grp < groups))
             acc += dyt.astype(jnp.float32) * kt.astype(jnp.float32)
         return acc
 
@@ -276,12 +263,12 @@ def _grad_x_kernel(
 
 
 def _grad_k_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_th: int):
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = o_ref.shape
     cpg = c // groups
     gb = pl.program_id(0)
-    b, ti = split(pl.program_id(2), n_th)
+    b, ti = cm.split(pl.program_id(2), n_th)
     rows, cols = _tile_pixels(ti, pl.program_id(1), bs)
     rows3, cols3 = rows[..., None], cols[..., None]
     pix_ok = (rows3 < ho) & (cols3 < wo)
@@ -290,7 +277,7 @@ def _grad_k_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_
     ]
     # dy is the same for every tap: read it once.
     dyts = [
-        gather(dy_ref.at[b, rows3, cols3, chan], pix_ok & ok).astype(jnp.float32)
+        cm.gather(dy_ref.at[b, rows3, cols3, chan], pix_ok & ok).astype(jnp.float32)
         for _, chan, ok in blocks
     ]
     grp = blocks[0][0][..., 0]  # [1, TG]
@@ -301,7 +288,7 @@ def _grad_k_kernel(x_ref, dy_ref, o_ref, *, g: Geometry, bs: PixelBlockSizes, n_
         q = cols3 * sw + n * dw - pleft
         acc = jnp.zeros((rows.shape[0], bs.block_groups), jnp.float32)
         for (_, chan, ok), dyt in zip(blocks, dyts, strict=True):
-            xt = gather(x_ref.at[b, r, q, chan], inside(r, q, h, w) & ok, KEEP)
+            xt = cm.gather(x_ref.at[b, r, q, chan], cm.inside(r, q, h, w) & ok, cm.KEEP)
             acc += jnp.sum(xt.astype(jnp.float32) * dyt, axis=2)
         plt.store(o_ref.at[b, rows, cols, m, n, grp], acc.astype(o_ref.dtype), mask=out_ok)
         return carry
@@ -321,13 +308,13 @@ def _forward_phased(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub
     ``s * sw + n * dw = u`` (stride 1, dilation 1: ``J + kw - 1`` loads a row of taps instead of
     ``J * kw``)."""
     *tangents, o_ref = refs
-    pairs = products(x_ref, k_ref, tangents)
-    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = sweep(g)
+    pairs = cm.products(x_ref, k_ref, tangents)
+    (kh, kw), (sh, sw), (dh, dw), (ptop, pleft) = cm.sweep(g)
     _, h, w, c = x_ref.shape
     _, ho, wo, _, _, groups = k_ref.shape
     phases = bs.column_phases
-    gb, sb = split(pl.program_id(0), n_sub)
-    b, ti = split(pl.program_id(2), n_th)
+    gb, sb = cm.split(pl.program_id(0), n_sub)
+    b, ti = cm.split(pl.program_id(2), n_th)
     per_phase = bs.block_w // phases
     p = jnp.arange(bs.block_h * per_phase)[:, None, None]  # [P, 1, 1]
     rows = ti * bs.block_h + lax.div(p, per_phase)
@@ -350,12 +337,12 @@ def _forward_phased(x_ref, k_ref, *refs, g: Geometry, bs: PixelBlockSizes, n_sub
             r = rows * sh + m * dh - ptop
             for u, pairs_at in sorted(uses.items()):
                 q = first_col * sw + u - pleft
-                x_ok = inside(r, q, h, w) & chan_ok if masked else None
+                x_ok = cm.inside(r, q, h, w) & chan_ok if masked else None
                 for image_ref, filter_ref in pairs:
-                    xt = gather(image_ref.at[b, r, q, chan], x_ok, KEEP).astype(jnp.float32)
+                    xt = cm.gather(image_ref.at[b, r, q, chan], x_ok, cm.KEEP).astype(jnp.float32)
                     for s, n in pairs_at:
                         view = filter_ref.at[b, rows, cols[s], m, n, grp]
-                        kt = gather(view, k_ok[s] if masked else None)
+                        kt = cm.gather(view, k_ok[s] if masked else None)
                         accs[s] = accs[s] + xt * kt.astype(jnp.float32)
             return tuple(accs)
 
@@ -371,7 +358,7 @@ def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:
     """None when the pixel kernels handle this case, else why not (one line). ``shapes``: the
     shape of every slot (``x``, ``k``, ``y``) by name."""
     del geom  # every geometry the API accepts
-    return common_unsupported_reason(shapes, dtype)
+    return cm.common_unsupported_reason(shapes, dtype)
 
 
 def forward(x: jax.Array, k: jax.Array, call: KernelCall) -> jax.Array:
@@ -398,7 +385,7 @@ def _forward(x, k, tangents, call: KernelCall) -> jax.Array:
     kernel = _forward_phased if bs.column_phases > 1 else _forward_kernel
     body = functools.partial(kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th)
     name = "pixel_forward_jvp" if tangents else "pixel_forward"
-    return run(body, (x, k, *tangents), call, name=name, grid=grid, tiles=bs)
+    return cm.run(body, (x, k, *tangents), call, name=name, grid=grid, tiles=bs)
 
 
 def grad_x(k: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -430,7 +417,7 @@ def _grad_x(k, dy, tangents, call: KernelCall) -> jax.Array:
     grid = (pl.cdiv(groups, bs.block_groups) * n_sub, sw * n_tw, n * sh * n_th)
     body = functools.partial(_grad_x_kernel, g=call.geom, bs=bs, n_sub=n_sub, n_th=n_th, n_tw=n_tw)
     name = "pixel_grad_x_jvp" if tangents else "pixel_grad_x"
-    return run(body, (dy, k, *tangents), call, name=name, grid=grid, tiles=bs)
+    return cm.run(body, (dy, k, *tangents), call, name=name, grid=grid, tiles=bs)
 
 
 def grad_k(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
@@ -445,4 +432,4 @@ def grad_k(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
     n_th = pl.cdiv(ho, bs.block_h)
     grid = (pl.cdiv(groups, bs.block_groups), pl.cdiv(wo, bs.block_w), n * n_th)
     body = functools.partial(_grad_k_kernel, g=call.geom, bs=bs, n_th=n_th)
-    return run(body, (x, dy), call, name="pixel_grad_k", grid=grid, tiles=bs)
+    return cm.run(body, (x, dy), call, name="pixel_grad_k", grid=grid, tiles=bs)
