@@ -76,7 +76,6 @@ def padding_pairs(
 
 
 def geometry(
-    *,
     in_size: Pair,
     kernel_size: Pair,
     stride: Any,

@@ -57,14 +57,8 @@ def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation, 
             f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
             f"{tuple(x.shape)} has {x.shape[3]}"
         )
-    return _checks.geometry(
-        in_size=x.shape[1:3],
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        shapes={"x": x.shape, "w": w.shape, **{k: v.shape for k, v in arrays.items()}},
-    )
+    shapes = {"x": x.shape, "w": w.shape, **{k: v.shape for k, v in arrays.items()}}
+    return _checks.geometry(x.shape[1:3], (kh, kw), stride, padding, dilation, shapes)
 
 
 def modulated_conv2d(
@@ -222,12 +216,7 @@ def pixel_filter2d(
     impl = _checks.impl(impl)
     kh, kw = k6.shape[3:5]
     geom = _checks.geometry(
-        in_size=x.shape[1:3],
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        shapes={"x": x.shape, "k": k.shape},
+        x.shape[1:3], (kh, kw), stride, padding, dilation, {"x": x.shape, "k": k.shape}
     )
     _checks.shape(
         "k",
@@ -264,14 +253,7 @@ def _splat_geometry(op, x, kernel_size, stride, padding, dilation, output_size, 
             f"{op}: the output size {size} is empty for {arrays}, kernel {kernel_size} and "
             f"padding {padding!r}; pass `output_size`"
         )
-    geom = _checks.geometry(
-        in_size=size,
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        shapes=shapes,
-    )
+    geom = _checks.geometry(size, kernel_size, stride, padding, dilation, shapes)
     if geom.out_size != tuple(x.shape[1:3]):
         raise ValueError(
             f"`output_size` {size}: a filter of that size gives {geom.out_size} pixels, not the "
@@ -451,14 +433,7 @@ def gaussian_filter2d(
     impl = _checks.impl(impl)
     _checks.rank("x", x, (4,), "[batch, height, width, channels]")
     kernel_size = _checks.pair("size", size)
-    geom = _checks.geometry(
-        in_size=x.shape[1:3],
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        shapes={"x": x.shape},
-    )
+    geom = _checks.geometry(x.shape[1:3], kernel_size, stride, padding, dilation, {"x": x.shape})
     layout = "[batch, out_height, out_width]"
     context = (
         f" (the output grid of `x` of shape {tuple(x.shape)} with kernel {kernel_size}, "
