@@ -13,3 +13,34 @@ stage's log into ``--out`` (default ``out/gpu-check/``). ``--dry-run`` runs the 
 CPU (tiny shapes, the interpreter, no torch; nothing written to ``results/``), as the test suite
 does, so that it works the first time a GPU is there.
 """
+
+from __future__ import annotations
+
+import importlib.metadata
+
+# Python packages whose versions the GPU check and the tile tuner record (distribution names).
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "jax-cuda13-plugin",
+    "jax-cuda12-plugin",
+    "triton",
+    "torch",
+    "torchvision",
+    "flax",
+    "numpy",
+    "pytest",
+    "pytest-xdist",
+    "pytest-timeout",
+)
+
+
+def installed_versions(packages=PACKAGES) -> dict[str, str]:
+    """The version of each of ``packages`` that is installed (standard library only)."""
+    versions = {}
+    for dist in packages:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -21,22 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.gpu_check import installed_versions
+
 ROOT = Path(__file__).resolve().parents[2]
-# Python packages whose versions the summary records (distribution names).
-PACKAGES = (
-    "jax",
-    "jaxlib",
-    "jax-cuda13-plugin",
-    "jax-cuda12-plugin",
-    "triton",
-    "torch",
-    "torchvision",
-    "flax",
-    "numpy",
-    "pytest",
-    "pytest-xdist",
-    "pytest-timeout",
-)
 # Seconds per stage on the GPU and in a dry run. The tests and the comparison run side by side,
 # then the benchmark: 300 + 190 s, 9 minutes in all on an H100 with the start. The comparison and
 # the benchmark stop starting new work a while before their limits, so that they write what
@@ -51,13 +38,6 @@ PYTEST_TIMEOUT = {"gpu": 120, "dry": 60}  # one test's limit, with pytest-timeou
 # float16 in turn.
 DRY_RUN_OPS = ("modulated", "local", "gaussian")
 WORKERS = 8
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _nvidia_smi() -> dict:
@@ -275,8 +255,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "dry_run": args.dry_run,
         "python": platform.python_version(),
-        "versions": {"python": platform.python_version()}
-        | {d: _version(d) for d in PACKAGES if _version(d) != "not installed"},
+        "versions": {"python": platform.python_version()} | installed_versions(),
         "nvidia_smi": _nvidia_smi(),
     }
     print(f"svconv GPU check{' (dry run)' if args.dry_run else ''}; output in {out}")

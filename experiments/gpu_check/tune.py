@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
-import importlib.util
 import json
 import statistics
 import sys
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench.report import machine_info
+from experiments.gpu_check import installed_versions
 from pallas_kernels import local, modulated, pixel
 from pallas_kernels.geometry import Geometry
 from svconv import gaussian
@@ -271,15 +270,17 @@ def _short(tiles, base) -> str:
 
 def tune(kernel: Kernel, *, deadline: float, dry_run: bool, log) -> dict:
     """Coordinate search from the heuristic's tiles; the record of every trial."""
-    timer = Timer(kernel, reps=1 if dry_run else 20)
+    timer, rounds = Timer(kernel, reps=1 if dry_run else 20), 1 if dry_run else 3
     base = kernel.heuristic()
     record = {"kernel": kernel.name, "heuristic": dataclasses.asdict(base), "trials": []}
-    best, best_t = base, timer.time(base, rounds=1 if dry_run else 3)
+    best, best_t = base, timer.time(base, rounds)
     record["trials"].append({"tiles": _short(base, base), "ms": 1e3 * best_t})
     log(f"  {kernel.name}: heuristic {1e3 * best_t:.4g} ms")
     tried = {base}
     params = PARAMS[(kernel.family.name, kernel.target)]
     for param in params[:2] if dry_run else params:  # a dry run tries the plumbing only
+        if "stopped" in record:
+            break
         for cand in neighbours(best, param, dry_run):
             if cand in tried:
                 continue
@@ -289,7 +290,7 @@ def tune(kernel: Kernel, *, deadline: float, dry_run: bool, log) -> dict:
             tried.add(cand)
             trial = {"tiles": _short(cand, base)}
             try:
-                t = timer.time(cand, rounds=1 if dry_run else 3)
+                t = timer.time(cand, rounds)
                 trial["ms"] = 1e3 * t
                 if t < KEEP_IF_FASTER * best_t:
                     best, best_t = cand, t
@@ -364,11 +365,9 @@ def main(argv=None) -> int:
         "device": slug,
         "machine": machine,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": {
-            d: importlib.metadata.version(d)
-            for d in ("jax", "jaxlib", "triton")
-            if importlib.util.find_spec(d) is not None
-        },  # fmt: skip
+        "versions": installed_versions(
+            ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "triton")
+        ),  # fmt: skip
         "dry_run": args.dry_run,
         "kernels": [],
         "not_reached": [],
