@@ -83,3 +83,19 @@ def test_gaussian_operands_are_valid_parameters():
     assert bool(jnp.isfinite(eta).all()) and bool(jnp.isfinite(zeta).all())
     assert_close(zeta, gaussian.log_normalizer(eta, (kernel.kernel_size,) * 2))
     assert float(jnp.abs(eta[..., 1]).max()) > 0  # the rotation term, rho / (sr sc)
+
+
+@pytest.mark.parametrize("kernel", tune.kernels(dry_run=False), ids=lambda k: k.name)
+def test_the_heuristic_is_the_kernels_own_choice(kernel):
+    """``Kernel.heuristic`` repeats the tiling call each kernel makes when given no tiles: lowered
+    for CUDA, the kernel with those tiles and with none is the same Triton kernel (IR, grid,
+    warps, stages), so the baseline the search starts from is what the ops run."""
+    from experiments.static.lowering import lower, triton_kernels
+
+    def lowered(tiles):
+        spec = kernel.spec(tiles)
+        args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
+        (triton,) = triton_kernels(lower(lambda *a: bind(spec, *a), *args))
+        return triton.ttir, triton.grid, triton.num_warps, triton.num_stages
+
+    assert lowered(kernel.heuristic()) == lowered(None)
