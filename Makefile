@@ -22,10 +22,11 @@ if command -v pyenv >/dev/null 2>&1; then \
 exit 1
 endef
 
-.PHONY: help test demo bench gpu-check gpu-tune lint venv clean
+.PHONY: help test test-jax-next demo bench gpu-check gpu-tune lint venv clean
 
 help:
 	@echo "make test       create .venv, install svconv and the test deps, run the test suite"
+	@echo "make test-jax-next  the JAX-dependent tests on the newest JAX in range (.venv-next)"
 	@echo "make demo       create .venv, run the worked examples (quick mode)"
 	@echo "make bench      benchmark on this machine -> results/bench-<device>.{md,json}; also"
 	@echo "                the static traffic report (results/traffic.md); BENCH_ARGS=--quick"
@@ -52,6 +53,22 @@ venv: $(PY)
 test: $(PY)
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,machine-code,experiments]'
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The parts of the suite that depend on the JAX release (the kernels' lowering for CUDA, their
+# machine code, the interpreters, the JAX rules), on the newest release the range admits, in
+# .venv-next, with the triton that parses that JAX's IR.
+NEXT_VENV  ?= .venv-next
+NEXT_PIN   ?= jax==0.12.0.1 jaxlib==0.12.0.1 triton==3.9.0
+NEXT_TESTS ?= tests/test_machine_code.py tests/test_dispatch.py tests/test_traffic.py \
+              tests/test_pallas_modulated.py tests/test_pallas_local.py tests/test_pallas_pixel.py \
+              tests/test_gaussian.py tests/test_transforms.py tests/test_sharding.py \
+              tests/test_kernel_helpers.py
+
+test-jax-next: $(PY)
+	@test -x $(NEXT_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(NEXT_VENV)
+	$(NEXT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEXT_VENV)/bin/python -m pip install -q $(NEXT_PIN) -e '.[test]'
+	$(NEXT_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(NEXT_TESTS)
 
 demo: $(PY)
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[experiments]'
@@ -97,4 +114,4 @@ lint: $(PY)
 	$(PY) -m ruff format --check svconv pallas_kernels tests experiments
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NEXT_VENV) .pytest_cache .ruff_cache *.egg-info

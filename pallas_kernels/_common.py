@@ -4,6 +4,8 @@ dilation as masks and integer arithmetic on whole-array refs)."""
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels import geometry
 from pallas_kernels.geometry import Geometry, KernelCall
 
 
@@ -73,9 +76,14 @@ def run(body, operands, call: KernelCall, *, name: str, grid, tiles, out=None):
         refs = list(refs)
         return body(*(refs.pop(0) if a is not None else None for a in operands), *refs)
 
+    out = out or jax.ShapeDtypeStruct(call.out_shape, present[0].dtype)
+    # Inside shard_map the result varies over the manual axes its operands vary over.
+    out = jax.ShapeDtypeStruct(
+        out.shape, out.dtype, manual_axis_type=geometry.manual_axis_type(*present)
+    )
     return pl.pallas_call(
         kernel,
-        out_shape=out or jax.ShapeDtypeStruct(call.out_shape, present[0].dtype),
+        out_shape=out,
         grid=grid,
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(present),
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
@@ -117,6 +125,49 @@ def contributing_taps(residue, k: int, stride: int, dilation: int):
         first = jnp.where(hit, cand, first)
     count = lax.div(k - 1 - first + step, step)
     return first, count, step
+
+
+class PhaseTaps(NamedTuple):
+    """The taps of one axis of a strided sweep that reach the input positions of one stride
+    phase, ``P * stride + phase``: taps ``first + u * step`` for ``u < count``; tap ``t``
+    reaches position ``P * stride + phase`` from output position ``P + offset(t)``."""
+
+    first: Any
+    count: Any
+    step: int
+    offset: Callable[[Any], Any]
+
+
+def phase_taps(phase, pad: int, k: int, stride: int, dilation: int) -> PhaseTaps:
+    """:class:`PhaseTaps` of the input positions ``P * stride + phase`` (``phase`` a traced
+    non-negative int32: a stride phase in ``[0, stride)``, or a whole position with ``P = 0``)
+    of a sweep with ``k`` taps, ``stride``, ``dilation`` and leading padding ``pad`` (negative:
+    a crop). The gather form of every transpose in the input uses it.
+
+    Tap ``t`` reaches input ``p`` from output ``i`` when ``i * stride + t * dilation - pad = p``,
+    i.e. ``t * dilation = phase + pad (mod stride)`` and ``i = P + (phase + pad - t * dilation)
+    / stride``, an exact division of a number ``>= min(pad, 0) - (k - 1) * dilation``."""
+    # `pad % stride` is Python's (non-negative), so the residue's operand is never negative.
+    first, count, step = contributing_taps(
+        lax.rem(phase + pad % stride, stride), k, stride, dilation
+    )
+    low = min(pad, 0) - (k - 1) * dilation
+
+    def offset(t):
+        return exact_div(phase + pad - t * dilation, stride, low)
+
+    return PhaseTaps(first, count, step, offset)
+
+
+def phase_loop(rows: PhaseTaps, cols: PhaseTaps, tap, acc):
+    """``acc = tap(m, n, acc)`` over the taps ``(m, n)`` of ``rows`` x ``cols``, in two rolled
+    loops."""
+
+    def row(u, acc):
+        m = rows.first + u * rows.step
+        return lax.fori_loop(0, cols.count, lambda t, a: tap(m, cols.first + t * cols.step, a), acc)
+
+    return lax.fori_loop(0, rows.count, row, acc)
 
 
 def exact_div(num, stride: int, low: int):

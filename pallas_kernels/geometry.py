@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+from jax import lax
+
 Pair = tuple[int, int]
 Padding = tuple[Pair, Pair]
 
@@ -77,3 +80,37 @@ class KernelCall:
     moments: tuple[int, ...] = ()
     block_sizes: Any = None
     interpret: bool = False
+
+
+def varying_axes(*arrays: Any) -> frozenset:
+    """The manual mesh axes (inside ``jax.shard_map`` with ``check_vma=True``) over which any of
+    ``arrays`` varies; empty outside ``shard_map``. ``None`` entries are skipped."""
+    axes = frozenset()
+    for a in arrays:
+        if a is not None:
+            axes |= jax.typeof(a).manual_axis_type.varying
+    return axes
+
+
+def vary_like(value: jax.Array, *arrays: Any) -> jax.Array:
+    """``value`` cast to vary over every manual axis that ``arrays`` vary over. Inside
+    ``shard_map`` a fresh array (a loop's initial carry, a kernel's zeros) is invariant, while
+    what is computed from the operands varies with them; loop carries and results must carry the
+    operands' type."""
+    missing = varying_axes(*arrays) - varying_axes(value)
+    if not missing:
+        return value
+    return lax.pcast(value, tuple(sorted(missing)), to="varying")
+
+
+def match_varying(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` cast to vary over the same manual axes, the union of theirs (as JAX does for the
+    operands of its own primitives: a replicated weight used with a batch-split image becomes
+    varying, and the transpose of that cast sums its cotangent over the axis)."""
+    return tuple(vary_like(a, *arrays) for a in arrays)
+
+
+def manual_axis_type(*arrays: Any) -> jax.sharding.ManualAxisType:
+    """The manual axis type of a result computed from ``arrays`` (a ``pallas_call``'s output
+    inside ``shard_map``)."""
+    return jax.sharding.ManualAxisType(varying=varying_axes(*arrays))

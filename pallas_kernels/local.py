@@ -142,12 +142,11 @@ def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: Geometry, bs: LocalBlockSizes, p
     imgs = pl.program_id(0) * bs.block_batch + jnp.arange(bs.block_batch)[:, None]  # [B, 1]
     chans = pl.program_id(1) * bs.block_in + jnp.arange(bs.block_in)[:, None]  # [C, 1]
     # Only the taps of this pixel's stride phase reach it, each from one source pixel (i, j).
-    m0, m_count, m_step = cm.contributing_taps(lax.rem(p + ptop, sh), kh, sh, dh)
-    n0, n_count, n_step = cm.contributing_taps(lax.rem(q + pleft, sw), kw, sw, dw)
+    taps_h = cm.phase_taps(p, ptop, kh, sh, dh)
+    taps_w = cm.phase_taps(q, pleft, kw, sw, dw)
 
     def tap(m, n, acc):
-        i = cm.exact_div(p + ptop - m * dh, sh, -(kh - 1) * dh)
-        j = cm.exact_div(q + pleft - n * dw, sw, -(kw - 1) * dw)
+        i, j = taps_h.offset(m), taps_w.offset(n)
         src_ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
 
         def out_block(ob, acc):
@@ -162,12 +161,7 @@ def _grad_x_kernel(dy_ref, w_ref, dx_ref, *, g: Geometry, bs: LocalBlockSizes, p
 
         return lax.fori_loop(0, pl.cdiv(cout, bs.block_out), out_block, acc)
 
-    def row(u, acc):
-        m = m0 + u * m_step
-        return lax.fori_loop(0, n_count, lambda t, a: tap(m, n0 + t * n_step, a), acc)
-
-    acc = jnp.zeros((bs.block_batch, bs.block_in), jnp.float32)
-    acc = lax.fori_loop(0, m_count, row, acc)
+    acc = cm.phase_loop(taps_h, taps_w, tap, jnp.zeros((bs.block_batch, bs.block_in), jnp.float32))
     chans_row = chans.T  # [1, C]
     ok = (imgs < n_img) & (chans_row < cin)
     plt.store(dx_ref.at[imgs, p, q, chans_row], acc.astype(dx_ref.dtype), mask=ok)

@@ -134,6 +134,9 @@ def modulated_block_sizes(
     chunks_dw = min(chunks_dw, pl.cdiv(batch * ho * wo, block_m_dw))
     # 8 warps once the fp32 accumulator reaches 128 x 128 elements (64 KiB).
     big_acc = max(block_m * block_n, block_m_dx * block_n_dx) >= 128 * 128
+    # Exact float32 dots with 3 stages: 96 registers and an 8-byte spill (sm_90, the ptxas of
+    # triton 3.9; none with 3.8's); with 2 stages no spill with either.
+    stages = 2 if _exact_float32(dtype, precision) else 3
     return ModulatedBlockSizes(
         block_m=block_m,
         block_n=block_n,
@@ -146,7 +149,7 @@ def modulated_block_sizes(
         block_cin_dw=block_cin_dw,
         block_cout_dw=block_cout_dw,
         num_warps=8 if big_acc else 4,
-        num_stages=3,
+        num_stages=stages,
     )
 
 
@@ -247,13 +250,11 @@ def _grad_x_kernel(w_ref, d_ref, dy_ref, dx_ref, *, g, bs, shared, precision, bl
     big_p, big_q = lax.div(f, wq), lax.rem(f, wq)
     rows, cols = big_p * sh + pa, big_q * sw + pb
     chans = _arange(pl.program_id(0) * bs.block_n_dx, bs.block_n_dx)[None, :]
-    # Residues of pa + ptop (mod sh) without a negative operand: ptop may be negative (a crop).
-    m0, m_count, m_step = cm.contributing_taps(lax.rem(pa + ptop % sh, sh), kh, sh, dh)
-    n0, n_count, n_step = cm.contributing_taps(lax.rem(pb + pleft % sw, sw), kw, sw, dw)
+    taps_h = cm.phase_taps(pa, ptop, kh, sh, dh)
+    taps_w = cm.phase_taps(pb, pleft, kw, sw, dw)
 
     def tap(m, n, acc):
-        i = big_p + cm.exact_div(pa + ptop - m * dh, sh, min(ptop, 0) - (kh - 1) * dh)
-        j = big_q + cm.exact_div(pb + pleft - n * dw, sw, min(pleft, 0) - (kw - 1) * dw)
+        i, j = big_p + taps_h.offset(m), big_q + taps_w.offset(n)
         ok = (i >= 0) & (i < ho) & (j >= 0) & (j < wo)
         d_at = d_ref.at[i, j, m, n] if shared else d_ref.at[b, i, j, m, n]
         dt = cm.gather(d_at, ok).astype(_F32)
@@ -267,11 +268,7 @@ def _grad_x_kernel(w_ref, d_ref, dy_ref, dx_ref, *, g, bs, shared, precision, bl
             acc += _dot(gs, wt, precision)
         return acc
 
-    def row(u, acc):
-        m = m0 + u * m_step
-        return lax.fori_loop(0, n_count, lambda t, a: tap(m, n0 + t * n_step, a), acc)
-
-    acc = lax.fori_loop(0, m_count, row, jnp.zeros((bs.block_m_dx, bs.block_n_dx), _F32))
+    acc = cm.phase_loop(taps_h, taps_w, tap, jnp.zeros((bs.block_m_dx, bs.block_n_dx), _F32))
     ok = (rows < h) & (cols < w) & (chans < cin)
     plt.store(dx_ref.at[b, rows, cols, chans], acc.astype(dx_ref.dtype), mask=ok)
 
@@ -390,8 +387,13 @@ def forward_jvp(x, w, d, tx, tw, td, call: KernelCall) -> jax.Array:
         # dots, whose operands stay in registers). A single 16 x 16 accumulator gets 2 warps:
         # with 4, ptxas keeps sm_90's register count at 48 by spilling a 64-bit address across
         # the tap loop (16-bit, stride 2).
-        stages = 1 if _exact_float32(x.dtype, call.precision) else 2
-        warps = 2 if bs.block_m * bs.block_n <= 16 * 16 else bs.num_warps
+        # Exact float32 (64 x 64 pixels x channels): 8 warps; with 4 its three products a tap
+        # take 236 registers a thread (triton 3.8's ptxas) or 255 and 680 bytes of spills (3.9's),
+        # with 8 229 and none.
+        exact = _exact_float32(x.dtype, call.precision)
+        stages = 1 if exact else 2
+        warps = 8 if exact else bs.num_warps
+        warps = 2 if bs.block_m * bs.block_n <= 16 * 16 else warps
         bs = dataclasses.replace(bs, num_stages=min(bs.num_stages, stages), num_warps=warps)
     grid = (pl.cdiv(cout, bs.block_n), pl.cdiv(ho * wo, bs.block_m), n)
     body = _body(_forward_kernel, call, bs, d.ndim == 4)

@@ -239,12 +239,11 @@ def _grad_x_kernel(
     big_r, big_q = big_r[..., None], big_q[..., None]
     rows, cols = big_r * sh + phh, big_q * sw + phw
     grp, chan, chan_ok = _block_channels(gb, sb, c // groups, groups, bs)
-    m0, m_count, m_step = cm.contributing_taps(lax.rem(phh + ptop, sh), kh, sh, dh)
-    n0, n_count, n_step = cm.contributing_taps(lax.rem(phw + pleft, sw), kw, sw, dw)
+    taps_h = cm.phase_taps(phh, ptop, kh, sh, dh)
+    taps_w = cm.phase_taps(phw, pleft, kw, sw, dw)
 
     def tap(m, n, acc):
-        i = big_r + cm.exact_div(phh + ptop - m * dh, sh, -(kh - 1) * dh)
-        j = big_q + cm.exact_div(phw + pleft - n * dw, sw, -(kw - 1) * dw)
+        i, j = big_r + taps_h.offset(m), big_q + taps_w.offset(n)
         ok = cm.inside(i, j, ho, wo)
         for source_ref, filter_ref in pairs:
             dyt = cm.gather(source_ref.at[b, i, j, chan], ok & chan_ok, cm.KEEP)
@@ -252,12 +251,8 @@ def _grad_x_kernel(
             acc += dyt.astype(jnp.float32) * kt.astype(jnp.float32)
         return acc
 
-    def row(u, acc):
-        m = m0 + u * m_step
-        return lax.fori_loop(0, n_count, lambda t, a: tap(m, n0 + t * n_step, a), acc)
-
     acc = jnp.zeros((rows.shape[0], bs.block_groups, bs.block_channels), jnp.float32)
-    acc = lax.fori_loop(0, m_count, row, acc)
+    acc = cm.phase_loop(taps_h, taps_w, tap, acc)
     ok = (rows < h) & (cols < w) & chan_ok
     plt.store(o_ref.at[b, rows, cols, chan], acc.astype(o_ref.dtype), mask=ok)
 

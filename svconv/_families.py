@@ -36,6 +36,7 @@ MODULATED = Family(
     },
     pallas_unsupported=pallas_modulated.unsupported_reason,
     pallas_jvp={"y": pallas_modulated.forward_jvp},
+    features={"o": None, "c": None},
 )
 
 LOCAL = Family(
@@ -49,6 +50,7 @@ LOCAL = Family(
     pallas={"y": pallas_local.forward, "x": pallas_local.grad_x, "w": pallas_local.grad_w},
     pallas_unsupported=pallas_local.unsupported_reason,
     pallas_jvp={"y": pallas_local.forward_jvp},
+    features={"o": None, "c": None},
 )
 
 PIXEL = Family(
@@ -62,6 +64,7 @@ PIXEL = Family(
     pallas={"y": pallas_pixel.forward, "x": pallas_pixel.grad_x, "k": pallas_pixel.grad_k},
     pallas_unsupported=pallas_pixel.unsupported_reason,
     pallas_jvp={"y": pallas_pixel.forward_jvp, "x": pallas_pixel.grad_x_jvp},
+    features={"c": "g"},
 )
 
 
@@ -108,4 +111,5 @@ GAUSSIAN = Family(
     params={"eta": ("b", "ho", "wo", "p"), "zeta": ("b", "ho", "wo")},
     param_jvp=_gaussian_param_jvp,
     pallas_jvp={"y": pallas_gaussian.forward_jvp, "x": pallas_gaussian.grad_x_jvp},
+    features={"c": None},
 )

@@ -48,11 +48,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import dispatch
+from jax._src import config, dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from pallas_kernels.geometry import Geometry, KernelCall
+from pallas_kernels.geometry import Geometry, KernelCall, match_varying
 from svconv import sharding
 from svconv._checks import accumulation_dtype
 
@@ -94,6 +94,11 @@ class Family:
         takes the arrays of the other slots and the parameters as the kernel does, then one
         tangent per such slot, then one per parameter (None where there is none), then the
         call.
+      features: dimensions a ``vmap``-ped axis can fold into when every mapped array and the
+        result have them, dimensions the form merely carries through (the channels of a shared
+        kernel; see :func:`_batch`), each with the dimension of its groups or None: the mapped
+        index becomes the major part of the dimension, or, with groups, the major part within
+        each group (channel ``c`` of group ``c // (C / G)`` stays in its group).
     """
 
     name: str
@@ -104,10 +109,14 @@ class Family:
     params: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     param_jvp: Callable[..., jax.Array] | None = None
     pallas_jvp: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
+    features: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     primitive: Primitive = dataclasses.field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "primitive", _define(self))
+
+    def __repr__(self) -> str:  # the jaxprs print it in every Spec
+        return f"Family({self.name!r})"
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -211,8 +220,11 @@ class Spec:
 
 def bind(spec: Spec, *operands: jax.Array) -> jax.Array:
     """The partial ``spec.target`` of ``spec.family``'s form at ``operands`` (in
-    ``spec.operands`` order; the slots' arrays of one dtype, the result's)."""
-    return spec.family.primitive.bind(*operands, spec=spec)
+    ``spec.operands`` order; the slots' arrays of one dtype, the result's). Inside
+    ``jax.shard_map`` the operands are cast to vary over the same manual axes first (a replicated
+    weight with a batch-split image: its cotangent is then summed over the axis by the cast's
+    transpose), as JAX's own primitives do."""
+    return spec.family.primitive.bind(*match_varying(*operands), spec=spec)
 
 
 # ------------------------------------------------------------------------------------ rules
@@ -220,6 +232,19 @@ def bind(spec: Spec, *operands: jax.Array) -> jax.Array:
 
 def _abstract_eval(*avals, spec: Spec):
     shape = spec.shapes(tuple(a.shape for a in avals))[spec.target]
+    params = spec.family.params
+    slots = [
+        (n, a) for n, a in zip(spec.operands, avals, strict=True) if n.rstrip("'") not in params
+    ]
+    dtypes = {n: a.dtype for n, a in slots}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{spec.family.name}: the slots' arrays must share one dtype, got {dtypes}")
+    varying = {n: a.manual_axis_type.varying for n, a in zip(spec.operands, avals, strict=True)}
+    if len(set(varying.values())) > 1:
+        raise ValueError(
+            f"{spec.family.name}: the operands must vary over the same manual axes (bind casts "
+            f"them), got {varying}"
+        )
     return sharding.result_type(spec, avals, shape, avals[0].dtype)
 
 
@@ -284,7 +309,7 @@ def _transpose(ct, *args, spec: Spec):
     if slot in spec.family.params:
         raise ValueError(f"{spec.family.name}: the op is not linear in its parameter `{slot}`")
     if type(ct) is ad.Zero:
-        result = ad.Zero(aval)
+        result = ad.Zero(aval.to_ct_aval())
     else:
         values = dict(zip(spec.operands, args, strict=True))
         values[spec.target] = ct.astype(aval.dtype)
@@ -310,11 +335,17 @@ def _transpose_tangents(ct, *args, spec: Spec):
         if not ad.is_undefined_primal(tangent):
             continue
         if name in plain.family.params and type(ct) is ad.Zero:
-            out[len(plain.operands) + k] = ad.Zero(tangent.aval)
-        elif name in plain.family.params:  # param_jvp is linear in the tangent: its transpose
+            out[len(plain.operands) + k] = ad.Zero(tangent.aval.to_ct_aval())
+        elif name in plain.family.params:
+            # param_jvp is linear in the tangent: its transpose is its VJP (at any point: zero,
+            # typed as the tangent, varying over its manual axes inside shard_map, which
+            # jax.linear_transpose's abstract inputs cannot say).
             term = functools.partial(plain.family.param_jvp, plain, values, name)
-            aval = jax.ShapeDtypeStruct(tangent.aval.shape, tangent.aval.dtype)
-            (out[len(plain.operands) + k],) = jax.linear_transpose(term, aval)(ct)
+            aval = tangent.aval
+            at = jnp.zeros(aval.shape, aval.dtype)
+            if varying := tuple(sorted(aval.manual_axis_type.varying)):
+                at = lax.pcast(at, varying, to="varying")
+            (out[len(plain.operands) + k],) = jax.vjp(term, at)[1](ct)
         else:
             at, i = list(primals), plain.operands.index(name)
             at[i] = tangent
@@ -323,40 +354,124 @@ def _transpose_tangents(ct, *args, spec: Spec):
 
 
 def _batch(args, axes, *, spec: Spec):
-    """Fold the mapped axis into the batch when every mapped array has a batch dimension (a
-    batch-shared array is broadcast over the batch first); otherwise map sequentially."""
+    """Fold the mapped axis into a dimension of the operands and the result, as
+    ``lax.conv_general_dilated``'s rule folds a mapped kernel into its features: into the batch
+    when every mapped array has one (a batch-shared array mapped gets one copy per image), or
+    into one of the family's ``features`` that every mapped array and the result have (a mapped
+    ``w``: its output channels). Arrays not mapped that have the dimension are broadcast along
+    the mapped axis; the fold needing the fewest such copies is taken, and taken only when the
+    copies are no larger than the mapped arrays and the result together
+    (:data:`_BROADCAST_LIMIT`), else the partial is mapped over the axis one index at a time."""
     if spec.tangents:  # through the expansion, whose partials fold
         return jax.vmap(functools.partial(_expand, spec), in_axes=tuple(axes))(*args), 0
     size = next(a.shape[d] for a, d in zip(args, axes, strict=True) if d is not None)
     args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, axes, strict=True)]
-    mapped = {s for s, d in zip(spec.operands, axes, strict=True) if d is not None}
-    batch_dims = {s for s in (*spec.family.slots, *spec.family.params) if "b" in spec.dims(s)}
-    batch_dims |= set(spec.shared)
-    if not mapped <= batch_dims or spec.target not in batch_dims:
-        return _map(args, axes, spec), 0
+    mapped = frozenset(s for s, d in zip(spec.operands, axes, strict=True) if d is not None)
+    values = dict(zip(spec.operands, args, strict=True))
+    folds = [
+        f
+        for f in (
+            _batch_fold(spec, mapped, values, size),
+            *(_feature_fold(spec, mapped, values, size, dim) for dim in spec.family.features),
+        )
+        if f is not None
+    ]
+    if folds:
+        copies, fold = min(folds, key=lambda f: f[0])
+        one = tuple(v.shape[1:] if s in mapped else v.shape for s, v in values.items())
+        moved = size * math.prod(spec.shapes(one)[spec.target])
+        moved += sum(values[s].size for s in mapped)
+        if copies <= _BROADCAST_LIMIT * moved:
+            return fold(), 0
+    return _map(args, axes, spec), 0
+
+
+# A fold that broadcasts arrays along the mapped axis is taken when the copies hold at most this
+# many times the elements of the mapped arrays and the vmapped result together (the memory
+# traffic the vmapped op has whatever its form; the copies are written and read once more):
+# above, the partial is mapped index by index, each call reading the arrays not mapped again
+# instead (fewer bytes, one call per index).
+_BROADCAST_LIMIT = 1.0
+
+
+def _batch_fold(spec: Spec, mapped, values, size):
+    """``(elements copied, fold)`` folding the mapped axis into the batch, or None."""
+    has_batch = {
+        s for s in (*spec.family.slots, *spec.family.params) if "b" in _family_dims(spec, s)
+    }
+    if not mapped <= has_batch or spec.target not in has_batch:
+        return None
     n = next(
-        a.shape[1 if s in mapped else 0]
-        for s, a in zip(spec.operands, args, strict=True)
+        v.shape[1 if s in mapped else 0]
+        for s, v in values.items()
         if s not in spec.shared and "b" in spec.dims(s)
     )
-    shared = tuple(s for s in spec.shared if s not in mapped and s != spec.target)
-    folded = []
-    for s, a in zip(spec.operands, args, strict=True):
-        if s in mapped and s in spec.shared:  # one copy per image
-            a = jnp.broadcast_to(a[:, None], (size, n, *a.shape[1:]))
-        elif s in mapped:
-            pass
-        elif "b" in spec.dims(s):
-            a = jnp.broadcast_to(a[None], (size, *a.shape))
-        else:  # no batch dimension, the same for every index of the mapped axis
+    copies = sum(
+        size * n * math.prod(v.shape[1:]) if s in mapped else size * v.size
+        for s, v in values.items()
+        if (s in mapped and s in spec.shared) or (s not in mapped and "b" in spec.dims(s))
+    )
+
+    def fold():
+        shared = tuple(s for s in spec.shared if s not in mapped and s != spec.target)
+        folded = []
+        for s, a in values.items():
+            if s in mapped and s in spec.shared:  # one copy per image
+                a = jnp.broadcast_to(a[:, None], (size, n, *a.shape[1:]))
+            elif s in mapped:
+                pass
+            elif "b" in spec.dims(s):
+                a = jnp.broadcast_to(a[None], (size, *a.shape))
+            else:  # no batch dimension, the same for every index of the mapped axis
+                folded.append(a)
+                continue
+            folded.append(a.reshape(size * n, *a.shape[2:]))
+        out = bind(dataclasses.replace(spec, shared=shared), *folded)
+        out = out.reshape(size, n, *out.shape[1:])
+        if spec.target in spec.shared:  # a batch-shared result sums over the batch
+            out = jnp.sum(out, axis=1, dtype=accumulation_dtype(out.dtype)).astype(out.dtype)
+        return out
+
+    return copies, fold
+
+
+def _feature_fold(spec: Spec, mapped, values, size, dim: str):
+    """``(elements copied, fold)`` folding the mapped axis into dimension ``dim`` (a feature
+    dimension: the mapped index becomes the major part of it), or None."""
+    if dim not in spec.dims(spec.target) or any(dim not in spec.dims(s) for s in mapped):
+        return None
+    copies = sum(
+        size * v.size for s, v in values.items() if s not in mapped and dim in spec.dims(s)
+    )
+
+    # With groups the dimension is split as (groups, per group) and the mapped index goes
+    # between them.
+    groups = 1 if spec.family.features[dim] is None else spec.groups
+
+    def fold():
+        folded = []
+        for s, a in values.items():
+            dims = spec.dims(s)
+            if dim in dims:
+                if s not in mapped:
+                    a = jnp.broadcast_to(a[None], (size, *a.shape))
+                at = dims.index(dim)
+                a = a.reshape(size, *a.shape[1 : at + 1], groups, -1, *a.shape[at + 2 :])
+                a = jnp.moveaxis(a, 0, at + 1)  # [..., groups, size, per group, ...]
+                a = a.reshape(*a.shape[:at], -1, *a.shape[at + 3 :])
             folded.append(a)
-            continue
-        folded.append(a.reshape(size * n, *a.shape[2:]))
-    out = bind(dataclasses.replace(spec, shared=shared), *folded)
-    out = out.reshape(size, n, *out.shape[1:])
-    if spec.target in spec.shared:  # a batch-shared result sums over the batch
-        out = jnp.sum(out, axis=1, dtype=accumulation_dtype(out.dtype)).astype(out.dtype)
-    return out, 0
+        out = bind(spec, *folded)
+        at = spec.dims(spec.target).index(dim)
+        out = out.reshape(*out.shape[:at], groups, size, -1, *out.shape[at + 1 :])
+        out = jnp.moveaxis(out, at + 1, 0)
+        return out.reshape(*out.shape[: at + 1], -1, *out.shape[at + 3 :])
+
+    return copies, fold
+
+
+def _family_dims(spec: Spec, name: str) -> tuple[str, ...]:
+    """A slot's or parameter's dimensions as the family declares them (batch-shared or not)."""
+    return spec.family.params.get(name) or spec.family.dims[name]
 
 
 def _map(args, axes, spec: Spec):
@@ -432,9 +547,23 @@ def _lowering(cuda: bool):
             lower = mlir.lower_fun(functools.partial(_expand, spec), False)
             return lower(ctx, *values)
         lower = mlir.lower_fun(functools.partial(_run_partitioned, resolved), False)
+        if resolved.interpret and any(a.manual_axis_type.varying for a in ctx.avals_in):
+            # Pallas's interpreter evaluates the kernel's loops, typed without manual axes, on
+            # values that vary over those of the enclosing shard_map, and fails the type check.
+            # The kernel runs per device: it is lowered as shard_map(check_vma=False) does.
+            ctx = ctx.replace(
+                avals_in=[_invariant(a) for a in ctx.avals_in],
+                avals_out=[_invariant(a) for a in ctx.avals_out],
+            )
+            with config._check_vma(False):
+                return lower(ctx, *values)
         return lower(ctx, *values)
 
     return rule
+
+
+def _invariant(aval):
+    return aval.update(manual_axis_type=jax.sharding.ManualAxisType())
 
 
 def _define(family: Family) -> Primitive:

@@ -42,6 +42,7 @@ from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
 from pallas_kernels.gaussian import features
+from pallas_kernels.geometry import match_varying, vary_like
 
 _VARIANCE_FLOOR = 1e-12
 
@@ -157,11 +158,15 @@ def _per_platform(form, *operands, **params):
     platform, so that only the chosen form is ever traced (the unrolled one is ``kh * kw``
     taps: seconds to trace at 31x31). Only :func:`log_normalizer` and :func:`weight_moments`
     bind it, under their own JVP rules: it needs no differentiation rule of its own."""
+    operands = match_varying(*operands)
     return _sums_p.bind(*operands, form=form, params=tuple(sorted(params.items())))
 
 
 def _sums_impl(*operands, form, params, over):
-    return tuple(_as_tuple(form(*operands, **dict(params), over=over)))
+    def typed(fn, kernel_size, init):  # the carry typed as the operands (inside shard_map)
+        return over(fn, kernel_size, jax.tree.map(lambda v: vary_like(v, *operands), init))
+
+    return tuple(_as_tuple(form(*operands, **dict(params), over=typed)))
 
 
 def _as_tuple(v) -> tuple:
@@ -174,7 +179,7 @@ def _sums_abstract_eval(eta, *others, form, params):
     sharding = eta.sharding
     if getattr(sharding, "spec", None) is not None:
         sharding = sharding.update(spec=PartitionSpec(*tuple(sharding.spec)[: eta.ndim - 1]))
-    aval = eta.update(shape=eta.shape[:-1], sharding=sharding)
+    aval = eta.update(shape=eta.shape[:-1], sharding=sharding)  # operands' manual axes alike
     return (aval,) * count
 
 

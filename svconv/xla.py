@@ -31,10 +31,11 @@ kept for the benchmark (``make bench``).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.geometry import Geometry, KernelCall
+from pallas_kernels.geometry import Geometry, KernelCall, vary_like
 from svconv import gaussian
 from svconv._checks import accumulation_dtype
 
@@ -171,10 +172,17 @@ def _rows(a, b, r, images, rows):
     return lax.dynamic_slice(a, (b, r) + (0,) * (a.ndim - 2), (images, rows, *a.shape[2:]))
 
 
-def _blocked(out_shape, dtype, plan, compute):
+def _loop(count, body, init, *operands):
+    """``lax.fori_loop(0, count, body, init)``, the initial carry typed as what ``body`` computes
+    from ``operands``: inside ``jax.shard_map`` a fresh array is invariant while the operands may
+    vary over manual axes, and a loop's carry keeps one type."""
+    return lax.fori_loop(0, count, body, jax.tree.map(lambda v: vary_like(v, *operands), init))
+
+
+def _blocked(out_shape, dtype, plan, compute, *like):
     """The result ``out_shape`` from its blocks: ``compute(b, r)`` is the block of ``plan``'s
-    images and rows that starts at image ``b``, row ``r``. The last block along each axis is
-    moved back to fit (it recomputes a few rows of the one before)."""
+    images and rows that starts at image ``b``, row ``r``, from the arrays ``like``. The last
+    block along each axis is moved back to fit (it recomputes a few rows of the one before)."""
     n, total = out_shape[:2]
     images, rows = plan
     per_image = -(-total // rows)
@@ -189,7 +197,7 @@ def _blocked(out_shape, dtype, plan, compute):
         block = lax.optimization_barrier(compute(b, r).astype(dtype))
         return lax.dynamic_update_slice(out, block, (b, r) + (0,) * (len(out_shape) - 2))
 
-    return lax.fori_loop(0, count, body, jnp.zeros(out_shape, dtype))
+    return _loop(count, body, jnp.zeros(out_shape, dtype), *like)
 
 
 # ----------------------------------------------------------------------------- modulated conv
@@ -234,7 +242,7 @@ def _product_taps(a, wmat, dmod, offsets, stride, out_shape, *, at_source, preci
                 out = out + _window(u[..., t, :], start, (rows, wo), stride) * dm[..., t, None]
         return out
 
-    return _blocked(out_shape, a.dtype, plan, compute)
+    return _blocked(out_shape, a.dtype, plan, compute, a, wmat, dmod)
 
 
 def _tap_major(d):
@@ -271,7 +279,7 @@ def _modulated_forward_rolled(xp, w, d, geom, out_shape, precision):
         xs = xs.astype(acc) * lax.dynamic_index_in_dim(d, t, keepdims=False)[..., None]
         return y + _dot(xs, lax.dynamic_index_in_dim(w, t, keepdims=False), precision, acc)
 
-    y = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(out_shape, acc))
+    y = _loop(geom.num_taps, tap, jnp.zeros(out_shape, acc), xp, w, d)
     return y.astype(xp.dtype)
 
 
@@ -318,7 +326,7 @@ def _modulated_grad_x_rolled(w, d, dy, geom, out_shape, precision):
         return lax.dynamic_update_slice(frame, lax.dynamic_slice(frame, start, v.shape) + v, start)
 
     frame = (dy.shape[0], h + pt + pb, wd + pl + pr, w.shape[1])
-    frame = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(frame, acc))
+    frame = _loop(geom.num_taps, tap, jnp.zeros(frame, acc), w, d, dy)
     dx = lax.pad(frame, zero, ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
     return dx.astype(dy.dtype)
 
@@ -338,7 +346,7 @@ def modulated_grad_w(x, d, dy, call: KernelCall):
         return lax.dynamic_update_index_in_dim(dw, _dot_pixels(xs, dyf, precision, acc), t, 0)
 
     dw = jnp.zeros((geom.num_taps, *out_shape[2:]), acc)
-    return lax.fori_loop(0, geom.num_taps, tap, dw).reshape(out_shape).astype(x.dtype)
+    return _loop(geom.num_taps, tap, dw, x, d, dy).reshape(out_shape).astype(x.dtype)
 
 
 def modulated_grad_d(x, w, dy, call: KernelCall):
@@ -356,7 +364,7 @@ def modulated_grad_d(x, w, dy, call: KernelCall):
         g = _dot(dy, lax.dynamic_index_in_dim(w, t, keepdims=False).T, precision, acc)
         return lax.dynamic_update_index_in_dim(dd, jnp.sum(xs.astype(acc) * g, axis=-1), t, 0)
 
-    dd = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros((geom.num_taps, *dy.shape[:3]), acc))
+    dd = _loop(geom.num_taps, tap, jnp.zeros((geom.num_taps, *dy.shape[:3]), acc), x, w, dy)
     dd = jnp.moveaxis(dd, 0, 3)
     if len(out_shape) == 4:
         dd = jnp.sum(dd, axis=0)
@@ -442,7 +450,7 @@ def local_forward(x, w, call: KernelCall):
         wt = lax.dynamic_index_in_dim(w, t, axis=1, keepdims=False)
         return y + _pixel_dot(xs.reshape(ho * wo, -1, cin), wt, ((2,), (1,)), precision, acc)
 
-    y = lax.fori_loop(0, kh * kw, tap, jnp.zeros((ho * wo, x.shape[0], cout), acc))
+    y = _loop(kh * kw, tap, jnp.zeros((ho * wo, x.shape[0], cout), acc), x, w)
     return y.reshape(ho, wo, -1, cout).transpose(_NHWC).astype(x.dtype)
 
 
@@ -466,7 +474,7 @@ def local_grad_x(w, dy, call: KernelCall):
         return lax.dynamic_update_slice(frame, lax.dynamic_slice(frame, start, u.shape) + u, start)
 
     frame = jnp.zeros((h + pt + pb, wd + pl + pr, dy.shape[0], cin), acc)
-    frame = lax.fori_loop(0, kh * kw, tap, frame)
+    frame = _loop(kh * kw, tap, frame, w, dy)
     dx = lax.pad(frame, zero, ((-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0), (0, 0, 0)))
     return dx.transpose(_NHWC).astype(dy.dtype)
 
@@ -484,7 +492,7 @@ def local_grad_w(x, dy, call: KernelCall):
         dw_t = _pixel_dot(xs, dyt, ((1,), (1,)), precision, acc)  # [Ho*Wo, Cin, Cout]
         return lax.dynamic_update_index_in_dim(dw, dw_t, t, 1)
 
-    dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((ho * wo, kh * kw, cin, cout), acc))
+    dw = _loop(kh * kw, tap, jnp.zeros((ho * wo, kh * kw, cin, cout), acc), x, dy)
     return dw.reshape(out_shape).astype(x.dtype)
 
 
@@ -552,9 +560,9 @@ def _filter_taps(src, k, offsets, out_size, stride, at_source, kernel_size):
             return out + kernel_row(src_m, k_m, starts, (rows, wo))
 
         init = jnp.zeros((sb.shape[0], rows, wo, *src.shape[3:]), acc)
-        return lax.fori_loop(0, kh, body, init)
+        return _loop(kh, body, init, sb, kb)
 
-    return _blocked((n, ho, wo, *src.shape[3:]), acc, plan, compute)
+    return _blocked((n, ho, wo, *src.shape[3:]), acc, plan, compute, src, k)
 
 
 def pixel_forward(x, k, call: KernelCall):
@@ -669,7 +677,7 @@ def pixel_grad_k(x, dy, call: KernelCall):
         taps = taps.transpose(2, 0, 3, 4, 5, 1).reshape(1, jr, tiles * jc, kh, kw, groups)
         return taps[:, :, :wo]
 
-    return _blocked(out_shape, x.dtype, (1, jr), compute)
+    return _blocked(out_shape, x.dtype, (1, jr), compute, xp, dyp)
 
 
 def pixel_forward_patches(x, k, *, geom: Geometry):
@@ -704,7 +712,7 @@ def gaussian_forward(x, s, eta, zeta, call: KernelCall):
         w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments)
         return acc + xs.astype(acc_dtype) * w[..., None].astype(acc_dtype)
 
-    y = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(out_shape, acc_dtype))
+    y = _loop(geom.num_taps, tap, jnp.zeros(out_shape, acc_dtype), x, s, eta, zeta)
     if s is not None:
         y = y * s[..., None].astype(acc_dtype)
     return y.astype(x.dtype)
@@ -739,7 +747,7 @@ def gaussian_grad_x(s, dy, eta, zeta, call: KernelCall):
         return acc + at(src) * weight[..., None].astype(acc_dtype)
 
     init = jnp.zeros((dy.shape[0], h, w, dy.shape[3]), acc_dtype)
-    dx = lax.fori_loop(0, geom.num_taps, tap, init)
+    dx = _loop(geom.num_taps, tap, init, s, dy, eta, zeta)
     return dx.reshape(out_shape).astype(dy.dtype)
 
 
@@ -757,5 +765,5 @@ def gaussian_grad_s(x, dy, eta, zeta, call: KernelCall):
         w = gaussian.tap_weight(t, eta, zeta, geom.kernel_size, moments).astype(acc_dtype)
         return acc + xs.astype(acc_dtype) * (w[..., None] * dyf)
 
-    ds = lax.fori_loop(0, geom.num_taps, tap, jnp.zeros(dy.shape, acc_dtype))
+    ds = _loop(geom.num_taps, tap, jnp.zeros(dy.shape, acc_dtype), x, dy, eta, zeta)
     return jnp.sum(ds, axis=-1).reshape(out_shape).astype(x.dtype)

@@ -135,6 +135,13 @@ def _setup(check: Check):
                 [normal(N, H, W, 2 * GROUPS), normal(N, H, W, k, k, GROUPS)],
                 [image, image],
             )
+        case "gaussian_splat":
+            # Axis-aligned elliptical Gaussians spread by every source pixel (stride 1).
+            def gaussian_splat(x, sr, sc):
+                return svconv.gaussian_splat2d(x, (sr, sc), k, **geo)
+
+            sigma = [0.5 + np.abs(normal(N, H, W)) for _ in range(2)]
+            return gaussian_splat, [normal(N, H, W, 2), *sigma], [image, image, image]
         case "gaussian":
             # Rotated elliptical Gaussians: sigmas and rho per output pixel, sharded like it.
             import jax.numpy as jnp
@@ -242,13 +249,142 @@ def run_check(check: Check) -> None:
         assert len(dims) == 4 and dims[1] <= halo, f"collective-permute of {dims}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardMapCheck:
+    """An op inside ``jax.shard_map`` over 4 devices, the batch split and the shared arrays
+    (``w``, a batch-shared ``d``) replicated, against the same program without ``shard_map``.
+
+    ``transform``: ``vjp`` (the output and the gradient in every array argument), ``jvp`` (a
+    tangent in every argument) or ``transpose`` (``jax.linear_transpose`` in each argument the
+    op is linear in). With ``check_vma`` a replicated argument's gradient and transpose come
+    back summed over the devices (JAX inserts the sum); without it, per device, and the check
+    sums them."""
+
+    op: str
+    impl: str
+    transform: str
+    check_vma: bool = True
+
+    @property
+    def name(self) -> str:
+        vma = "" if self.check_vma else "-novma"
+        return f"shard_map-{self.op}-{self.impl}-{self.transform}{vma}"
+
+
+SHARD_MAP_DEVICES = 4
+SHARD_MAP_OPS = (*OPS, "gaussian_splat")
+# Arguments each op is linear in (the Gaussians are linear in the image only).
+_LINEAR = {"gaussian": 1, "gaussian_splat": 1}
+SHARD_MAP_CHECKS = tuple(
+    ShardMapCheck(op, impl, transform, check_vma)
+    for op in SHARD_MAP_OPS
+    for impl in ("xla", "pallas")
+    for transform, check_vma in (
+        ("vjp", True),
+        ("vjp", False),
+        ("jvp", True),
+        ("transpose", True),
+        ("transpose", False),
+    )
+    # Pallas (interpreted, slow): without check_vma only once (those programs ran before).
+    if impl == "xla" or check_vma or (op, transform) == ("modulated", "vjp")
+)
+NAMES = (*NAMES, *(c.name for c in SHARD_MAP_CHECKS))
+
+
+def run_shard_map_check(check: ShardMapCheck) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    fn, arrays, specs = _setup(Check(check.op, check.impl, "batch"))
+    devices = jax.devices()[:SHARD_MAP_DEVICES]
+    mesh = jax.make_mesh(
+        (SHARD_MAP_DEVICES,), ("data",), axis_types=(AxisType.Auto,), devices=devices
+    )
+    count = len(arrays)
+    replicated = [s == P() for s in specs]
+    rng = np.random.default_rng(1)
+    y_shape = jax.eval_shape(fn, *arrays).shape
+    ct = rng.standard_normal(y_shape).astype(np.float32)
+
+    # Each transform as (function of the arrays and extra inputs, extra inputs and their specs,
+    # which results are per replicated argument).
+    match check.transform:
+        case "vjp":
+
+            def step(*args):
+                y, vjp = jax.vjp(fn, *args)
+                return (y, *vjp(jnp.cos(y)))
+
+            extra, extra_specs, per_arg = [], [], [False, *replicated]
+        case "jvp":
+
+            def step(*args):
+                return jax.jvp(fn, tuple(args[:count]), tuple(args[count:]))
+
+            extra = [0.5 * np.roll(a, 1) for a in arrays]
+            extra_specs, per_arg = list(specs), [False, False]
+        case "transpose":
+            linear = range(_LINEAR.get(check.op, count))
+
+            def step(*args):
+                primal, cot = args[:count], args[count]
+                out = []
+                for i in linear:
+                    part = jax.linear_transpose(
+                        lambda v, i=i: fn(*primal[:i], v, *primal[i + 1 :]), primal[i]
+                    )
+                    out.append(*part(cot))
+                return tuple(out)
+
+            extra, extra_specs = [ct], [P("data")]
+            per_arg = [replicated[i] for i in linear]
+
+    expected = jax.jit(step)(*arrays, *extra)
+    summed = [r and not check.check_vma for r in per_arg]
+
+    def body(*args):
+        out = step(*args)
+        # Without check_vma a replicated argument's result is this device's part: one row each.
+        return tuple(o[None] if s else o for o, s in zip(out, summed, strict=True))
+
+    out_specs = tuple(
+        P("data") if s or not r else P() for r, s in zip(per_arg, summed, strict=True)
+    )
+    mapped = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(*specs, *extra_specs),
+            out_specs=out_specs,
+            check_vma=check.check_vma,
+        )
+    )
+    got = mapped(*arrays, *extra)
+    for i, (a, b, s) in enumerate(zip(got, expected, summed, strict=True)):
+        a = np.asarray(a).sum(axis=0) if s else np.asarray(a)
+        scale = max(1.0, float(np.max(np.abs(b))))
+        err = float(np.max(np.abs(a - np.asarray(b)))) / scale
+        assert err < 2e-5, f"result {i}: relative error {err:.3g} against no shard_map"
+
+
+def _run_any(check) -> None:
+    if isinstance(check, ShardMapCheck):
+        run_shard_map_check(check)
+    else:
+        run_check(check)
+
+
 def main(names: list[str]) -> int:
     import jax
 
     if jax.device_count() < DEVICES:
         print(f"needs {DEVICES} devices: run with XLA_FLAGS={DEVICE_FLAG}", file=sys.stderr)
         return 2
-    return run_checks(CHECKS, names, run_check, MARK)
+    return run_checks((*CHECKS, *SHARD_MAP_CHECKS), names, _run_any, MARK)
 
 
 def run_checks(checks, names, run, mark: str, **extra) -> int:

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import svconv
-from experiments.static.lowering import lower_for_cuda, triton_kernel_names
+from experiments.static.lowering import H100, lower_for_cuda, triton_kernel_names
 from tests.conftest import assert_close, rands
 
 
@@ -122,6 +123,33 @@ def test_lowered_for_cuda_holds_only_compiled_kernels(name, dtype, impl):
     jvp = lower_for_cuda(_jvp_all(fn), *args)
     _assert_only_kernels(jvp, family, 1)
     assert len(triton_kernel_names(jvp)) == 2
+
+
+@pytest.mark.parametrize("name", list(LOWERING_CASES))
+def test_lowered_for_cuda_inside_shard_map_holds_the_kernels(name):
+    """Inside ``jax.shard_map`` (``check_vma=True``) over 2 abstract H100s, the batch split and
+    the shared arrays replicated: the forward and every gradient are the compiled kernels, each
+    kernel's result typed with the manual axes of its operands, and the replicated arrays'
+    gradients summed over the devices."""
+    fn, shapes, kernels = LOWERING_CASES[name]
+    family = {"filter": "pixel", "splat": "pixel"}.get(name, name.split("-")[0])
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    # The batch (2) leads every per-image array of these cases; the others are shared.
+    specs = tuple(P("data") if s[0] == shapes[0][0] else P() for s in shapes)
+    mesh = jax.sharding.AbstractMesh(
+        (2,), ("data",), abstract_device=H100, axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    step = jax.shard_map(
+        _grad_all(functools.partial(fn, impl=None), len(args)),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=specs,
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        hlo = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    _assert_only_kernels(hlo, family, kernels)
+    if any(s == P() for s in specs):
+        assert "stablehlo.all_reduce" in hlo or "all-reduce" in hlo
 
 
 def _lower_for(fn, args, platforms):

@@ -65,6 +65,51 @@ def test_jit_and_vmap_over_each_argument(impl, name):
         assert_close(got, want, what=f"vmap over arg {axis_arg}")
 
 
+# (op, mapped argument) -> what the mapped axis folds into; every forward vmap folds.
+_FOLDS = {
+    ("modulated", 0): "batch",
+    ("modulated", 1): "output channels",
+    ("modulated", 2): "batch",
+    ("local", 0): "batch",
+    ("local", 1): "output channels",
+    ("filter", 0): "batch",
+    ("filter", 1): "batch (x broadcast)",
+    ("splat", 0): "batch",
+    ("splat", 1): "batch (x broadcast)",
+}
+
+
+def _loops(fn, *args) -> bool:
+    return bool(re.search(r"\b(scan|while)\[", str(jax.make_jaxpr(fn)(*args))))
+
+
+@pytest.mark.parametrize(("name", "arg"), list(_FOLDS), ids=[f"{n}-{a}" for n, a in _FOLDS])
+def test_vmap_folds_into_one_call(name, arg):
+    """vmap over one argument (a weight set per index: ensembles, per-example kernels) is one
+    call of the op, no loop, with the numbers of the op called once per index; for the shared
+    weights of modulated and local, so is the gradient in the weights under that vmap."""
+    f, args = _ops("xla")[name]
+    (scale,) = rands(30, (3,))
+    stacked = [a if i != arg else scale.reshape(3, *(1,) * a.ndim) * a for i, a in enumerate(args)]
+    in_axes = tuple(0 if i == arg else None for i in range(len(args)))
+    mapped = jax.vmap(f, in_axes=in_axes)
+    assert not _loops(mapped, *stacked), f"vmap over argument {arg} loops"
+    one_by_one = jax.lax.map(
+        lambda v: f(*(v if i == arg else a for i, a in enumerate(args))), stacked[arg]
+    )
+    assert_close(mapped(*stacked), one_by_one, what=f"vmap over argument {arg}")
+    if name in ("modulated", "local") and arg == 1:
+
+        def loss(w, *rest):
+            return jnp.sum(jnp.sin(f(rest[0], w, *rest[1:])))
+
+        grad_w = jax.vmap(jax.grad(loss), in_axes=(0, *(None,) * (len(args) - 1)))
+        others = [a for i, a in enumerate(args) if i != 1]
+        assert not _loops(grad_w, stacked[1], *others), "the gradient in w loops"
+        want = jax.lax.map(lambda w: jax.grad(loss)(w, *others), stacked[1])
+        assert_close(grad_w(stacked[1], *others), want, what="gradient in w")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vmap_with_a_batch_shared_modulation(impl):
     """A batch-shared ``d`` ``[Ho, Wo, kh, kw]`` mapped by vmap (one per mapped index, broadcast

@@ -38,6 +38,7 @@ import numpy as np
 
 from experiments.bench.report import machine_info
 from experiments.gpu_check import installed_versions
+from pallas_kernels import gaussian as pallas_gaussian
 from pallas_kernels import local, modulated, pixel
 from pallas_kernels.geometry import Geometry
 from svconv import gaussian
@@ -76,7 +77,7 @@ KERNEL_NAMES = {
     "y": "forward", "x": "grad_x", "w": "grad_w", "d": "grad_d", "k": "grad_k", "s": "grad_s"
 }  # fmt: skip
 # The per-pixel tiling heuristic's kernel for each Gaussian kernel (their loops are alike).
-_GAUSSIAN_TILES = {"y": "forward", "x": "grad_x", "s": "grad_k"}
+_GAUSSIAN_TILES = {"y": "forward", "x": "grad_x"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,10 @@ class Kernel:
         """The tiles the kernel picks when given none (the same call the kernel makes)."""
         n, h, w, c = self.shapes["x"]
         dtype = jnp.dtype(self.dtype)
+        if self.family is GAUSSIAN and self.target == "s":
+            return pallas_gaussian.grad_s_block_sizes(
+                channels=c, out_hw=self.geom.out_size, batch=n, dtype=dtype
+            )
         if self.family in (PIXEL, GAUSSIAN):  # stride 1: grad_x tiles the same grid
             op = KERNEL_NAMES[self.target] if self.family is PIXEL else _GAUSSIAN_TILES[self.target]
             ho, wo = self.geom.out_size

@@ -13,7 +13,7 @@ import jax
 from jaxlib.mlir import ir
 from jaxlib.triton import dialect as triton_dialect
 
-_H100 = jax.sharding.AbstractDevice(
+H100 = jax.sharding.AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132
 )
 _TRITON_TARGET = "__gpu$xla.gpu.triton"
@@ -26,7 +26,7 @@ _DOT_PRECISION = re.compile(r"inputPrecision = (\w+)")
 @contextlib.contextmanager
 def abstract_gpu():
     """Trace and lower as if for an H100 (Pallas reads the GPU's properties while lowering)."""
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         yield
 
 

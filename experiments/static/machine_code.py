@@ -335,7 +335,9 @@ def compile_kernel(name: str, ttir: str, num_warps: int, num_stages: int, arch: 
     from triton.errors import TritonError
 
     target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    # Fused multiply-adds, as XLA compiles the kernels (triton 3.9 warns that its default
+    # changes in 3.10).
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     backend = make_backend(target)
     ptxas_log = io.StringIO()
     with contextlib.ExitStack() as stack:
