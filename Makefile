@@ -22,11 +22,14 @@ if command -v pyenv >/dev/null 2>&1; then \
 exit 1
 endef
 
-.PHONY: help test test-jax-next demo bench gpu-check gpu-tune lint venv clean
+.PHONY: help test test-jax-next machine-code-mosaic demo bench gpu-check gpu-tune lint venv \
+        clean
 
 help:
 	@echo "make test       create .venv, install svconv and the test deps, run the test suite"
 	@echo "make test-jax-next  the JAX-dependent tests on the newest JAX in range (.venv-next)"
+	@echo "make machine-code-mosaic  the Mosaic GPU kernels compiled for sm_90a without a GPU by"
+	@echo "                XLA's CUDA plugin (.venv-mosaic): no spills, shared memory in limits"
 	@echo "make demo       create .venv, run the worked examples (quick mode)"
 	@echo "make bench      benchmark on this machine -> results/bench-<device>.{md,json}; also"
 	@echo "                the static traffic report (results/traffic.md); BENCH_ARGS=--quick"
@@ -62,13 +65,26 @@ NEXT_PIN   ?= jax==0.12.0.1 jaxlib==0.12.0.1 triton==3.9.0
 NEXT_TESTS ?= tests/test_machine_code.py tests/test_dispatch.py tests/test_traffic.py \
               tests/test_pallas_modulated.py tests/test_pallas_local.py tests/test_pallas_pixel.py \
               tests/test_gaussian.py tests/test_transforms.py tests/test_sharding.py \
-              tests/test_kernel_helpers.py
+              tests/test_kernel_helpers.py tests/test_mosaic.py
 
 test-jax-next: $(PY)
 	@test -x $(NEXT_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(NEXT_VENV)
 	$(NEXT_VENV)/bin/python -m pip install -q --upgrade pip
 	$(NEXT_VENV)/bin/python -m pip install -q $(NEXT_PIN) -e '.[test]'
 	$(NEXT_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(NEXT_TESTS)
+
+# The Mosaic GPU kernels' machine code: XLA's CUDA plugin compiles them for an H100 (sm_90a) on
+# this machine, GPU or not, with the CUDA toolkit's ptxas (the test skips without one), in
+# .venv-mosaic. Every case and the table: `$(MOSAIC_VENV)/bin/python -m
+# experiments.static.mosaic_machine_code` -> results/mosaic-machine-code.{md,json}.
+MOSAIC_VENV ?= .venv-mosaic
+MOSAIC_PIN  ?= jax==0.11.2 jaxlib==0.11.2 jax-cuda13-plugin==0.11.2
+
+machine-code-mosaic: $(PY)
+	@test -x $(MOSAIC_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(MOSAIC_VENV)
+	$(MOSAIC_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MOSAIC_VENV)/bin/python -m pip install -q $(MOSAIC_PIN) -e '.[test]'
+	JAX_PLATFORMS=cpu $(MOSAIC_VENV)/bin/python -m pytest tests/test_mosaic_machine_code.py
 
 demo: $(PY)
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[experiments]'
@@ -114,4 +130,4 @@ lint: $(PY)
 	$(PY) -m ruff format --check svconv pallas_kernels tests experiments
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NEXT_VENV) $(MOSAIC_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -15,7 +15,7 @@ from jax import lax
 
 from pallas_kernels.geometry import Geometry, Padding, Pair
 
-IMPLS = (None, "auto", "pallas", "xla", "reference")
+IMPLS = (None, "auto", "pallas", "mosaic", "triton", "xla", "reference")
 
 
 def _int(name: str, value: Any) -> int:
@@ -148,7 +148,8 @@ def shape(name: str, value: jax.Array, expected: tuple[int, ...], layout: str) -
 def impl(value: Any) -> str:
     if value not in IMPLS:
         raise ValueError(
-            f"`impl` must be one of None, 'auto', 'pallas', 'xla', 'reference'; got {value!r}"
+            "`impl` must be one of None, 'auto', 'pallas', 'mosaic', 'triton', 'xla', "
+            f"'reference'; got {value!r}"
         )
     return "auto" if value is None else value
 

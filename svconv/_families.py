@@ -1,18 +1,77 @@
-"""The op families: for each, its slots and their layouts, its kernels per implementation and per
-target slot, and its Pallas support check (see :class:`svconv._primitive.Family`)."""
+"""The op families: for each, its slots and their layouts and its backends, in the order
+``impl=None`` tries them (see :class:`svconv._primitive.Family` and
+:class:`svconv._primitive.Backend`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
-from pallas_kernels import gaussian as pallas_gaussian
-from pallas_kernels import local as pallas_local
-from pallas_kernels import modulated as pallas_modulated
-from pallas_kernels import pixel as pallas_pixel
+from pallas_kernels import mosaic_gpu
+from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
+from pallas_kernels.triton import gaussian as triton_gaussian
+from pallas_kernels.triton import local as triton_local
+from pallas_kernels.triton import modulated as triton_modulated
+from pallas_kernels.triton import pixel as triton_pixel
 from svconv import xla
-from svconv._primitive import Family, Spec, bind
+from svconv._primitive import Backend, Family, Spec, Target, bind
+
+
+def _triton_unsupported(check, target: Target | None, spec: Spec, shapes, dtype) -> str | None:
+    """The Triton kernels' own check, and the device's: Ampere (8.0) or newer."""
+    if not triton_available():
+        return "this JAX has no Pallas Triton backend (jax.experimental.pallas.triton)"
+    cc = None if target is None or not target.gpu else target.compute_capability
+    if cc is not None and cc < (8, 0):
+        return f"compute capability {cc[0]}.{cc[1]} is below the Triton kernels' 8.0"
+    return check(spec.geom, shapes, dtype)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton(kernels, jvp, check) -> Backend:
+    return Backend("triton", kernels, jvp, functools.partial(_triton_unsupported, check))
+
+
+def _mosaic_unsupported(check, target: Target | None, spec: Spec, shapes, dtype) -> str | None:
+    """The Mosaic kernels' own check, and the device's: compute capability 9.0 or newer."""
+    if target is not None and target.gpu:
+        cc = target.compute_capability
+        if cc is None:
+            return f"compute capability of {target.device_kind!r} unknown (Mosaic kernels: 9.0+)"
+        if cc < mosaic_gpu.MIN_CAPABILITY:
+            return f"compute capability {cc[0]}.{cc[1]} is below the Mosaic kernels' 9.0"
+    return check(spec.target, spec.geom, shapes, dtype, tangents=bool(spec.tangents))
+
+
+def _mosaic_default(target: Target) -> bool:
+    kind = target.device_kind or ""
+    return any(kind.startswith(prefix) for prefix in mosaic_gpu.DEFAULT_ON)
+
+
+def _mosaic(kernels, jvp, check) -> Backend:
+    return Backend(
+        "mosaic",
+        kernels,
+        jvp,
+        functools.partial(_mosaic_unsupported, check),
+        default=_mosaic_default,
+    )
+
+
+def _xla(kernels) -> Backend:
+    return Backend("xla", kernels, pallas=False)
+
 
 MODULATED = Family(
     name="modulated",
@@ -22,20 +81,26 @@ MODULATED = Family(
         "d": ("b", "ho", "wo", "kh", "kw"),
         "y": ("b", "ho", "wo", "o"),
     },
-    xla={
-        "y": xla.modulated_forward,
-        "x": xla.modulated_grad_x,
-        "w": xla.modulated_grad_w,
-        "d": xla.modulated_grad_d,
-    },
-    pallas={
-        "y": pallas_modulated.forward,
-        "x": pallas_modulated.grad_x,
-        "w": pallas_modulated.grad_w,
-        "d": pallas_modulated.grad_d,
-    },
-    pallas_unsupported=pallas_modulated.unsupported_reason,
-    pallas_jvp={"y": pallas_modulated.forward_jvp},
+    backends=(
+        _triton(
+            {
+                "y": triton_modulated.forward,
+                "x": triton_modulated.grad_x,
+                "w": triton_modulated.grad_w,
+                "d": triton_modulated.grad_d,
+            },
+            {"y": triton_modulated.forward_jvp},
+            triton_modulated.unsupported_reason,
+        ),
+        _xla(
+            {
+                "y": xla.modulated_forward,
+                "x": xla.modulated_grad_x,
+                "w": xla.modulated_grad_w,
+                "d": xla.modulated_grad_d,
+            }
+        ),
+    ),
     features={"o": None, "c": None},
 )
 
@@ -46,10 +111,14 @@ LOCAL = Family(
         "w": ("ho", "wo", "kh", "kw", "c", "o"),
         "y": ("b", "ho", "wo", "o"),
     },
-    xla={"y": xla.local_forward, "x": xla.local_grad_x, "w": xla.local_grad_w},
-    pallas={"y": pallas_local.forward, "x": pallas_local.grad_x, "w": pallas_local.grad_w},
-    pallas_unsupported=pallas_local.unsupported_reason,
-    pallas_jvp={"y": pallas_local.forward_jvp},
+    backends=(
+        _triton(
+            {"y": triton_local.forward, "x": triton_local.grad_x, "w": triton_local.grad_w},
+            {"y": triton_local.forward_jvp},
+            triton_local.unsupported_reason,
+        ),
+        _xla({"y": xla.local_forward, "x": xla.local_grad_x, "w": xla.local_grad_w}),
+    ),
     features={"o": None, "c": None},
 )
 
@@ -60,10 +129,19 @@ PIXEL = Family(
         "k": ("b", "ho", "wo", "kh", "kw", "g"),
         "y": ("b", "ho", "wo", "c"),
     },
-    xla={"y": xla.pixel_forward, "x": xla.pixel_grad_x, "k": xla.pixel_grad_k},
-    pallas={"y": pallas_pixel.forward, "x": pallas_pixel.grad_x, "k": pallas_pixel.grad_k},
-    pallas_unsupported=pallas_pixel.unsupported_reason,
-    pallas_jvp={"y": pallas_pixel.forward_jvp, "x": pallas_pixel.grad_x_jvp},
+    backends=(
+        _mosaic(
+            {"y": mosaic_pixel.forward},
+            {"y": mosaic_pixel.forward_jvp},
+            mosaic_pixel.unsupported_reason,
+        ),
+        _triton(
+            {"y": triton_pixel.forward, "x": triton_pixel.grad_x, "k": triton_pixel.grad_k},
+            {"y": triton_pixel.forward_jvp, "x": triton_pixel.grad_x_jvp},
+            triton_pixel.unsupported_reason,
+        ),
+        _xla({"y": xla.pixel_forward, "x": xla.pixel_grad_x, "k": xla.pixel_grad_k}),
+    ),
     features={"c": "g"},
 )
 
@@ -101,15 +179,24 @@ def _gaussian_param_jvp(spec: Spec, values: dict, name: str, tangent: jax.Array)
 GAUSSIAN = Family(
     name="gaussian",
     dims={"x": ("b", "h", "w", "c"), "s": ("b", "ho", "wo"), "y": ("b", "ho", "wo", "c")},
-    xla={"y": xla.gaussian_forward, "x": xla.gaussian_grad_x, "s": xla.gaussian_grad_s},
-    pallas={
-        "y": pallas_gaussian.forward,
-        "x": pallas_gaussian.grad_x,
-        "s": pallas_gaussian.grad_s,
-    },
-    pallas_unsupported=pallas_gaussian.unsupported_reason,
+    backends=(
+        _mosaic(
+            {"y": mosaic_gaussian.forward, "s": mosaic_gaussian.grad_s},
+            {"y": mosaic_gaussian.forward_jvp},
+            mosaic_gaussian.unsupported_reason,
+        ),
+        _triton(
+            {
+                "y": triton_gaussian.forward,
+                "x": triton_gaussian.grad_x,
+                "s": triton_gaussian.grad_s,
+            },
+            {"y": triton_gaussian.forward_jvp, "x": triton_gaussian.grad_x_jvp},
+            triton_gaussian.unsupported_reason,
+        ),
+        _xla({"y": xla.gaussian_forward, "x": xla.gaussian_grad_x, "s": xla.gaussian_grad_s}),
+    ),
     params={"eta": ("b", "ho", "wo", "p"), "zeta": ("b", "ho", "wo")},
     param_jvp=_gaussian_param_jvp,
-    pallas_jvp={"y": pallas_gaussian.forward_jvp, "x": pallas_gaussian.grad_x_jvp},
     features={"c": None},
 )

@@ -18,7 +18,7 @@ One primitive per family computes the partial derivative of ``T`` with respect t
 ``T`` is linear in each slot:
 
 * the JVP of a partial is the sum of the same partial with each tangent in its slot; where the
-  family has a fused kernel for it (``Family.pallas_jvp``), the tangents of every slot go to
+  backend has a fused kernel for it (``Backend.jvp``), the tangents of every slot go to
   that one kernel (a bind with ``Spec.tangents``), so no sum of full-size terms is built;
 * its transpose with respect to slot ``j`` is the partial with respect to ``j``, with the
   cotangent in the target's slot.
@@ -30,10 +30,13 @@ tangents, to the fused kernel); the parameters themselves are never transposed. 
 derivative, in forward or reverse mode and to any order, is again one of the family's fused
 kernels, and every partial is transposable in its slots (``jax.linear_transpose``).
 
-The implementation is chosen when lowering, per platform: lowered for ``cuda``, ``impl="auto"``
-takes the compiled Pallas kernels when they support the case (else XLA, the reason logged at
-debug level); lowered for any other platform, XLA; ``impl="pallas"`` lowered for a platform
-without GPU kernels runs Pallas's interpreter.
+The implementation is chosen when lowering, per platform and device (:class:`Target`): each
+family holds an ordered tuple of :class:`Backend` s (Mosaic GPU, Triton, XLA last), and the
+partial runs on the first one that ``impl`` admits (:meth:`Spec.candidates`) and that can take
+the case (:meth:`Backend.reason`), the others' reasons logged at debug level. Lowered for
+``cuda``, ``impl="auto"`` tries the Pallas backends that are the default on that GPU, then XLA;
+lowered for any other platform, XLA. ``impl="pallas"``, ``"mosaic"`` and ``"triton"`` lowered
+for a platform without GPU kernels run Pallas's interpreters.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import callback as jax_callback
 from jax._src import config, dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -69,31 +73,84 @@ _GEOMETRY_DIMS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The device a program is lowered for, computed once per lowering (:func:`target_of`).
+
+    Attributes:
+      platform: the lowering platform (``"cuda"``, ``"cpu"``, ...).
+      device_kind: the device's kind (``"NVIDIA H100 80GB HBM3"``), None when unknown.
+      compute_capability: ``(major, minor)`` of an NVIDIA GPU, None when unknown.
+      sm_count: the GPU's multiprocessors, None when unknown.
+    """
+
+    platform: str
+    device_kind: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    sm_count: int | None = None
+
+    @property
+    def gpu(self) -> bool:
+        """Whether GPU kernels are compiled for it (else Pallas kernels are interpreted)."""
+        return self.platform == "cuda"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Backend:
+    """One implementation of a family's partials.
+
+    Attributes:
+      name: what ``impl=`` calls it (``"mosaic"``, ``"triton"``, ``"xla"``).
+      kernels: target slot -> kernel. Every kernel takes the arrays of the other slots in slot
+        order (None for a unit slot), the parameters' arrays, then a
+        :class:`~pallas_kernels.geometry.KernelCall` (the geometry, the result's shape, the
+        options).
+      jvp: target slot -> fused forward-mode kernel: the partial's tangent for tangents in
+        several slots (and parameters) at once, without a sum of one partial per tangent. It
+        takes the arrays of the other slots and the parameters as the kernel does, then one
+        tangent per such slot, then one per parameter (None where there is none), then the call.
+      unsupported: ``(target, spec, shapes, dtype) -> reason or None``: why the backend cannot
+        run the partial ``spec`` (its ``target`` slot, geometry, tangents) with slots of
+        ``shapes`` and ``dtype`` on ``target`` (None: the device is not known yet, at call time;
+        a target off a GPU: the kernels are interpreted), or None when it can.
+      pallas: Pallas GPU kernels: compiled when lowered for CUDA, interpreted elsewhere.
+      default: ``target -> bool``: whether ``impl=None`` (and ``"pallas"``) take the backend
+        on that device.
+    """
+
+    name: str
+    kernels: Mapping[str, Callable[..., jax.Array]]
+    jvp: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
+    unsupported: Callable[..., str | None] = lambda target, spec, shapes, dtype: None
+    pallas: bool = True
+    default: Callable[[Target], bool] = lambda target: True
+
+    def reason(self, target: Target | None, spec: Spec, shapes, dtype) -> str | None:
+        """Why this backend cannot run ``spec``, or None. A partial with tangents runs the
+        backend's fused kernel where it has one, else the sum of its plain partials (each
+        chosen again when lowered): the plain partial's kernel is what it needs."""
+        if spec.target not in self.kernels:
+            return f"no {self.name} kernel for the partial in `{spec.target}`"
+        fused = bool(spec.tangents) and spec.target in self.jvp
+        return self.unsupported(target, spec if fused else spec.plain, shapes, jnp.dtype(dtype))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Family:
-    """One op family: its slots, its kernels per implementation and target, its Pallas support.
+    """One op family: its slots and their layouts, its backends.
 
     Attributes:
       name: the primitive's name.
       dims: slot name -> dimension names of its array, in slot order; the last slot is the op's
         output. ``b`` batch, ``h``/``w`` input and ``ho``/``wo`` output height and width,
         ``kh``/``kw`` taps, ``c``/``o`` input/output channels, ``g`` filter groups.
-      xla, pallas: target slot -> kernel. Every kernel takes the arrays of the other slots in
-        slot order (None for a unit slot), the parameters' arrays, then a
-        :class:`~pallas_kernels.geometry.KernelCall` (the geometry, the result's shape, the
-        options).
-      pallas_unsupported: ``(geom, shapes, dtype) -> reason or None``, ``shapes`` the shape of
-        every slot by name.
+      backends: the implementations, in the order ``impl=None`` tries them, XLA last (see
+        :class:`Backend`).
       params: parameter name -> dimension names, in order: arrays the form depends on
         nonlinearly, passed after the slots (to the kernels too, with ``moments`` in the call).
         ``p`` is the parameters' own axis.
       param_jvp: ``(spec, values, name, tangent) -> tangent of the partial`` for a tangent of
         parameter ``name``; ``values`` maps every operand's name to its array.
-      pallas_jvp: target slot -> fused forward-mode kernel: the partial's tangent for tangents
-        in several slots (and parameters) at once, without a sum of one partial per tangent. It
-        takes the arrays of the other slots and the parameters as the kernel does, then one
-        tangent per such slot, then one per parameter (None where there is none), then the
-        call.
       features: dimensions a ``vmap``-ped axis can fold into when every mapped array and the
         result have them, dimensions the form merely carries through (the channels of a shared
         kernel; see :func:`_batch`), each with the dimension of its groups or None: the mapped
@@ -103,17 +160,28 @@ class Family:
 
     name: str
     dims: Mapping[str, tuple[str, ...]]
-    xla: Mapping[str, Callable[..., jax.Array]]
-    pallas: Mapping[str, Callable[..., jax.Array]]
-    pallas_unsupported: Callable[..., str | None]
+    backends: tuple[Backend, ...]
     params: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     param_jvp: Callable[..., jax.Array] | None = None
-    pallas_jvp: Mapping[str, Callable[..., jax.Array]] = dataclasses.field(default_factory=dict)
     features: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     primitive: Primitive = dataclasses.field(init=False)
 
     def __post_init__(self):
+        names = [b.name for b in self.backends]
+        if not names or names[-1] != "xla" or len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: backends {names} must be distinct and end with xla")
         object.__setattr__(self, "primitive", _define(self))
+
+    def backend(self, name: str) -> Backend:
+        """The backend called ``name``."""
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(f"{self.name} has no {name!r} backend")
+
+    @property
+    def pallas_backends(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.pallas)
 
     def __repr__(self) -> str:  # the jaxprs print it in every Spec
         return f"Family({self.name!r})"
@@ -131,8 +199,8 @@ class Spec:
       family: the op family.
       target: the slot the partial is taken with respect to (its result).
       geom: the window geometry.
-      impl: ``"auto"``, ``"pallas"`` or ``"xla"`` as bound; when lowering, ``"pallas"`` or
-        ``"xla"`` (``interpret`` says whether Pallas runs in its interpreter).
+      impl: as bound, ``"auto"``, ``"pallas"`` or a backend's name; when lowering, the name of
+        the backend that runs (``interpret`` says whether Pallas runs in an interpreter).
       precision: ``lax`` precision of the dots.
       shared: slots whose array has no batch dimension (shared over the batch).
       groups: filter groups (the size of dimension ``g``).
@@ -159,6 +227,13 @@ class Spec:
     block_sizes: Any = None
     interpret: bool = False
     tangents: tuple[str, ...] = ()
+
+    @property
+    def gpu_interpret(self) -> bool:
+        """Whether the Mosaic kernels asked for run in Pallas's GPU interpret mode, in a
+        process without a GPU: its simulation is an ordered effect (callbacks into the
+        simulator), so the partial declares it and threads its token."""
+        return self.impl == "mosaic" and not _process_has_gpu()
 
     @property
     def slot_operands(self) -> tuple[str, ...]:
@@ -213,9 +288,32 @@ class Spec:
         names = (*self.family.slots, *self.family.params)
         return {s: tuple(sizes[d] for d in self.dims(s)) for s in names}
 
-    def pallas_reason(self, shapes: Mapping[str, tuple[int, ...]], dtype: Any) -> str | None:
-        """Why the Pallas kernels cannot take this case, or None when they can."""
-        return self.family.pallas_unsupported(self.geom, shapes, jnp.dtype(dtype))
+    def candidates(self, target: Target | None) -> list[Backend]:
+        """The backends that may run this partial as bound, in order of preference, on
+        ``target`` (None: not known yet)."""
+        family, impl = self.family, self.impl
+        on_gpu = target is not None and target.gpu
+        if impl == "auto":
+            if not on_gpu and target is not None:
+                return [family.backend("xla")]
+            return [b for b in family.backends if not b.pallas or b.default(target)]
+        if impl == "pallas":
+            return [b for b in family.pallas_backends if target is None or b.default(target)]
+        chosen = family.backend(impl)
+        if impl == "mosaic":  # what the Mosaic kernels cannot take runs the Triton kernels
+            return [chosen, *(b for b in family.pallas_backends if b.name == "triton")]
+        return [chosen]
+
+    def choose(self, target: Target | None, shapes, dtype) -> tuple[Backend | None, list[str]]:
+        """The first of :meth:`candidates` that can run this partial, and why each one before it
+        could not."""
+        reasons = []
+        for b in self.candidates(target):
+            reason = b.reason(target, self, shapes, dtype)
+            if reason is None:
+                return b, reasons
+            reasons.append(f"{b.name}: {reason}")
+        return None, reasons
 
 
 def bind(spec: Spec, *operands: jax.Array) -> jax.Array:
@@ -230,7 +328,23 @@ def bind(spec: Spec, *operands: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------ rules
 
 
+@functools.cache
+def _process_has_gpu() -> bool:
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
 def _abstract_eval(*avals, spec: Spec):
+    aval = _result_type(*avals, spec=spec)
+    return aval, ({_ORDERED_IO} if spec.gpu_interpret else set())
+
+
+_ORDERED_IO = jax_callback._OrderedIOEffect
+
+
+def _result_type(*avals, spec: Spec):
     shape = spec.shapes(tuple(a.shape for a in avals))[spec.target]
     params = spec.family.params
     slots = [
@@ -278,7 +392,11 @@ def _upcast(v: jax.Array, *, like) -> jax.Array:
 
 def _fuses_tangents(spec: Spec) -> bool:
     """Whether the tangents go to one fused kernel (else one term each)."""
-    return spec.impl != "xla" and spec.target in spec.family.pallas_jvp
+    if spec.impl in ("auto", "pallas"):
+        backends = spec.family.pallas_backends
+    else:
+        backends = [spec.family.backend(spec.impl)]
+    return any(spec.target in b.jvp for b in backends)
 
 
 def _jvp(primals, tangents, *, spec: Spec):
@@ -490,21 +608,83 @@ def _map(args, axes, spec: Spec):
 # ---------------------------------------------------------------------------------- lowering
 
 
-def _resolve(spec: Spec, shapes: Mapping[str, tuple[int, ...]], dtype: Any, platform: str):
-    """The implementation that runs when lowering for ``platform``."""
+def target_of(platform: str) -> Target:
+    """The device being lowered for: the abstract mesh's device when one is set (a program
+    lowered for a GPU on a machine without one), else the platform's first device when this
+    process has one."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    kind = cores = capability = None
+    if device is not None and device.platform in ("gpu", "cuda") and platform == "cuda":
+        kind, cores = device.device_kind, device.num_cores
+    elif platform == "cuda":
+        try:
+            concrete = jax.devices("cuda")[0]
+        except RuntimeError:  # no GPU in this process (lowering for export, say)
+            concrete = None
+        if concrete is not None:
+            kind, cores = concrete.device_kind, getattr(concrete, "core_count", None)
+            cc = getattr(concrete, "compute_capability", None)
+            if isinstance(cc, str) and "." in cc:
+                capability = tuple(int(v) for v in cc.split(".")[:2])
+    if capability is None and kind is not None:
+        capability = compute_capability(kind)
+    return Target(platform, kind, capability, cores)
+
+
+# NVIDIA device kinds by compute capability (for abstract devices, which carry only a kind).
+_CAPABILITIES = (
+    (("B200", "B300", "GB200", "GB300"), (10, 0)),
+    (("H100", "H200", "H800", "H20", "GH200"), (9, 0)),
+    (("L4", "L40", "L40S", "RTX 6000 Ada", "RTX 4090"), (8, 9)),
+    (("A10", "A40", "A6000", "RTX 3090"), (8, 6)),
+    (("A100", "A800", "A30"), (8, 0)),
+)
+
+
+def compute_capability(device_kind: str) -> tuple[int, int] | None:
+    """The compute capability of an NVIDIA device kind, None when not known."""
+    words = device_kind.replace("-", " ").split()
+    for names, capability in _CAPABILITIES:
+        if any(name.split()[0] in words and name in device_kind for name in names):
+            return capability
+    return None
+
+
+def _resolve(
+    spec: Spec, shapes: Mapping[str, tuple[int, ...]], dtype: Any, platform: str, devices: int = 1
+):
+    """The backend that runs ``spec`` when lowering for ``platform`` a program of ``devices``
+    devices."""
+    target = target_of(platform)
+    backend, reasons = spec.choose(target, shapes, dtype)
+    if backend is not None and backend.name == "mosaic" and not target.gpu:
+        # GPU interpret mode: one simulated GPU a process, its state global (a program on
+        # several devices trips over its own barriers), and an ordered effect that only the
+        # partials traced in a process without a GPU declare.
+        why = None
+        if not spec.gpu_interpret:
+            why = "GPU interpret mode only in a process without a GPU"
+        elif devices > 1:
+            why = f"GPU interpret mode runs on one device, not {devices}"
+        if why is not None:
+            reasons.append(f"mosaic: {why}")
+            triton = [b for b in spec.family.pallas_backends if b.name == "triton"]
+            backend = (
+                triton[0]
+                if triton and triton[0].reason(target, spec, shapes, dtype) is None
+                else None
+            )
     name = spec.family.name
-    if spec.impl == "xla":
-        return dataclasses.replace(spec, impl="xla")
-    if spec.impl == "pallas":
-        return dataclasses.replace(spec, interpret=platform != "cuda")
-    if platform != "cuda":
-        logger.debug("%s: using XLA, not Pallas: no GPU kernels on platform %r", name, platform)
-        return dataclasses.replace(spec, impl="xla")
-    reason = spec.pallas_reason(shapes, dtype)
-    if reason is not None:
-        logger.debug("%s: using XLA, not Pallas: %s", name, reason)
-        return dataclasses.replace(spec, impl="xla")
-    return dataclasses.replace(spec, impl="pallas")
+    if backend is None:
+        device = target.device_kind or target.platform
+        raise NotImplementedError(
+            f"{name}(impl={spec.impl!r}) cannot run this case on {device}: {'; '.join(reasons)}"
+        )
+    if spec.impl == "auto" and not target.gpu:
+        logger.debug("%s: using xla: no GPU kernels on platform %r", name, target.platform)
+    elif reasons:
+        logger.debug("%s: using %s, not %s", name, backend.name, "; not ".join(reasons))
+    return dataclasses.replace(spec, impl=backend.name, interpret=backend.pallas and not target.gpu)
 
 
 def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
@@ -514,13 +694,13 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     if any(math.prod(s) == 0 for s in shapes.values()):
         # Empty inputs: an empty or all-zero result (a sum over nothing), as lax gives.
         return jnp.zeros(out_shape, dtype)
-    pallas = spec.impl == "pallas"
+    backend = spec.family.backend(spec.impl)
     call = KernelCall(
         geom=spec.geom,
         out_shape=out_shape,
         precision=spec.precision,
         moments=spec.moments,
-        block_sizes=spec.block_sizes if pallas else None,
+        block_sizes=_tiles_for(spec.block_sizes, backend),
         interpret=spec.interpret,
     )
     # Every slot but the target, in slot order (None for a unit slot), then the parameters.
@@ -528,11 +708,24 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     others = [s for s in spec.family.slots if s != spec.target]
     args = [values.get(s) for s in others] + [values[p] for p in spec.family.params]
     if spec.tangents:  # the fused forward-mode kernel: one tangent per slot and parameter
-        kernel = spec.family.pallas_jvp[spec.target]
+        kernel = backend.jvp[spec.target]
         args += [values.get(s + "'") for s in (*others, *spec.family.params)]
     else:
-        kernel = (spec.family.pallas if pallas else spec.family.xla)[spec.target]
+        kernel = backend.kernels[spec.target]
     return kernel(*args, call)
+
+
+def _tiles_for(tiles: Any, backend: Backend) -> Any:
+    """The user's tiles where they belong to ``backend``'s kernels (a Triton tiling never
+    reaches a Mosaic kernel), else None (the kernel's heuristic)."""
+    if tiles is None or not backend.pallas:
+        return None
+    module = type(tiles).__module__
+    return tiles if module.split(".")[1:2] == [_TILE_PACKAGES[backend.name]] else None
+
+
+# Where each Pallas backend's tiling classes live (pallas_kernels.<package>).
+_TILE_PACKAGES = {"triton": "triton", "mosaic": "mosaic_gpu"}
 
 
 _run_partitioned = sharding.partitioned(run_kernel)
@@ -542,24 +735,41 @@ def _lowering(cuda: bool):
     def rule(ctx, *values, spec: Spec):
         platform = "cuda" if cuda else (ctx.platforms or ctx.module_context.platforms)[0]
         shapes = spec.shapes(tuple(a.shape for a in ctx.avals_in))
-        resolved = _resolve(spec, shapes, ctx.avals_in[0].dtype, platform)
-        if spec.tangents and resolved.impl != "pallas":  # no fused kernel: the sum
+        devices = _program_devices(ctx)
+        resolved = _resolve(spec, shapes, ctx.avals_in[0].dtype, platform, devices)
+        if spec.tangents and spec.target not in spec.family.backend(resolved.impl).jvp:
+            # No fused kernel there: the sum of one partial per tangent.
             lower = mlir.lower_fun(functools.partial(_expand, spec), False)
             return lower(ctx, *values)
+        if spec.gpu_interpret and resolved.impl == "mosaic":
+            # The simulated GPU: one device, its ordered effect's token threaded through.
+            return mlir.lower_fun(functools.partial(run_kernel, resolved), False)(ctx, *values)
         lower = mlir.lower_fun(functools.partial(_run_partitioned, resolved), False)
         if resolved.interpret and any(a.manual_axis_type.varying for a in ctx.avals_in):
             # Pallas's interpreter evaluates the kernel's loops, typed without manual axes, on
             # values that vary over those of the enclosing shard_map, and fails the type check.
             # The kernel runs per device: it is lowered as shard_map(check_vma=False) does.
-            ctx = ctx.replace(
+            inner = ctx.replace(
                 avals_in=[_invariant(a) for a in ctx.avals_in],
                 avals_out=[_invariant(a) for a in ctx.avals_out],
             )
             with config._check_vma(False):
-                return lower(ctx, *values)
+                out = lower(inner, *values)
+            if inner.tokens_out is not None:  # an ordered effect's token, threaded through
+                ctx.set_tokens_out(inner.tokens_out)
+            return out
         return lower(ctx, *values)
 
     return rule
+
+
+def _program_devices(ctx) -> int:
+    """The devices of the program being lowered (1 when not known)."""
+    axis_context = ctx.module_context.axis_context
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is not None:
+        return mesh.size
+    return getattr(axis_context, "num_devices", 1) or 1
 
 
 def _invariant(aval):
@@ -569,7 +779,7 @@ def _invariant(aval):
 def _define(family: Family) -> Primitive:
     prim = Primitive(f"svconv_{family.name}")
     prim.def_impl(functools.partial(dispatch.apply_primitive, prim))
-    prim.def_abstract_eval(_abstract_eval)
+    prim.def_effectful_abstract_eval(_abstract_eval)
     ad.primitive_jvps[prim] = _jvp
     ad.primitive_transposes[prim] = _transpose
     batching.primitive_batchers[prim] = _batch

@@ -41,7 +41,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
-from pallas_kernels.gaussian import features
+from pallas_kernels.gaussian_taps import features
 from pallas_kernels.geometry import match_varying, vary_like
 
 _VARIANCE_FLOOR = 1e-12

@@ -66,7 +66,8 @@ class ModulatedConv(_Conv):
       strides, padding, kernel_dilation: as ``nn.Conv`` (``padding``: ``"SAME"``, ``"VALID"``,
         int or ``((top, bottom), (left, right))``).
       use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as ``nn.Conv``.
-      impl: ``None``/``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"``.
+      impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
+        ``"reference"``.
     """
 
     @nn.compact

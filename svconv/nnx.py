@@ -127,7 +127,8 @@ class ModulatedConv(nnx.Module):
       precision: the ``lax`` precision of the dots.
       kernel_init: initializer of ``kernel [kh, kw, in_features, out_features]``.
       bias_init: initializer of ``bias [out_features]``.
-      impl: ``None``/``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"``.
+      impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
+        ``"reference"``.
       rngs: the random generators; parameters draw from ``rngs.params()``.
     """
 

@@ -24,13 +24,17 @@ IntOrPair = int | tuple[int, int]
 
 
 def _bind(op: str, spec: Spec, operands: dict[str, jax.Array]) -> jax.Array:
-    """Bind ``spec``'s partial; ``impl="pallas"`` on a case the kernels cannot take raises here,
-    at call time (``impl="auto"`` decides when lowering)."""
+    """Bind ``spec``'s partial. With Pallas kernels asked for (``"pallas"``, ``"mosaic"``,
+    ``"triton"``), a case none of them can take raises here, at call time, as far as it can be
+    told before the device is known; the rest is decided when lowering."""
     args = tuple(operands[s] for s in spec.operands)
-    if spec.impl == "pallas":
-        reason = spec.pallas_reason(spec.shapes(tuple(a.shape for a in args)), args[0].dtype)
-        if reason is not None:
-            raise NotImplementedError(f"{op}(impl='pallas') cannot run this case: {reason}")
+    if spec.impl in ("pallas", "mosaic", "triton"):
+        shapes = spec.shapes(tuple(a.shape for a in args))
+        backend, reasons = spec.choose(None, shapes, args[0].dtype)
+        if backend is None:
+            raise NotImplementedError(
+                f"{op}(impl={spec.impl!r}) cannot run this case: {'; '.join(reasons)}"
+            )
     return bind(spec, *args)
 
 
@@ -87,8 +91,9 @@ def modulated_conv2d(
       padding: ``"SAME"``, ``"VALID"``, int or ``((top, bottom), (left, right))``.
       dilation: kernel dilation, int or ``(dh, dw)``.
       precision: ``lax`` precision of the dots (float32: default TF32 on GPUs, ``HIGHEST`` exact).
-      impl: ``None``/``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"``.
-      block_sizes: optional Pallas tiling (``pallas_kernels.modulated.ModulatedBlockSizes``).
+      impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
+        ``"reference"`` (see the README's table).
+      block_sizes: optional Pallas tiling (``pallas_kernels.triton.modulated.ModulatedBlockSizes``).
 
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted dtype of the inputs,
@@ -150,7 +155,7 @@ def local_conv2d(
       x: input ``[batch, height, width, in_channels]``.
       w: kernels ``[out_height, out_width, kh, kw, in_channels, out_channels]``.
       stride, padding, dilation, precision, impl: as in :func:`modulated_conv2d`.
-      block_sizes: optional Pallas tiling (``pallas_kernels.local.LocalBlockSizes``).
+      block_sizes: optional Pallas tiling (``pallas_kernels.triton.local.LocalBlockSizes``).
 
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted input dtype.
@@ -207,7 +212,7 @@ def pixel_filter2d(
       k: filters ``[batch, out_height, out_width, kh, kw]`` or ``[batch, out_height, out_width,
         kh, kw, groups]`` with ``channels % groups == 0``.
       stride, padding, dilation, impl: as in :func:`modulated_conv2d`.
-      block_sizes: optional Pallas tiling (``pallas_kernels.pixel.PixelBlockSizes``).
+      block_sizes: optional Pallas tiling (``pallas_kernels.triton.pixel.PixelBlockSizes``).
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
@@ -285,7 +290,7 @@ def pixel_splat2d(
       stride, padding, dilation, impl: the geometry of the ``pixel_filter2d`` this transposes.
       output_size: ``(out_height, out_width)``; by default ``height * stride`` for ``"SAME"``
         (the size itself at stride 1), else the smallest size whose filter output is ``x``'s.
-      block_sizes: optional Pallas tiling (``pallas_kernels.pixel.PixelBlockSizes``).
+      block_sizes: optional Pallas tiling (``pallas_kernels.triton.pixel.PixelBlockSizes``).
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
@@ -424,7 +429,7 @@ def gaussian_filter2d(
       size: ``kh`` or ``(kh, kw)``.
       rho: optional correlation in (-1, 1) per output pixel (rotated ellipses).
       stride, padding, dilation, impl: as in :func:`pixel_filter2d`.
-      block_sizes: optional Pallas tiling (``pallas_kernels.pixel.PixelBlockSizes``).
+      block_sizes: optional Pallas tiling (``pallas_kernels.triton.pixel.PixelBlockSizes``).
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.

@@ -182,7 +182,7 @@ def test_pallas_refuses_complex_and_auto_uses_xla(caplog):
     with caplog.at_level(logging.DEBUG, logger="svconv"):
         hlo = lower_for_cuda(fn, *shapes)
     assert not triton_kernel_names(hlo)
-    assert "using XLA, not Pallas: dtype complex64" in caplog.text
+    assert "using xla, not triton: dtype complex64" in caplog.text
 
 
 def test_readme_complex_example_runs():

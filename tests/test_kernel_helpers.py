@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import _common as cm
+from pallas_kernels.triton import _common as cm
 
 
 def _reaching(phase, pad, k, stride, dilation, big):

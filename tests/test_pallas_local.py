@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from experiments.static.lowering import lower_for_cuda
-from pallas_kernels import local
-from pallas_kernels.local import LocalBlockSizes
+from pallas_kernels.triton import local
+from pallas_kernels.triton.local import LocalBlockSizes
 from tests import kernel_checks
 from tests.conftest import Case, rands
 

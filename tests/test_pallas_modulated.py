@@ -11,8 +11,8 @@ import pytest
 from jax import lax
 
 from experiments.static.lowering import lower_for_cuda, triton_kernel_names
-from pallas_kernels import modulated as mk
 from pallas_kernels.geometry import Geometry
+from pallas_kernels.triton import modulated as mk
 from tests.conftest import Case, assert_close
 
 HIGHEST = lax.Precision.HIGHEST

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import pixel
-from pallas_kernels.pixel import PixelBlockSizes
+from pallas_kernels.triton import pixel
+from pallas_kernels.triton.pixel import PixelBlockSizes
 from tests import kernel_checks
 from tests.conftest import Case, assert_close, rands
 

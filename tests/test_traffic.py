@@ -65,6 +65,20 @@ def test_glue_within_budget_at_design_shapes(case, direction, dtype):
         )
 
 
+@pytest.mark.parametrize("direction", traffic.DIRECTIONS)
+@pytest.mark.parametrize("case", traffic.mosaic_cases(), ids=lambda c: c.id.replace(" ", "-"))
+def test_mosaic_programs_glue_within_budget(case, direction):
+    """The programs with the Mosaic GPU kernels (float32): the same budget, their kernels
+    among the priced ones."""
+    row = traffic.measure(case, direction, "float32")
+    t = row.traffic
+    assert t is not None and t.kernels, row.reason
+    # The per-pixel filter's gradients are Triton kernels; every other program has a Mosaic one.
+    if (case.op, direction) != ("pixel_filter2d", "bwd"):
+        assert any("mosaic" in k for k in t.kernels), t.kernels
+    assert t.ratio <= traffic.BUDGET, f"glue {t.ratio:.3f}x of the minimal bytes"
+
+
 def test_known_failing_table_names_real_rows():
     rows = {
         (c.id, d, t)

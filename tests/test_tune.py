@@ -3,12 +3,14 @@ every kernel it tunes on a GPU (heuristic tiles, neighbouring tilings, operand s
 
 import dataclasses
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments.gpu_check import tune
+from pallas_kernels.mosaic_gpu import _sweep as mosaic_sweep
 from svconv import gaussian
 from svconv._primitive import bind
 from tests.conftest import assert_close
@@ -50,7 +52,7 @@ def test_every_gpu_kernel_binds_with_its_tiles(kernel):
     args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
     out = jax.eval_shape(lambda *a: bind(spec, *a), *args)
     assert out.shape == kernel.shapes[kernel.target] and out.dtype == kernel.dtype
-    params = tune.PARAMS[(kernel.family.name, kernel.target)]
+    params = kernel.params
     changed = set()
     for param in params:
         assert hasattr(base, param), (kernel.name, param)
@@ -59,7 +61,10 @@ def test_every_gpu_kernel_binds_with_its_tiles(kernel):
                     getattr(base, f.name)]  # fmt: skip
             assert diff == [param]
             changed.add(param)
-    assert {"num_warps", "num_stages"} <= changed
+    if kernel.backend == "triton":
+        assert {"num_warps", "num_stages"} <= changed
+    else:
+        assert changed == {"block_h", "block_channels"}
 
 
 def test_a_tiling_with_other_numbers_is_rejected():
@@ -95,7 +100,23 @@ def test_the_heuristic_is_the_kernels_own_choice(kernel):
     def lowered(tiles):
         spec = kernel.spec(tiles)
         args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
-        (triton,) = triton_kernels(lower(lambda *a: bind(spec, *a), *args))
+        module = lower(lambda *a: bind(spec, *a), *args)
+        (triton,) = triton_kernels(module)
         return triton.ttir, triton.grid, triton.num_warps, triton.num_stages
 
+    if kernel.backend == "mosaic":  # the tiles the kernel plans its sweep with, given none
+        planned = []
+        real_plan = mosaic_sweep.plan
+
+        def plan(geom, tiles, *args, **kwargs):
+            if "per_group" in kwargs:  # the kernel's own plan (not its support check's)
+                planned.append(tiles)
+            return real_plan(geom, tiles, *args, **kwargs)
+
+        spec = kernel.spec(None)
+        args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
+        with mock.patch.object(mosaic_sweep, "plan", plan):
+            lower(lambda *a: bind(spec, *a), *args)
+        assert planned == [kernel.heuristic()]
+        return
     assert lowered(kernel.heuristic()) == lowered(None)

@@ -112,6 +112,8 @@ def make_cases(backend: str, quick: bool) -> list[Case]:
             Case("local", 8, 128, 128, 32, 32, 3, "float32"),
             Case("pixel", 8, 256, 256, 64, 64, 15, "float32"),
             Case("gaussian", 8, 256, 256, 3, 3, 31, "float32"),
+            Case("pixel", 8, 256, 256, 64, 64, 7, "bfloat16"),
+            Case("gaussian", 8, 256, 256, 64, 64, 31, "float32"),
         ]
     return [
         Case("modulated", 4, 128, 128, 32, 32, 3, "float32"),

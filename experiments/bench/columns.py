@@ -14,8 +14,8 @@ from jax import lax
 
 import svconv
 from experiments.bench.cases import Case
-from pallas_kernels import pixel
 from pallas_kernels.geometry import Geometry
+from pallas_kernels.triton import pixel
 from svconv import xla as svxla
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -76,6 +76,15 @@ def _pixel_phased(case: Case):
     return lambda a: svconv.pixel_filter2d(a["x"], a["k"], impl="pallas", block_sizes=tiles)
 
 
+def _depthwise(case: Case):
+    """``lax.conv_general_dilated`` of ``x`` with one ``k x k`` filter per channel."""
+    c = case.cin
+    w = jnp.full((case.k, case.k, 1, c), 1.0 / case.taps, jnp.dtype(case.dtype))
+    return lambda a: lax.conv_general_dilated(
+        a["x"], w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=c
+    )
+
+
 def _geometry(case: Case) -> Geometry:
     p = (case.k - 1) // 2
     return Geometry.of((case.h, case.w), (case.k, case.k), (1, 1), (1, 1), ((p, p), (p, p)))
@@ -129,9 +138,15 @@ def jax_columns(
         cols["lax local"] = (_lax_local, diff)
 
     if case.op == "pixel" and backend == "gpu":
-        # The forward in interleaved column phases (pallas_kernels.pixel._forward_phased) beside
-        # today's default tiles: forward only (its tiles are the forward's).
+        # The forward in interleaved column phases (pallas_kernels.triton.pixel._forward_phased)
+        # beside today's default tiles: forward only (its tiles are the forward's).
         cols["svconv pallas, 4 column phases"] = (_pixel_phased(case), None)
+    if case.op in ("pixel", "gaussian") and backend == "gpu":
+        # The Mosaic GPU kernels (forward; the gradients the Triton kernels where Mosaic has
+        # none, or all of it where the case is not one the Mosaic kernels take), and the
+        # spatially invariant filter of the same window: a depthwise cuDNN convolution.
+        cols["svconv mosaic"] = (op_fn(case, "mosaic"), diff)
+        cols["lax depthwise"] = (_depthwise(case), ("x",))
     missing = {}
     if backend != "gpu":
         del cols["svconv pallas"]

@@ -38,9 +38,11 @@ import numpy as np
 
 from experiments.bench.report import machine_info
 from experiments.gpu_check import installed_versions
-from pallas_kernels import gaussian as pallas_gaussian
-from pallas_kernels import local, modulated, pixel
 from pallas_kernels.geometry import Geometry
+from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
+from pallas_kernels.triton import gaussian as pallas_gaussian
+from pallas_kernels.triton import local, modulated, pixel
 from svconv import gaussian
 from svconv._families import GAUSSIAN, LOCAL, MODULATED, PIXEL
 from svconv._primitive import Family, Spec, bind
@@ -73,6 +75,8 @@ PARAMS = {
     ("gaussian", "x"): ("block_h", "block_w", "block_channels", *_WARPS),
     ("gaussian", "s"): ("block_h", "block_w", "block_channels", *_WARPS),
 }
+# The Mosaic kernels' tiles (pallas_kernels.mosaic_gpu._sweep.SweepTiles), every kernel alike.
+MOSAIC_PARAMS = ("block_h", "block_channels")
 KERNEL_NAMES = {
     "y": "forward", "x": "grad_x", "w": "grad_w", "d": "grad_d", "k": "grad_k", "s": "grad_s"
 }  # fmt: skip
@@ -89,14 +93,23 @@ class Kernel:
     shapes: dict  # slot -> shape (every slot, the target's included)
     dtype: str
     kernel_size: int
+    backend: str = "triton"  # or "mosaic"
 
     @property
     def name(self) -> str:
         shape = "x".join(map(str, self.shapes["x"]))
+        backend = " (mosaic)" if self.backend == "mosaic" else ""
         return (
-            f"{self.family.name} {KERNEL_NAMES[self.target]} {self.kernel_size}x"
+            f"{self.family.name} {KERNEL_NAMES[self.target]}{backend} {self.kernel_size}x"
             f"{self.kernel_size} x[{shape}] {self.dtype}"
         )
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The tile parameters the search varies."""
+        if self.backend == "mosaic":
+            return MOSAIC_PARAMS
+        return PARAMS[(self.family.name, self.target)]
 
     @property
     def geom(self) -> Geometry:
@@ -109,7 +122,8 @@ class Kernel:
         if self.family is GAUSSIAN:  # the op's own partials: unit scale but for grad_s
             unit = () if self.target == "s" else ("s",)
             extra = {"unit": unit, "moments": (0,) * self.shapes["eta"][-1]}
-        return Spec(family=self.family, target=self.target, geom=self.geom, impl="pallas",
+        impl = "mosaic" if self.backend == "mosaic" else "pallas"
+        return Spec(family=self.family, target=self.target, geom=self.geom, impl=impl,
                     block_sizes=tiles, **extra)  # fmt: skip
 
     def operands(self, seed: int = 0) -> list[jax.Array]:
@@ -132,6 +146,12 @@ class Kernel:
         """The tiles the kernel picks when given none (the same call the kernel makes)."""
         n, h, w, c = self.shapes["x"]
         dtype = jnp.dtype(self.dtype)
+        if self.backend == "mosaic" and self.family is PIXEL:
+            return mosaic_pixel.tiles(self.geom, batch=n, channels=c, groups=1, dtype=dtype)
+        if self.backend == "mosaic":
+            return mosaic_gaussian.tiles(
+                self.geom, batch=n, channels=c, dtype=dtype, partial=self.target
+            )
         if self.family is GAUSSIAN and self.target == "s":
             return pallas_gaussian.grad_s_block_sizes(
                 channels=c, out_hw=self.geom.out_size, batch=n, dtype=dtype
@@ -158,8 +178,10 @@ def kernels(dry_run: bool) -> list[Kernel]:
     filter (C=3, 31x31) last."""
     if dry_run:
         n, px, c, mod, cm, loc, cl = 1, 12, 4, 8, 4, 8, 4
+        mpx, mc = 64, 8  # the Mosaic kernels' width and channels
     else:
         n, px, c, mod, cm, loc, cl = 8, 256, 64, 128, 64, 128, 32
+        mpx, mc = px, c
 
     def pixel_kernels(size, dtype, targets):
         shapes = {"x": (n, px, px, c), "k": (n, px, px, size, size, 1), "y": (n, px, px, c)}
@@ -170,10 +192,22 @@ def kernels(dry_run: bool) -> list[Kernel]:
                   "y": (n, mod, mod, cm)}  # fmt: skip
         return [Kernel(MODULATED, t, shapes, dtype, 3) for t in targets]
 
-    def gaussian_kernels(size, targets):
-        grid = (n, px, px)
-        shapes = {"x": (*grid, 3), "s": grid, "y": (*grid, 3), "eta": (*grid, 3), "zeta": grid}
-        return [Kernel(GAUSSIAN, t, shapes, "float32", size) for t in targets]
+    def gaussian_kernels(size, targets, channels=3, backend="triton", rows=px):
+        grid = (n, rows, px if backend == "triton" else mpx)
+        shapes = {
+            "x": (*grid, channels), "s": grid, "y": (*grid, channels), "eta": (*grid, 3),
+            "zeta": grid,
+        }  # fmt: skip
+        return [Kernel(GAUSSIAN, t, shapes, "float32", size, backend) for t in targets]
+
+    def mosaic_pixel_kernels(size, dtype, rows=px):
+        # The Mosaic kernels take widths of a multiple of 64 (the dry run: 4 rows of 64).
+        shapes = {
+            "x": (n, rows, mpx, mc),
+            "k": (n, rows, mpx, size, size, 1),
+            "y": (n, rows, mpx, mc),
+        }
+        return [Kernel(PIXEL, "y", shapes, dtype, size, "mosaic")]
 
     local_shapes = {"x": (n, loc, loc, cl), "w": (loc, loc, 3, 3, cl, cl), "y": (n, loc, loc, cl)}
     if dry_run:
@@ -182,10 +216,15 @@ def kernels(dry_run: bool) -> list[Kernel]:
             *modulated_kernels("float32", "y"),
             Kernel(LOCAL, "y", local_shapes, "float32", 3),
             *gaussian_kernels(3, "y"),
+            *mosaic_pixel_kernels(3, "float32", rows=4),
+            *gaussian_kernels(3, "s", channels=8, backend="mosaic", rows=4),
         ]
     return [
         *pixel_kernels(7, "float32", "y"),
+        *mosaic_pixel_kernels(7, "float32"),
         *pixel_kernels(15, "float32", "y"),
+        *mosaic_pixel_kernels(15, "float32"),
+        *mosaic_pixel_kernels(7, "bfloat16"),
         *modulated_kernels("float32", "y"),
         *pixel_kernels(7, "bfloat16", "y"),
         *modulated_kernels("bfloat16", "y"),
@@ -195,6 +234,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
         *[Kernel(LOCAL, t, local_shapes, "float32", 3) for t in "yxw"],
         *pixel_kernels(15, "float32", "xk"),
         *gaussian_kernels(31, "yxs"),  # rotated elliptical Gaussians
+        *gaussian_kernels(31, "ys", channels=64, backend="mosaic"),
     ]
 
 
@@ -282,7 +322,7 @@ def tune(kernel: Kernel, *, deadline: float, dry_run: bool, log) -> dict:
     record["trials"].append({"tiles": _short(base, base), "ms": 1e3 * best_t})
     log(f"  {kernel.name}: heuristic {1e3 * best_t:.4g} ms")
     tried = {base}
-    params = PARAMS[(kernel.family.name, kernel.target)]
+    params = kernel.params
     for param in params[:2] if dry_run else params:  # a dry run tries the plumbing only
         if "stopped" in record:
             break

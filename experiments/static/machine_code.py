@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 import svconv
 from experiments.static.lowering import TritonKernel, lower, triton_kernels
-from pallas_kernels import pixel
+from pallas_kernels.triton import pixel
 
 # Compute capability -> shared memory one block may use (the opt-in maximum; it includes the
 # shared memory the cubin reserves statically, which the driver subtracts).

@@ -9,11 +9,11 @@ ops around the kernels.
 The model:
 
 * **Real arrays** are the function's arguments and results and the operands and results of the
-  Triton kernel custom calls (``__gpu$xla.gpu.triton``). Every other op is **glue**, including
-  other custom calls and ops this module does not know. ``constant``, ``iota`` and the ops
-  computed from them alone are folded by XLA: reading them is free and they do not join glue
-  ops into one fusion; one that a kernel consumes or the function returns (a broadcast zero)
-  costs its write, unless it is a view of a constant.
+  kernel custom calls (Triton: ``__gpu$xla.gpu.triton``, Mosaic GPU: ``mosaic_gpu_v2``). Every
+  other op is **glue**, including other custom calls and ops this module does not know.
+  ``constant``, ``iota`` and the ops computed from them alone are folded by XLA: reading them
+  is free and they do not join glue ops into one fusion; one that a kernel consumes or the
+  function returns (a broadcast zero) costs its write, unless it is a view of a constant.
 * Calls (``func.call``) are inlined, identical ops on identical operands are merged (XLA's CSE)
   and ops that no result depends on are dropped (XLA's DCE).
 * **Fusions**: a maximal connected set of glue ops (linked by the values they pass each other,
@@ -58,6 +58,8 @@ from experiments.static import lowering
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_TARGET = "__gpu$xla.gpu.triton"
+MOSAIC_TARGET = "mosaic_gpu_v2"
+KERNEL_TARGETS = (TRITON_TARGET, MOSAIC_TARGET)
 # What DESIGN allows: glue bytes over the op's minimal bytes.
 BUDGET = 0.10
 
@@ -276,6 +278,8 @@ def _parse_statement(stmt: str, strings: list[str]) -> _Statement:
             st.target = strings[int(tm.group(1))].strip('"')
         if km := re.search(r'\bname = "\$(\d+)"', body):
             st.kernel = strings[int(km.group(1))].strip('"')
+        elif st.target == MOSAIC_TARGET:  # its name is inside the serialized module
+            st.kernel = "mosaic kernel"
     return st
 
 
@@ -357,7 +361,7 @@ class _Inliner:
             operands = tuple(env[t] for t in _SSA.findall(st.text) if t in env and t not in inner)
             if st.name in ("return", "func.return"):
                 return list(operands)
-            if "\n" in st.text and TRITON_TARGET in st.text:
+            if "\n" in st.text and any(t in st.text for t in KERNEL_TARGETS):
                 raise ValueError(f"a kernel inside control flow ({st.name}) is not supported")
             if st.name.endswith("while"):  # priced once, it would hide all but one iteration
                 raise ValueError("a loop around the kernels is not priced (stablehlo.while)")
@@ -496,8 +500,17 @@ class Traffic:
         return sorted(moves, key=lambda m: -m["bytes"])[:n]
 
 
+def _with_tokens(values, arrays, labels):
+    """``labels`` with the effect tokens the program leads its arguments or results with (an
+    ordered effect's: empty arrays; the Mosaic kernels' GPU interpret mode declares one)."""
+    extra = len(values) - len(labels)
+    if extra > 0 and all(arrays[v].size == 0 for v in values[:extra]):
+        return [*(["effect token"] * extra), *labels]
+    return labels
+
+
 def _is_kernel(op: Op) -> bool:
-    return op.target == TRITON_TARGET
+    return op.target in KERNEL_TARGETS
 
 
 def _constant_ops(prog: Program) -> set[int]:
@@ -538,7 +551,11 @@ def analyze(
         id(op): f"{name}#{names[:i].count(name)}" if names.count(name) > 1 else name
         for i, (op, name) in enumerate(zip(kernels, names, strict=True))
     }
-    arg_labels = arg_labels or [f"arg{i}" for i in range(len(prog.args))]
+    arg_labels = _with_tokens(
+        prog.args, arrays, arg_labels or [f"arg{i}" for i in range(len(prog.args))]
+    )
+    if result_labels is not None:
+        result_labels = _with_tokens(prog.results, arrays, result_labels)
     label = dict(zip(prog.args, arg_labels, strict=True))
     for op in kernels:
         for i, v in enumerate(op.results):
@@ -688,6 +705,20 @@ def design_cases() -> list[Case]:
     inputs = (image, ("sigma_rows", grid), ("sigma_cols", grid), ("rho", grid))
     cases.append(Case("gaussian_filter2d", "31x31 rotated", rotated, inputs, (n, h, h, c)))
     return cases
+
+
+def mosaic_cases() -> list[Case]:
+    """The Mosaic GPU kernels' programs (``impl="mosaic"``) at DESIGN's shapes: the per-pixel
+    filter at 7x7 and the isotropic Gaussian filter at 31x31, N=8, 256x256, 64 channels (their
+    gradients in the image run the Triton kernels)."""
+    n, h, c = 8, 256, 64
+    image, grid = ("x", (n, h, h, c)), (n, h, h)
+    pixel = functools.partial(svconv.pixel_filter2d, impl="mosaic")
+    gauss = functools.partial(svconv.gaussian_filter2d, size=31, impl="mosaic")
+    return [
+        Case("pixel_filter2d", "7x7 mosaic", pixel, (image, ("k", (n, h, h, 7, 7))), (n, h, h, c)),
+        Case("gaussian_filter2d", "31x31 mosaic", gauss, (image, ("sigma", grid)), (n, h, h, c)),
+    ]
 
 
 DIRECTIONS = ("fwd", "bwd", "jvp")
@@ -865,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    cases = design_cases()
+    cases = design_cases() + mosaic_cases()
     rows = run(cases)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -32,21 +32,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import _common as cm
+from pallas_kernels.gaussian_taps import features
 from pallas_kernels.geometry import Geometry, KernelCall
-from pallas_kernels.pixel import PixelBlockSizes, pixel_block_sizes
+from pallas_kernels.triton import _common as cm
+from pallas_kernels.triton.pixel import PixelBlockSizes, pixel_block_sizes
 
 _F32 = jnp.float32
-
-
-def features(u, v, parts: int) -> list:
-    """``phi`` of a tap at offset ``(u, v)`` from the window's centre: ``-q / 2 = eta . phi``
-    for the isotropic (1), axis-aligned (2) and rotated (3) parameterisations."""
-    if parts == 1:
-        return [-(u * u + v * v) / 2]
-    if parts == 2:
-        return [-(u * u) / 2, -(v * v) / 2]
-    return [-(u * u) / 2, u * v, -(v * v) / 2]
 
 
 def unsupported_reason(geom: Geometry, shapes, dtype) -> str | None:

@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import _common as cm
 from pallas_kernels.geometry import Geometry, KernelCall
+from pallas_kernels.triton import _common as cm
 
 # ------------------------------------------------------------------------------------------------
 # Tiling config
