@@ -12,6 +12,7 @@ import jax
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
+from pallas_kernels.mosaic_gpu._sweep import SweepTiles
 from pallas_kernels.triton import gaussian as triton_gaussian
 from pallas_kernels.triton import local as triton_local
 from pallas_kernels.triton import modulated as triton_modulated
@@ -39,12 +40,21 @@ def triton_available() -> bool:
     return True
 
 
-def _triton(kernels, jvp, check) -> Backend:
-    return Backend("triton", kernels, jvp, functools.partial(_triton_unsupported, check))
+def _triton(kernels, jvp, check, tiles: type) -> Backend:
+    unsupported = functools.partial(_triton_unsupported, check)
+    return Backend("triton", kernels, jvp, unsupported, tiles=(tiles,))
 
 
 def _mosaic_unsupported(check, target: Target | None, spec: Spec, shapes, dtype) -> str | None:
-    """The Mosaic kernels' own check, and the device's: compute capability 9.0 or newer."""
+    """The Mosaic kernels' own check, and the device's: compute capability 9.0 or newer; off a
+    GPU, what GPU interpret mode can run: one device (its simulator's state is global: a
+    program on several trips over its own barriers), and only the partials that declared its
+    ordered effect (bound with ``impl="mosaic"`` in a process without a GPU)."""
+    if target is not None and not target.gpu:
+        if not spec.gpu_interpret:
+            return "GPU interpret mode needs impl='mosaic' traced in a process without a GPU"
+        if target.devices > 1:
+            return f"GPU interpret mode runs on one device, not {target.devices}"
     if target is not None and target.gpu:
         cc = target.compute_capability
         if cc is None:
@@ -66,6 +76,7 @@ def _mosaic(kernels, jvp, check) -> Backend:
         jvp,
         functools.partial(_mosaic_unsupported, check),
         default=_mosaic_default,
+        tiles=(SweepTiles,),
     )
 
 
@@ -91,6 +102,7 @@ MODULATED = Family(
             },
             {"y": triton_modulated.forward_jvp},
             triton_modulated.unsupported_reason,
+            triton_modulated.ModulatedBlockSizes,
         ),
         _xla(
             {
@@ -116,6 +128,7 @@ LOCAL = Family(
             {"y": triton_local.forward, "x": triton_local.grad_x, "w": triton_local.grad_w},
             {"y": triton_local.forward_jvp},
             triton_local.unsupported_reason,
+            triton_local.LocalBlockSizes,
         ),
         _xla({"y": xla.local_forward, "x": xla.local_grad_x, "w": xla.local_grad_w}),
     ),
@@ -139,6 +152,7 @@ PIXEL = Family(
             {"y": triton_pixel.forward, "x": triton_pixel.grad_x, "k": triton_pixel.grad_k},
             {"y": triton_pixel.forward_jvp, "x": triton_pixel.grad_x_jvp},
             triton_pixel.unsupported_reason,
+            triton_pixel.PixelBlockSizes,
         ),
         _xla({"y": xla.pixel_forward, "x": xla.pixel_grad_x, "k": xla.pixel_grad_k}),
     ),
@@ -193,6 +207,7 @@ GAUSSIAN = Family(
             },
             {"y": triton_gaussian.forward_jvp, "x": triton_gaussian.grad_x_jvp},
             triton_gaussian.unsupported_reason,
+            triton_gaussian.PixelBlockSizes,
         ),
         _xla({"y": xla.gaussian_forward, "x": xla.gaussian_grad_x, "s": xla.gaussian_grad_s}),
     ),

@@ -82,12 +82,14 @@ class Target:
       device_kind: the device's kind (``"NVIDIA H100 80GB HBM3"``), None when unknown.
       compute_capability: ``(major, minor)`` of an NVIDIA GPU, None when unknown.
       sm_count: the GPU's multiprocessors, None when unknown.
+      devices: the devices the program runs on (1 when not known).
     """
 
     platform: str
     device_kind: str | None = None
     compute_capability: tuple[int, int] | None = None
     sm_count: int | None = None
+    devices: int = 1
 
     @property
     def gpu(self) -> bool:
@@ -116,6 +118,8 @@ class Backend:
       pallas: Pallas GPU kernels: compiled when lowered for CUDA, interpreted elsewhere.
       default: ``target -> bool``: whether ``impl=None`` (and ``"pallas"``) take the backend
         on that device.
+      tiles: the tiling classes its kernels take (``block_sizes=`` of another backend's kernels
+        never reaches them).
     """
 
     name: str
@@ -124,6 +128,7 @@ class Backend:
     unsupported: Callable[..., str | None] = lambda target, spec, shapes, dtype: None
     pallas: bool = True
     default: Callable[[Target], bool] = lambda target: True
+    tiles: tuple[type, ...] = ()
 
     def reason(self, target: Target | None, spec: Spec, shapes, dtype) -> str | None:
         """Why this backend cannot run ``spec``, or None. A partial with tangents runs the
@@ -296,7 +301,9 @@ class Spec:
         if impl == "auto":
             if not on_gpu and target is not None:
                 return [family.backend("xla")]
-            return [b for b in family.backends if not b.pallas or b.default(target)]
+            return [
+                b for b in family.backends if not b.pallas or target is None or b.default(target)
+            ]
         if impl == "pallas":
             return [b for b in family.pallas_backends if target is None or b.default(target)]
         chosen = family.backend(impl)
@@ -608,10 +615,10 @@ def _map(args, axes, spec: Spec):
 # ---------------------------------------------------------------------------------- lowering
 
 
-def target_of(platform: str) -> Target:
-    """The device being lowered for: the abstract mesh's device when one is set (a program
-    lowered for a GPU on a machine without one), else the platform's first device when this
-    process has one."""
+def target_of(platform: str, devices: int = 1) -> Target:
+    """The device being lowered for, a program of ``devices`` devices: the abstract mesh's
+    device when one is set (a program lowered for a GPU on a machine without one), else the
+    platform's first device when this process has one."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     kind = cores = capability = None
     if device is not None and device.platform in ("gpu", "cuda") and platform == "cuda":
@@ -628,7 +635,7 @@ def target_of(platform: str) -> Target:
                 capability = tuple(int(v) for v in cc.split(".")[:2])
     if capability is None and kind is not None:
         capability = compute_capability(kind)
-    return Target(platform, kind, capability, cores)
+    return Target(platform, kind, capability, cores, devices)
 
 
 # NVIDIA device kinds by compute capability (for abstract devices, which carry only a kind).
@@ -650,30 +657,9 @@ def compute_capability(device_kind: str) -> tuple[int, int] | None:
     return None
 
 
-def _resolve(
-    spec: Spec, shapes: Mapping[str, tuple[int, ...]], dtype: Any, platform: str, devices: int = 1
-):
-    """The backend that runs ``spec`` when lowering for ``platform`` a program of ``devices``
-    devices."""
-    target = target_of(platform)
+def _resolve(spec: Spec, shapes: Mapping[str, tuple[int, ...]], dtype: Any, target: Target):
+    """The backend that runs ``spec`` when lowering for ``target``."""
     backend, reasons = spec.choose(target, shapes, dtype)
-    if backend is not None and backend.name == "mosaic" and not target.gpu:
-        # GPU interpret mode: one simulated GPU a process, its state global (a program on
-        # several devices trips over its own barriers), and an ordered effect that only the
-        # partials traced in a process without a GPU declare.
-        why = None
-        if not spec.gpu_interpret:
-            why = "GPU interpret mode only in a process without a GPU"
-        elif devices > 1:
-            why = f"GPU interpret mode runs on one device, not {devices}"
-        if why is not None:
-            reasons.append(f"mosaic: {why}")
-            triton = [b for b in spec.family.pallas_backends if b.name == "triton"]
-            backend = (
-                triton[0]
-                if triton and triton[0].reason(target, spec, shapes, dtype) is None
-                else None
-            )
     name = spec.family.name
     if backend is None:
         device = target.device_kind or target.platform
@@ -718,14 +704,7 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
 def _tiles_for(tiles: Any, backend: Backend) -> Any:
     """The user's tiles where they belong to ``backend``'s kernels (a Triton tiling never
     reaches a Mosaic kernel), else None (the kernel's heuristic)."""
-    if tiles is None or not backend.pallas:
-        return None
-    module = type(tiles).__module__
-    return tiles if module.split(".")[1:2] == [_TILE_PACKAGES[backend.name]] else None
-
-
-# Where each Pallas backend's tiling classes live (pallas_kernels.<package>).
-_TILE_PACKAGES = {"triton": "triton", "mosaic": "mosaic_gpu"}
+    return tiles if isinstance(tiles, backend.tiles) else None
 
 
 _run_partitioned = sharding.partitioned(run_kernel)
@@ -735,8 +714,8 @@ def _lowering(cuda: bool):
     def rule(ctx, *values, spec: Spec):
         platform = "cuda" if cuda else (ctx.platforms or ctx.module_context.platforms)[0]
         shapes = spec.shapes(tuple(a.shape for a in ctx.avals_in))
-        devices = _program_devices(ctx)
-        resolved = _resolve(spec, shapes, ctx.avals_in[0].dtype, platform, devices)
+        target = target_of(platform, _program_devices(ctx))
+        resolved = _resolve(spec, shapes, ctx.avals_in[0].dtype, target)
         if spec.tangents and spec.target not in spec.family.backend(resolved.impl).jvp:
             # No fused kernel there: the sum of one partial per tangent.
             lower = mlir.lower_fun(functools.partial(_expand, spec), False)

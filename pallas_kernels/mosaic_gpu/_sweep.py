@@ -242,14 +242,13 @@ class Program:
     c0: Any
 
 
-def program(layout: Layout, channels: int) -> Program:
+def program(layout: Layout) -> Program:
     ho = layout.geom.out_size[0]
     th = layout.tiles.block_h
     blocks = -(-ho // th)
     rb = lax.axis_index("rows")
     b, tb = lax.div(rb, blocks), lax.rem(rb, blocks)
     i0 = tb * th
-    del channels
     return Program(
         b=b,
         i0=i0,

@@ -79,14 +79,14 @@ def _params(refs, b, i, j0):
     return eta, zeta
 
 
-def _forward_body(*refs, layout, names, moments, channels):
+def _forward_body(*refs, layout, names, moments):
     """``names``: the operands' names in order (``x``, ``s``, ``eta``, ``zeta`` and the
     tangents ``tx``, ``ts``, ``teta``, ``tzeta``), the ones given."""
     n_in = len(names)
     ops = dict(zip(names, refs[:n_in], strict=True))
     out_ref, bufs, bars, obuf = refs[n_in:]
     (kh, kw), cb = layout.geom.kernel_size, layout.tiles.block_channels
-    prog = sw.program(layout, channels)
+    prog = sw.program(layout)
     images = [ops["x"]] + ([ops["tx"]] if "tx" in ops else [])
     ring = sw.Ring(layout, prog, images, bufs, bars)
     tangents = any(n.startswith("t") for n in names)
@@ -142,9 +142,7 @@ def _forward(operands: dict, call: KernelCall, name: str) -> jax.Array:
     bs = call.block_sizes or tiles(call.geom, batch=n, channels=c, dtype=x.dtype, images=images)
     layout = sw.plan(call.geom, bs, images, x.dtype, per_group=c)
     names = tuple(operands)
-    body = functools.partial(
-        _forward_body, layout=layout, names=names, moments=call.moments, channels=c
-    )
+    body = functools.partial(_forward_body, layout=layout, names=names, moments=call.moments)
     staging = plgpu.SMEM((2, sw.STRIP, bs.block_channels), x.dtype)
     out = jax.ShapeDtypeStruct(call.out_shape, x.dtype)
     return sw.run(
@@ -173,9 +171,9 @@ def forward_jvp(x, s, eta, zeta, tx, ts, teta, tzeta, call: KernelCall) -> jax.A
 
 
 def _grad_s_body(x_ref, dy_ref, eta_ref, zeta_ref, out_ref, bufs, bars, obuf, *, layout,
-                 moments, channels):  # fmt: skip
+                 moments):  # fmt: skip
     (kh, kw), cb = layout.geom.kernel_size, layout.tiles.block_channels
-    prog = sw.program(layout, channels)
+    prog = sw.program(layout)
     ring = sw.Ring(layout, prog, [x_ref], bufs, bars)
 
     def compute(i):
@@ -207,7 +205,7 @@ def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:
     c = x.shape[3]
     bs = call.block_sizes or tiles(call.geom, batch=n, channels=c, dtype=x.dtype, partial="s")
     layout = sw.plan(call.geom, bs, 1, x.dtype, per_group=c)
-    body = functools.partial(_grad_s_body, layout=layout, moments=call.moments, channels=c)
+    body = functools.partial(_grad_s_body, layout=layout, moments=call.moments)
     staging = plgpu.SMEM((2, sw.STRIP), jnp.float32)
     blocks = c // bs.block_channels
     out = jax.ShapeDtypeStruct((blocks, *call.out_shape), jnp.float32)

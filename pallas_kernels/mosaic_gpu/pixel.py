@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.geometry import Geometry, KernelCall
 from pallas_kernels.mosaic_gpu import _sweep as sw
@@ -58,7 +59,7 @@ def _body(*refs, layout: sw.Layout, channels: int, groups: int, pairs: tuple):
     operands, (out_ref, bufs, bars, obuf) = refs[:n_in], refs[n_in:]
     images, weights = operands[: layout.images], operands[layout.images :]
     (kh, kw), cb = layout.geom.kernel_size, layout.tiles.block_channels
-    prog = sw.program(layout, channels)
+    prog = sw.program(layout)
     ring = sw.Ring(layout, prog, images, bufs, bars)
     group = prog.c0 // (channels // groups)
 
@@ -93,7 +94,7 @@ def _filter(images, weights, pairs, call: KernelCall, name: str) -> jax.Array:
     flat = [w.reshape(n, ho, wo, -1) for w in weights]
     body = functools.partial(_body, layout=layout, channels=c, groups=groups, pairs=pairs)
     out = jax.ShapeDtypeStruct(call.out_shape, dtype)
-    staging = sw.plgpu.SMEM((2, sw.STRIP, bs.block_channels), dtype)
+    staging = plgpu.SMEM((2, sw.STRIP, bs.block_channels), dtype)
     return sw.run(
         body, (*images, *flat), out, layout, call, name=name, batch=n, channels=c,
         out_scratch=staging,
