@@ -11,6 +11,7 @@ import jax
 
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
 from pallas_kernels.mosaic_gpu._sweep import SweepTiles
 from pallas_kernels.triton import gaussian as triton_gaussian
@@ -61,7 +62,10 @@ def _mosaic_unsupported(check, target: Target | None, spec: Spec, shapes, dtype)
             return f"compute capability of {target.device_kind!r} unknown (Mosaic kernels: 9.0+)"
         if cc < mosaic_gpu.MIN_CAPABILITY:
             return f"compute capability {cc[0]}.{cc[1]} is below the Mosaic kernels' 9.0"
-    return check(spec.target, spec.geom, shapes, dtype, tangents=bool(spec.tangents))
+    return check(
+        spec.target, spec.geom, shapes, dtype, tangents=bool(spec.tangents),
+        precision=spec.precision,
+    )  # fmt: skip
 
 
 def _mosaic_default(target: Target) -> bool:
@@ -69,14 +73,14 @@ def _mosaic_default(target: Target) -> bool:
     return any(kind.startswith(prefix) for prefix in mosaic_gpu.DEFAULT_ON)
 
 
-def _mosaic(kernels, jvp, check) -> Backend:
+def _mosaic(kernels, jvp, check, tiles: type = SweepTiles) -> Backend:
     return Backend(
         "mosaic",
         kernels,
         jvp,
         functools.partial(_mosaic_unsupported, check),
         default=_mosaic_default,
-        tiles=(SweepTiles,),
+        tiles=(tiles,),
     )
 
 
@@ -93,6 +97,17 @@ MODULATED = Family(
         "y": ("b", "ho", "wo", "o"),
     },
     backends=(
+        _mosaic(
+            {
+                "y": mosaic_modulated.forward,
+                "x": mosaic_modulated.grad_x,
+                "w": mosaic_modulated.grad_w,
+                "d": mosaic_modulated.grad_d,
+            },
+            {"y": mosaic_modulated.forward_jvp},
+            mosaic_modulated.unsupported_reason,
+            mosaic_modulated.GemmTiles,
+        ),
         _triton(
             {
                 "y": triton_modulated.forward,
@@ -144,8 +159,8 @@ PIXEL = Family(
     },
     backends=(
         _mosaic(
-            {"y": mosaic_pixel.forward},
-            {"y": mosaic_pixel.forward_jvp},
+            {"y": mosaic_pixel.forward, "x": mosaic_pixel.grad_x, "k": mosaic_pixel.grad_k},
+            {"y": mosaic_pixel.forward_jvp, "x": mosaic_pixel.grad_x_jvp},
             mosaic_pixel.unsupported_reason,
         ),
         _triton(
@@ -195,8 +210,12 @@ GAUSSIAN = Family(
     dims={"x": ("b", "h", "w", "c"), "s": ("b", "ho", "wo"), "y": ("b", "ho", "wo", "c")},
     backends=(
         _mosaic(
-            {"y": mosaic_gaussian.forward, "s": mosaic_gaussian.grad_s},
-            {"y": mosaic_gaussian.forward_jvp},
+            {
+                "y": mosaic_gaussian.forward,
+                "x": mosaic_gaussian.grad_x,
+                "s": mosaic_gaussian.grad_s,
+            },
+            {"y": mosaic_gaussian.forward_jvp, "x": mosaic_gaussian.grad_x_jvp},
             mosaic_gaussian.unsupported_reason,
         ),
         _triton(

@@ -9,8 +9,22 @@ import numpy as np
 import pytest
 
 from experiments.bench import report, targets, timing
-from experiments.bench.cases import Case, CompileCase, compile_cases, make_cases
-from experiments.bench.columns import fwd_bwd_fn, jax_columns, loss_and_grad_fn, make_inputs
+from experiments.bench.cases import (
+    GRAD_MODES,
+    MODES,
+    Case,
+    CompileCase,
+    compile_cases,
+    grad_input,
+    make_cases,
+)
+from experiments.bench.columns import (
+    fwd_bwd_fn,
+    jax_columns,
+    loss_and_grad_fn,
+    make_inputs,
+    mode_fn,
+)
 from experiments.bench.compile_time import measure as measure_compile
 from experiments.bench.torch_proxy import start_torch
 
@@ -25,6 +39,29 @@ def test_case_flops_and_bytes():
     p = Case("pixel", 1, 8, 8, 4, 4, 5, "bfloat16")
     assert p.flops == 2 * 64 * 25 * 4 and p.patch_bytes == 64 * 4 * 25 * 2
     assert p.min_bytes("fwd") == 2 * (64 * 4 + 64 * 25 + 64 * 4)
+
+
+@pytest.mark.parametrize("op", ["modulated", "local"])
+def test_gradient_modes_time_one_gradient_each(op):
+    """A one-gradient mode is the VJP in that array alone: the same numbers as that array's
+    part of the forward+backward, as many bytes as the forward; columns without the array (the
+    plain conv has no modulation) or without a backward have no such mode."""
+    case = Case(op, 2, 6, 7, 3, 4, 3, "float32", modes=MODES + GRAD_MODES[op])
+    inputs = make_inputs(case)
+    cols, _ = jax_columns(case, "cpu", 2**30)
+    fwd, diff = cols["svconv xla"]
+    _, (grads,) = jax.jit(fwd_bwd_fn(fwd, diff))(inputs)
+    for mode in GRAD_MODES[op]:
+        name = grad_input(mode)
+        assert case.min_bytes(mode) == case.min_bytes("fwd")
+        got = jax.jit(mode_fn(fwd, diff, mode))(inputs)
+        assert got.shape == inputs[name].shape
+        np.testing.assert_allclose(got, grads[name], rtol=1e-5, atol=1e-6, err_msg=mode)
+    assert mode_fn(fwd, None, "grad x") is None and mode_fn(fwd, None, "fwd") is fwd
+    if op == "modulated":
+        assert mode_fn(*cols["lax conv"], "grad d") is None
+    with pytest.raises(ValueError, match="unknown mode"):
+        case.min_bytes("grad")
 
 
 def test_gpu_pixel_column_in_column_phases_is_forward_only():
@@ -42,8 +79,17 @@ def test_design_cases():
     cpu = {c.id for c in make_cases("cpu", quick=False)}
     assert "modulated-N4-128x128-32to32-3x3-float32" in cpu
     assert {"pixel-N4-128x128-32-7x7-float32", "pixel-N4-128x128-32-15x15-float32"} <= cpu
+    assert all(c.modes == MODES for c in make_cases("cpu", quick=False))
     gpu = make_cases("gpu", quick=False)
     assert {c.dtype for c in gpu if c.op == "modulated"} == {"float32", "bfloat16"}
+    # The convolutions time each gradient on a GPU, at more than one shape.
+    assert {c.modes for c in gpu if c.op in ("modulated", "local")} == {
+        MODES + ("grad x", "grad w", "grad d"),
+        MODES + ("grad x", "grad w"),
+    }
+    mod = [c for c in gpu if c.op == "modulated"]
+    assert {c.cin for c in mod} == {16, 64, 256} and {c.k for c in mod} == {3, 5, 7}
+    assert {c.h for c in mod} == {64, 128, 256}
     assert {c.k for c in gpu if c.op == "pixel"} == {7, 15}
     assert {c.op for c in compile_cases(quick=False)} == {"modulated", "pixel", "local", "gaussian"}
     assert {c.k for c in compile_cases(quick=False)} == {31}
@@ -194,6 +240,28 @@ def test_gpu_targets_judge_pallas():
     assert rows[f"{case.id}: fwd, svconv pallas / lax conv"]["met"] is True
     assert rows[f"{case.id}: fwd, deform_conv2d / svconv pallas"]["met"] is True
     assert rows[f"{case.id}: fwd, torch unfold / svconv pallas"]["met"] is None
+    assert rows[f"{case.id}: fwd, svconv mosaic / lax conv"]["met"] is None  # not timed
+
+
+def test_gpu_targets_of_the_mosaic_kernels_and_each_gradient():
+    modes = MODES + GRAD_MODES["modulated"]
+    case = Case("modulated", 8, 128, 128, 64, 64, 3, "float32", modes=modes)
+    cols = {"svconv pallas": 2, "svconv mosaic": 1.05, "lax conv": 1}
+    grads = {"svconv pallas": 3, "svconv mosaic": 0.5}
+    rec = _record(case, {"fwd": cols, "fwd+bwd": {**cols, "svconv mosaic": 1.6}, "grad w": grads})
+    rows = {r["ratio"]: r for r in targets.compute_targets([rec], "gpu", PEAKS, [], quick=False)}
+    assert rows[f"{case.id}: fwd, svconv mosaic / lax conv"]["target"] == "<= 1.1"  # TF32
+    assert rows[f"{case.id}: fwd, svconv mosaic / lax conv"]["met"] is True
+    assert rows[f"{case.id}: fwd+bwd, svconv mosaic / lax conv"]["met"] is False  # 1.6 > 1.5
+    assert rows[f"{case.id}: grad w, svconv mosaic / lax conv fwd"]["value"] == 0.5
+    assert rows[f"{case.id}: grad w, svconv pallas / lax conv fwd"]["target"] is None
+    assert f"{case.id}: grad x, svconv pallas / lax conv fwd" not in rows  # not timed
+    pix = Case("pixel", 8, 256, 256, 64, 64, 7, "float32")
+    ms = pix.min_bytes("fwd") / (0.9 * PEAKS["stream"]["gb_per_s"] * 1e9) * 1e3  # at 90%
+    rec = _record(pix, {"fwd": {"svconv pallas": 5 * ms, "svconv mosaic": ms}})
+    rows = {r["ratio"]: r for r in targets.compute_targets([rec], "gpu", PEAKS, [], quick=False)}
+    row = rows[f"{pix.id}: fwd, svconv mosaic GB/s / stream GB/s"]
+    assert row["value"] == pytest.approx(0.9) and row["met"] is True
 
 
 def test_report_renders_every_row():

@@ -38,6 +38,16 @@ EXPECTED_KERNELS = {
     "svconv_gaussian_forward_mosaic",
     "svconv_gaussian_forward_jvp_mosaic",
     "svconv_gaussian_grad_s_mosaic",
+    "svconv_pixel_grad_x_mosaic",
+    "svconv_pixel_grad_x_jvp_mosaic",
+    "svconv_pixel_grad_k_mosaic",
+    "svconv_gaussian_grad_x_mosaic",
+    "svconv_gaussian_grad_x_jvp_mosaic",
+    "svconv_modulated_forward_mosaic",
+    "svconv_modulated_forward_jvp_mosaic",
+    "svconv_modulated_grad_x_mosaic",
+    "svconv_modulated_grad_w_mosaic",
+    "svconv_modulated_grad_d_mosaic",
 }
 
 

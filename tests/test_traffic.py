@@ -66,16 +66,19 @@ def test_glue_within_budget_at_design_shapes(case, direction, dtype):
 
 
 @pytest.mark.parametrize("direction", traffic.DIRECTIONS)
-@pytest.mark.parametrize("case", traffic.mosaic_cases(), ids=lambda c: c.id.replace(" ", "-"))
+@pytest.mark.parametrize(
+    "case", traffic.mosaic_cases(gaussian_size=7), ids=lambda c: c.id.replace(" ", "-")
+)
 def test_mosaic_programs_glue_within_budget(case, direction):
     """The programs with the Mosaic GPU kernels (float32): the same budget, their kernels
-    among the priced ones."""
+    among the priced ones (the Gaussian at 7x7: what XLA builds around the kernels does not
+    depend on the window, its lowering's time does; results/traffic.md has 31x31)."""
     row = traffic.measure(case, direction, "float32")
     t = row.traffic
     assert t is not None and t.kernels, row.reason
-    # The per-pixel filter's gradients are Triton kernels; every other program has a Mosaic one.
-    if (case.op, direction) != ("pixel_filter2d", "bwd"):
-        assert any("mosaic" in k for k in t.kernels), t.kernels
+    # Every program has Mosaic kernels (the modulated conv's gradient in the weights is the
+    # Triton kernel's).
+    assert any("mosaic" in k for k in t.kernels), t.kernels
     assert t.ratio <= traffic.BUDGET, f"glue {t.ratio:.3f}x of the minimal bytes"
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from experiments.gpu_check import tune
 from pallas_kernels.mosaic_gpu import _sweep as mosaic_sweep
+from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from svconv import gaussian
 from svconv._primitive import bind
 from tests.conftest import assert_close
@@ -64,7 +65,7 @@ def test_every_gpu_kernel_binds_with_its_tiles(kernel):
     if kernel.backend == "triton":
         assert {"num_warps", "num_stages"} <= changed
     else:
-        assert changed == {"block_h", "block_channels"}
+        assert changed == set(kernel.params)
 
 
 def test_a_tiling_with_other_numbers_is_rejected():
@@ -104,6 +105,21 @@ def test_the_heuristic_is_the_kernels_own_choice(kernel):
         (triton,) = triton_kernels(module)
         return triton.ttir, triton.grid, triton.num_warps, triton.num_stages
 
+    if kernel.backend == "mosaic" and kernel.family.name == "modulated":
+        # The tiles the implicit GEMM picks, given none.
+        picked = []
+        real_tiles = mosaic_modulated.tiles
+
+        def tiles(*args, **kwargs):
+            picked.append(real_tiles(*args, **kwargs))
+            return picked[-1]
+
+        spec = kernel.spec(None)
+        args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
+        with mock.patch.object(mosaic_modulated, "tiles", tiles):
+            lower(lambda *a: bind(spec, *a), *args)
+        assert picked == [kernel.heuristic()]
+        return
     if kernel.backend == "mosaic":  # the tiles the kernel plans its sweep with, given none
         planned = []
         real_plan = mosaic_sweep.plan

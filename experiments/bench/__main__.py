@@ -18,8 +18,8 @@ import jax  # noqa: E402
 import jaxlib  # noqa: E402
 
 from experiments.bench import report as rep  # noqa: E402
-from experiments.bench.cases import compile_cases, make_cases  # noqa: E402
-from experiments.bench.columns import JaxColumn, fwd_bwd_fn, jax_columns, make_inputs  # noqa: E402
+from experiments.bench.cases import MODES, compile_cases, make_cases  # noqa: E402
+from experiments.bench.columns import JaxColumn, jax_columns, make_inputs, mode_fn  # noqa: E402
 from experiments.bench.compile_time import measure as measure_compile  # noqa: E402
 from experiments.bench.targets import COMPILE_LIMIT_S, compute_targets  # noqa: E402
 from experiments.bench.timing import matmul_peak, stream_bandwidth, time_interleaved  # noqa: E402
@@ -240,11 +240,10 @@ def main(argv=None) -> dict:
             print(f"  {mode}")
             columns = {}
             for name, (fwd, diff) in jcols.items():
-                if diff is None and mode != "fwd":  # a forward-only column
-                    continue
-                fn = fwd if mode == "fwd" else fwd_bwd_fn(fwd, diff)
-                columns[name] = JaxColumn(fn, inputs, block_each=not gpu, mem_limit=mem_limit)
-            if proxy:
+                fn = mode_fn(fwd, diff, mode)
+                if fn is not None:  # None: forward-only, or not differentiated in that array
+                    columns[name] = JaxColumn(fn, inputs, block_each=not gpu, mem_limit=mem_limit)
+            if proxy and mode in MODES:  # the torch columns: forward, forward+backward
                 for name in torch_setup.get(c.id, {}).get("columns", []):
                     columns[name] = TorchColumn(proxy, c.id, name, mode)
             res[mode] = time_interleaved(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 MODES = ("fwd", "fwd+bwd")
+# Each gradient on its own (the VJP with respect to that array alone, without the forward): the
+# backward's cost per kernel. Timed for the convolutions on a GPU.
+GRAD_MODES = {"modulated": ("grad x", "grad w", "grad d"), "local": ("grad x", "grad w")}
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 OP_NAMES = {
     "modulated": "modulated_conv2d",
@@ -66,9 +69,12 @@ class Case:
 
     def min_bytes(self, mode: str) -> int:
         """Fewest bytes: each input read once, each output written once (forward: inputs -> y;
-        forward+backward: the inputs and the cotangent -> y and every gradient)."""
+        forward+backward: the inputs and the cotangent -> y and every gradient; one gradient:
+        the other inputs and the cotangent -> that gradient, as many bytes as the forward)."""
+        if mode not in MODES and grad_input(mode) is None:
+            raise ValueError(f"unknown mode {mode!r}")
         elems = sum(_size(s) for s in self.shapes().values())  # the inputs and y (g's shape)
-        return (elems if mode == "fwd" else 2 * elems) * ITEMSIZE[self.dtype]
+        return (2 * elems if mode == "fwd+bwd" else elems) * ITEMSIZE[self.dtype]
 
     @property
     def patch_bytes(self) -> int:
@@ -87,6 +93,11 @@ class Case:
         return {"id": self.id, **dataclasses.asdict(self), "modes": list(self.modes)}
 
 
+def grad_input(mode: str) -> str | None:
+    """The array a one-gradient mode (``"grad x"``) differentiates, or None."""
+    return mode[5:] if mode.startswith("grad ") else None
+
+
 def _size(shape: tuple[int, ...]) -> int:
     out = 1
     for s in shape:
@@ -97,23 +108,38 @@ def _size(shape: tuple[int, ...]) -> int:
 def make_cases(backend: str, quick: bool) -> list[Case]:
     """The design's cases: CPU-sized on the CPU, the GPU targets' shapes on a GPU (most
     important first: a run with a time limit drops the last ones)."""
+
+    def conv(op, *args):  # a convolution: on a GPU (and in the smoke test) each gradient too
+        modes = MODES + GRAD_MODES[op] if backend == "gpu" or quick else MODES
+        return Case(op, *args, modes=modes)
+
     if quick:
         return [
-            Case("modulated", 2, 32, 32, 8, 8, 3, "float32"),
+            conv("modulated", 2, 32, 32, 8, 8, 3, "float32"),
             Case("pixel", 2, 32, 32, 8, 8, 7, "float32"),
-            Case("local", 2, 16, 16, 4, 4, 3, "float32"),
+            conv("local", 2, 16, 16, 4, 4, 3, "float32"),
             Case("gaussian", 1, 32, 32, 3, 3, 7, "float32"),
         ]
     if backend == "gpu":
         return [
-            Case("modulated", 8, 128, 128, 64, 64, 3, "float32"),
-            Case("modulated", 8, 128, 128, 64, 64, 3, "bfloat16"),
+            conv("modulated", 8, 128, 128, 64, 64, 3, "float32"),
+            conv("modulated", 8, 128, 128, 64, 64, 3, "bfloat16"),
             Case("pixel", 8, 256, 256, 64, 64, 7, "float32"),
-            Case("local", 8, 128, 128, 32, 32, 3, "float32"),
+            conv("local", 8, 128, 128, 32, 32, 3, "float32"),
             Case("pixel", 8, 256, 256, 64, 64, 15, "float32"),
             Case("gaussian", 8, 256, 256, 3, 3, 31, "float32"),
             Case("pixel", 8, 256, 256, 64, 64, 7, "bfloat16"),
             Case("gaussian", 8, 256, 256, 64, 64, 31, "float32"),
+            # More than one shape for the convolutions' tiling heuristics: few and many
+            # channels, small and large images, larger windows (bfloat16: the tensor cores).
+            conv("modulated", 8, 64, 64, 16, 16, 3, "bfloat16"),
+            conv("modulated", 8, 256, 256, 16, 16, 3, "bfloat16"),
+            conv("modulated", 8, 64, 64, 256, 256, 3, "bfloat16"),
+            conv("modulated", 8, 256, 256, 256, 256, 3, "bfloat16"),
+            conv("modulated", 8, 128, 128, 64, 64, 5, "bfloat16"),
+            conv("modulated", 8, 128, 128, 64, 64, 7, "bfloat16"),
+            conv("local", 8, 64, 64, 16, 16, 5, "float32"),
+            conv("local", 8, 64, 64, 16, 16, 7, "float32"),
         ]
     return [
         Case("modulated", 4, 128, 128, 32, 32, 3, "float32"),

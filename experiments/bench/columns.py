@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import svconv
-from experiments.bench.cases import Case
+from experiments.bench.cases import Case, grad_input
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.triton import pixel
 from svconv import xla as svxla
@@ -141,11 +141,12 @@ def jax_columns(
         # The forward in interleaved column phases (pallas_kernels.triton.pixel._forward_phased)
         # beside today's default tiles: forward only (its tiles are the forward's).
         cols["svconv pallas, 4 column phases"] = (_pixel_phased(case), None)
-    if case.op in ("pixel", "gaussian") and backend == "gpu":
-        # The Mosaic GPU kernels (forward; the gradients the Triton kernels where Mosaic has
-        # none, or all of it where the case is not one the Mosaic kernels take), and the
-        # spatially invariant filter of the same window: a depthwise cuDNN convolution.
+    if case.op in ("pixel", "gaussian", "modulated") and backend == "gpu":
+        # The Mosaic GPU kernels (the Triton kernels for the partials Mosaic has none of, or
+        # for all of it where the case is not one the Mosaic kernels take).
         cols["svconv mosaic"] = (op_fn(case, "mosaic"), diff)
+    if case.op in ("pixel", "gaussian") and backend == "gpu":
+        # The spatially invariant filter of the same window: a depthwise cuDNN convolution.
         cols["lax depthwise"] = (_depthwise(case), ("x",))
     missing = {}
     if backend != "gpu":
@@ -165,6 +166,31 @@ def jax_columns(
             f"memory budget ({patch_limit / 2**30:.1f} GiB)"
         )
     return cols, missing
+
+
+def grad_fn(fwd, name):
+    """The VJP with cotangent ``g`` with respect to ``name`` alone, without the forward's value:
+    one gradient's kernel (a multilinear op's VJP does not need the forward)."""
+
+    def run(a):
+        rest = {k: v for k, v in a.items() if k != name}
+        y, vjp = jax.vjp(lambda v: fwd({**rest, name: v}), a[name])
+        return vjp(a["g"].astype(y.dtype))[0]
+
+    return run
+
+
+def mode_fn(fwd, diff, mode):
+    """The timed function of a column in ``mode`` (``"fwd"``, ``"fwd+bwd"``, ``"grad x"``), or
+    None where the column has no such mode (forward-only; not differentiated in that array)."""
+    if mode == "fwd":
+        return fwd
+    if diff is None:
+        return None
+    if mode == "fwd+bwd":
+        return fwd_bwd_fn(fwd, diff)
+    name = grad_input(mode)
+    return grad_fn(fwd, name) if name in diff else None
 
 
 def fwd_bwd_fn(fwd, names):

@@ -12,7 +12,7 @@ from pathlib import Path
 from experiments.bench.cases import OP_NAMES
 
 _RATE_NOTE = {
-    "modulated": "TFLOP/s (forward+backward counted as 3 convs)",
+    "modulated": "TFLOP/s (forward+backward counted as 3 convs, one gradient as 1)",
     "pixel": "GB/s, each input read once and each output written once",
     "local": "GB/s, each input read once and each output written once",
     "gaussian": "GB/s, each input read once and each output written once",
@@ -40,7 +40,7 @@ def rate(case: dict, mode: str, ms: float | None) -> str:
     if ms is None:
         return ""
     if case["op"] == "modulated":
-        flops = case["flops"] * (1 if mode == "fwd" else 3)
+        flops = case["flops"] * (3 if mode == "fwd+bwd" else 1)  # one gradient: a forward's
         return f"{flops / (ms * 1e-3) / 1e12:.3g} TFLOP/s"
     return f"{case['bytes'][mode] / (ms * 1e-3) / 1e9:.3g} GB/s"
 
@@ -76,7 +76,7 @@ def _case_section(c: dict) -> list[str]:
     lines.append(
         "| implementation | "
         + " | ".join(f"{m} ms | {m} rate" for m in modes)
-        + " | peak MiB (fwd / fwd+bwd) |"
+        + f" | peak MiB ({' / '.join(modes)}) |"
     )
     lines.append("| --- " * (2 + 2 * len(modes)) + "|")
     for col in cols:

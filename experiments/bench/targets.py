@@ -155,6 +155,42 @@ def compute_targets(
                 0.7,
                 ">=" if gpu and c["op"] != "gaussian" else None,
             )
+        if gpu and c["op"] == "modulated":
+            # The Mosaic kernels' targets (tensor cores; f32 as TF32), and each gradient's
+            # kernel against the plain conv's forward, for information.
+            mosaic = "svconv mosaic"
+            for mode, limit in (("fwd", 1.0 if c["dtype"] != "float32" else 1.1), ("fwd+bwd", 1.5)):
+                t.add(
+                    f"{cid}: {mode}, {mosaic} / lax conv",
+                    get(c, mode, mosaic),
+                    get(c, mode, "lax conv"),
+                    limit,
+                    "<=",
+                )
+        for mode in c["modes"]:
+            if not mode.startswith("grad "):
+                continue
+            for col in (fast, "svconv mosaic") if gpu else (fast,):
+                if get(c, mode, col) is None:
+                    continue
+                base = "lax conv" if c["op"] == "modulated" else col
+                t.add(
+                    f"{cid}: {mode}, {col} / {base} fwd",
+                    get(c, mode, col),
+                    get(c, "fwd", base),
+                    0,
+                    None,
+                )
+        if gpu and c["op"] in ("pixel", "local", "gaussian") and stream:
+            ms = get(c, "fwd", "svconv mosaic")
+            if ms is not None:
+                t.add(
+                    f"{cid}: fwd, svconv mosaic GB/s / stream GB/s",
+                    c["bytes"]["fwd"] / (ms * 1e-3) / 1e9,
+                    stream,
+                    0.8,
+                    ">=" if c["op"] == "pixel" and c["k"] == 7 else None,
+                )
         # (local's weights, and their gradient, outweigh its patches; the Gaussian's memory
         # has rows of its own)
         if c["op"] in ("modulated", "pixel"):

@@ -40,6 +40,7 @@ from experiments.bench.report import machine_info
 from experiments.gpu_check import installed_versions
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
 from pallas_kernels.triton import gaussian as pallas_gaussian
 from pallas_kernels.triton import local, modulated, pixel
@@ -75,8 +76,10 @@ PARAMS = {
     ("gaussian", "x"): ("block_h", "block_w", "block_channels", *_WARPS),
     ("gaussian", "s"): ("block_h", "block_w", "block_channels", *_WARPS),
 }
-# The Mosaic kernels' tiles (pallas_kernels.mosaic_gpu._sweep.SweepTiles), every kernel alike.
+# The Mosaic kernels' tiles: the per-pixel sweeps' (pallas_kernels.mosaic_gpu._sweep.SweepTiles)
+# and the modulated implicit GEMM's (pallas_kernels.mosaic_gpu.modulated.GemmTiles).
 MOSAIC_PARAMS = ("block_h", "block_channels")
+MOSAIC_GEMM_PARAMS = ("block_h", "block_n")
 KERNEL_NAMES = {
     "y": "forward", "x": "grad_x", "w": "grad_w", "d": "grad_d", "k": "grad_k", "s": "grad_s"
 }  # fmt: skip
@@ -108,7 +111,7 @@ class Kernel:
     def params(self) -> tuple[str, ...]:
         """The tile parameters the search varies."""
         if self.backend == "mosaic":
-            return MOSAIC_PARAMS
+            return MOSAIC_GEMM_PARAMS if self.family is MODULATED else MOSAIC_PARAMS
         return PARAMS[(self.family.name, self.target)]
 
     @property
@@ -123,6 +126,10 @@ class Kernel:
             unit = () if self.target == "s" else ("s",)
             extra = {"unit": unit, "moments": (0,) * self.shapes["eta"][-1]}
         impl = "mosaic" if self.backend == "mosaic" else "pallas"
+        if self.backend == "mosaic" and self.family is MODULATED:
+            # TF32 for float32, whatever the process's default (tests: HIGHEST): the Mosaic
+            # kernels have no exact float32.
+            extra["precision"] = jax.lax.Precision.DEFAULT
         return Spec(family=self.family, target=self.target, geom=self.geom, impl=impl,
                     block_sizes=tiles, **extra)  # fmt: skip
 
@@ -147,7 +154,14 @@ class Kernel:
         n, h, w, c = self.shapes["x"]
         dtype = jnp.dtype(self.dtype)
         if self.backend == "mosaic" and self.family is PIXEL:
-            return mosaic_pixel.tiles(self.geom, batch=n, channels=c, groups=1, dtype=dtype)
+            return mosaic_pixel.tiles(
+                self.geom, batch=n, channels=c, groups=1, dtype=dtype, partial=self.target
+            )
+        if self.backend == "mosaic" and self.family is MODULATED:
+            return mosaic_modulated.tiles(
+                self.geom, batch=n, cin=c, cout=self.shapes["w"][-1], dtype=dtype,
+                partial=self.target,
+            )  # fmt: skip
         if self.backend == "mosaic":
             return mosaic_gaussian.tiles(
                 self.geom, batch=n, channels=c, dtype=dtype, partial=self.target
@@ -187,10 +201,10 @@ def kernels(dry_run: bool) -> list[Kernel]:
         shapes = {"x": (n, px, px, c), "k": (n, px, px, size, size, 1), "y": (n, px, px, c)}
         return [Kernel(PIXEL, t, shapes, dtype, size) for t in targets]
 
-    def modulated_kernels(dtype, targets):
-        shapes = {"x": (n, mod, mod, cm), "w": (3, 3, cm, cm), "d": (n, mod, mod, 3, 3),
-                  "y": (n, mod, mod, cm)}  # fmt: skip
-        return [Kernel(MODULATED, t, shapes, dtype, 3) for t in targets]
+    def modulated_kernels(dtype, targets, backend="triton", width=mod, cin=cm, cout=cm):
+        shapes = {"x": (n, mod, width, cin), "w": (3, 3, cin, cout), "d": (n, mod, width, 3, 3),
+                  "y": (n, mod, width, cout)}  # fmt: skip
+        return [Kernel(MODULATED, t, shapes, dtype, 3, backend) for t in targets]
 
     def gaussian_kernels(size, targets, channels=3, backend="triton", rows=px):
         grid = (n, rows, px if backend == "triton" else mpx)
@@ -200,14 +214,14 @@ def kernels(dry_run: bool) -> list[Kernel]:
         }  # fmt: skip
         return [Kernel(GAUSSIAN, t, shapes, "float32", size, backend) for t in targets]
 
-    def mosaic_pixel_kernels(size, dtype, rows=px):
+    def mosaic_pixel_kernels(size, dtype, targets="y", rows=px):
         # The Mosaic kernels take widths of a multiple of 64 (the dry run: 4 rows of 64).
         shapes = {
             "x": (n, rows, mpx, mc),
             "k": (n, rows, mpx, size, size, 1),
             "y": (n, rows, mpx, mc),
         }
-        return [Kernel(PIXEL, "y", shapes, dtype, size, "mosaic")]
+        return [Kernel(PIXEL, t, shapes, dtype, size, "mosaic") for t in targets]
 
     local_shapes = {"x": (n, loc, loc, cl), "w": (loc, loc, 3, 3, cl, cl), "y": (n, loc, loc, cl)}
     if dry_run:
@@ -216,8 +230,9 @@ def kernels(dry_run: bool) -> list[Kernel]:
             *modulated_kernels("float32", "y"),
             Kernel(LOCAL, "y", local_shapes, "float32", 3),
             *gaussian_kernels(3, "y"),
-            *mosaic_pixel_kernels(3, "float32", rows=4),
-            *gaussian_kernels(3, "s", channels=8, backend="mosaic", rows=4),
+            *mosaic_pixel_kernels(3, "float32", "yxk", rows=4),
+            *modulated_kernels("float32", "y", "mosaic", width=mpx, cin=16, cout=16),
+            *gaussian_kernels(3, "sx", channels=8, backend="mosaic", rows=4),
         ]
     return [
         *pixel_kernels(7, "float32", "y"),
@@ -226,15 +241,18 @@ def kernels(dry_run: bool) -> list[Kernel]:
         *mosaic_pixel_kernels(15, "float32"),
         *mosaic_pixel_kernels(7, "bfloat16"),
         *modulated_kernels("float32", "y"),
+        *modulated_kernels("float32", "yxd", "mosaic"),
         *pixel_kernels(7, "bfloat16", "y"),
         *modulated_kernels("bfloat16", "y"),
+        *modulated_kernels("bfloat16", "yxwd", "mosaic"),
         *pixel_kernels(7, "float32", "xk"),
+        *mosaic_pixel_kernels(7, "float32", "xk"),
         *modulated_kernels("float32", "xwd"),
         *modulated_kernels("bfloat16", "xwd"),
         *[Kernel(LOCAL, t, local_shapes, "float32", 3) for t in "yxw"],
         *pixel_kernels(15, "float32", "xk"),
         *gaussian_kernels(31, "yxs"),  # rotated elliptical Gaussians
-        *gaussian_kernels(31, "ys", channels=64, backend="mosaic"),
+        *gaussian_kernels(31, "yxs", channels=64, backend="mosaic"),
     ]
 
 

@@ -131,7 +131,8 @@ class Case:
     """One op call: ``family`` is ``filter`` (``pixel_filter2d``) or ``gaussian``
     (``gaussian_filter2d``, isotropic ``sigma``, with ``rho`` when ``rho``), ``stride`` and
     ``dilation`` as (rows, columns). ``modes``: the programs compiled, of ``forward``, ``jvp``
-    (forward mode in every operand) and ``grad_sigma`` (reverse mode in ``sigma`` and ``rho``)."""
+    (forward mode in every operand), ``vjp`` (reverse mode in every operand) and ``hvp``
+    (forward mode of the reverse one in the image)."""
 
     family: str
     n: int
@@ -143,17 +144,27 @@ class Case:
     stride: tuple[int, int] = (1, 1)
     dilation: tuple[int, int] = (1, 1)
     rho: bool = False
+    cout: int = 0  # the modulated conv's output channels
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return ("forward", "jvp", "grad_sigma") if self.family == "gaussian" else ("forward", "jvp")
+        """Every program, but the splat's tangent with a stride (no Mosaic kernel in it); the
+        modulated conv's forward, forward mode and reverse mode (the gradients in the image, the
+        modulation and, for 16-bit types with multiples of 64 channels, the weights; float32's
+        gradient in the weights is the Triton kernel's)."""
+        if self.family == "modulated":
+            return ("forward", "jvp", "vjp")
+        if self.stride != (1, 1):
+            return ("forward", "jvp", "vjp")
+        return ("forward", "jvp", "vjp", "hvp")
 
     @property
     def id(self) -> str:
         def pair(v: tuple[int, int]) -> str:
             return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
-        parts = [self.family, f"N{self.n}", f"{self.h}x{self.w}", f"C{self.c}", f"k{self.k}"]
+        chans = f"C{self.c}" + (f"-{self.cout}" if self.family == "modulated" else "")
+        parts = [self.family, f"N{self.n}", f"{self.h}x{self.w}", chans, f"k{self.k}"]
         parts += [f"s{pair(self.stride)}", f"d{pair(self.dilation)}"]
         if self.rho:
             parts.append("rho")
@@ -170,6 +181,11 @@ class Case:
         geometry = {"stride": self.stride, "dilation": self.dilation, "padding": "SAME"}
         if self.family == "filter":
             return functools.partial(svconv.pixel_filter2d, **geometry, impl="mosaic")
+        if self.family == "modulated":  # TF32 for float32: the default precision, explicitly
+            return functools.partial(
+                svconv.modulated_conv2d, **geometry, precision=jax.lax.Precision.DEFAULT,
+                impl="mosaic",
+            )  # fmt: skip
 
         def gaussian(x, sigma, rho=None):
             return svconv.gaussian_filter2d(x, sigma, self.k, rho=rho, **geometry, impl="mosaic")
@@ -181,22 +197,32 @@ class Case:
         x = (self.n, self.h, self.w, self.c)
         if self.family == "filter":
             return [x, (*grid, self.k, self.k)]
+        if self.family == "modulated":
+            return [x, (self.k, self.k, self.c, self.cout), (*grid, self.k, self.k)]
         return [x, grid, grid] if self.rho else [x, grid]
 
 
 def _cases(dtypes: Iterable[str]) -> list[Case]:
     """The DESIGN GPU shapes of the ops the Mosaic kernels run."""
     filters = [Case("filter", 8, 256, 256, 64, k, dtype) for dtype in dtypes for k in (7, 15)]
-    return filters + [
-        Case("gaussian", 8, 256, 256, 64, 31, "f32", rho=rho) for rho in (False, True)
-    ]
+    modulated = [Case("modulated", 8, 128, 128, 64, 3, dtype, cout=64) for dtype in dtypes]
+    return (
+        filters
+        + modulated
+        + [Case("gaussian", 8, 256, 256, 64, 31, "f32", rho=rho) for rho in (False, True)]
+    )
 
 
-# Small shapes, strided and dilated: the geometry's code paths, quick to compile.
+# Small shapes, strided (the splat then the Triton kernel's) and dilated: the geometry's code
+# paths, quick to compile.
 SMALL_CASES: list[Case] = [
     Case("filter", 1, 16, 64, 16, 3, "f32", stride=(2, 1), dilation=(2, 2)),
-    Case("filter", 1, 16, 64, 16, 3, "bf16", stride=(2, 1), dilation=(2, 2)),
-    Case("gaussian", 1, 16, 64, 16, 5, "bf16", stride=(2, 1), dilation=(2, 2), rho=True),
+    Case("filter", 1, 16, 64, 16, 3, "bf16", dilation=(2, 2)),
+    Case("gaussian", 1, 16, 64, 16, 5, "bf16", dilation=(2, 2), rho=True),
+    Case("modulated", 1, 16, 64, 16, 3, "bf16", stride=(2, 1), dilation=(2, 2), cout=32),
+    Case("modulated", 1, 16, 64, 64, 3, "f32", cout=16),
+    # The weight gradient's kernel (16-bit, multiples of 64 channels).
+    Case("modulated", 1, 16, 64, 64, 3, "bf16", dilation=(2, 1), cout=64),
 ]
 CASES: list[Case] = _cases(_DTYPES) + SMALL_CASES
 CASE_SETS = {"all": CASES, "small": SMALL_CASES}
@@ -213,26 +239,40 @@ def program(case: Case, mode: str) -> Callable[..., object]:
             return jax.jvp(fn, primals_and_tangents[:n], primals_and_tangents[n:])
 
         return forward_mode
-    if mode == "grad_sigma":
-        # Reverse mode in the Gaussian's parameters only: the gradient in `x` is the splat,
-        # which the Triton kernels run.
-        def reverse_mode(x, *params_and_cotangent):
-            params, cotangent = params_and_cotangent[:-1], params_and_cotangent[-1]
-            y, pullback = jax.vjp(lambda *p: fn(x, *p), *params)
-            return y, pullback(cotangent)
+    if mode == "vjp":
+
+        def reverse_mode(*operands_and_cotangent):
+            y, pullback = jax.vjp(fn, *operands_and_cotangent[:-1])
+            return y, pullback(operands_and_cotangent[-1])
 
         return reverse_mode
-    raise ValueError(f"mode must be 'forward', 'jvp' or 'grad_sigma', not {mode!r}")
+    if mode == "hvp":
+        # The splat's tangent: forward mode, in the cotangent and the weights, of the
+        # gradient in the image.
+        def forward_of_reverse(x, *rest):
+            weights, cotangent = rest[: n - 1], rest[n - 1]
+            t_weights, t_cotangent = rest[n : 2 * n - 1], rest[2 * n - 1]
+
+            def splat(cotangent, *weights):
+                return jax.vjp(lambda x: fn(x, *weights), x)[1](cotangent)[0]
+
+            return jax.jvp(splat, (cotangent, *weights), (t_cotangent, *t_weights))
+
+        return forward_of_reverse
+    raise ValueError(f"mode must be 'forward', 'jvp', 'vjp' or 'hvp', not {mode!r}")
 
 
 def arguments(case: Case, mode: str, sharding: jax.sharding.Sharding) -> list[jax.ShapeDtypeStruct]:
     """Abstract arguments on the H100 of the topology: the program is compiled, never run."""
     dtype = _DTYPES[case.dtype]
     shapes = case.shapes()
+    cotangent = (case.n, *case.out_size, case.cout if case.family == "modulated" else case.c)
     if mode == "jvp":
         shapes = shapes * 2
-    elif mode == "grad_sigma":
-        shapes = [*shapes, (case.n, *case.out_size, case.c)]  # and the cotangent of y
+    elif mode == "vjp":
+        shapes = [*shapes, cotangent]
+    elif mode == "hvp":  # x; the weights and the cotangent; their tangents
+        shapes = [shapes[0], *shapes[1:], cotangent, *shapes[1:], cotangent]
     return [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
 
 
@@ -474,9 +514,11 @@ def markdown(data: dict, rows: dict[str, Row]) -> str:
     lines = [
         "# Machine code of the Mosaic GPU kernels",
         "",
-        f"Every Mosaic GPU kernel of svconv in {len(data['cases'])} cases (`pixel_filter2d`: "
-        "forward and forward mode; `gaussian_filter2d`: forward, forward mode and the gradient "
-        'in `sigma` and `rho`; `impl="mosaic"`), compiled for sm_90a (H100) on a machine '
+        f"Every Mosaic GPU kernel of svconv in {len(data['cases'])} cases (`pixel_filter2d` and "
+        "`gaussian_filter2d`: forward, forward mode, reverse mode and forward mode of the "
+        "reverse; `modulated_conv2d`: forward, forward mode and the gradients, TF32 for float32, "
+        "whose gradient in the weights is the Triton kernel's; "
+        '`impl="mosaic"`), compiled for sm_90a (H100) on a machine '
         f"without a GPU by XLA's CUDA plugin ({PLUGIN_DISTRIBUTION} {v[PLUGIN_DISTRIBUTION]}, "
         f"jax {v['jax']}, jaxlib {v['jaxlib']}, ptxas {v['ptxas']}) on {data['date']}. Written by "
         f"`python -m experiments.static.mosaic_machine_code` in {data['seconds']} s.",
@@ -492,7 +534,7 @@ def markdown(data: dict, rows: dict[str, Row]) -> str:
         "One line per distinct kernel (PTX: the start of its PTX's SHA-256); `case`: the "
         "first case (and program) that contains it, the JSON lists the others. Registers a "
         "thread; spill: ptxas's spill stores/loads, bytes a thread; stack: the stack frame; "
-        "scratch: the kernel's shared memory (rings of input rows, "
+        "scratch: the kernel's shared memory (rings of input rows, weights, staged operands, "
         "output staging); shared: the scratch, the barriers (8 bytes each) and the cubin's "
         "static reservation.",
         "",

@@ -707,17 +707,26 @@ def design_cases() -> list[Case]:
     return cases
 
 
-def mosaic_cases() -> list[Case]:
+def mosaic_cases(gaussian_size: int = 31) -> list[Case]:
     """The Mosaic GPU kernels' programs (``impl="mosaic"``) at DESIGN's shapes: the per-pixel
-    filter at 7x7 and the isotropic Gaussian filter at 31x31, N=8, 256x256, 64 channels (their
-    gradients in the image run the Triton kernels)."""
+    filter at 7x7 and the isotropic Gaussian filter at 31x31 (``gaussian_size``), N=8, 256x256,
+    64 channels; the
+    modulated conv, N=8, 128x128, 64->64, 3x3 (TF32 for float32, whose gradient in the weights
+    runs the Triton kernel; bfloat16's is a Mosaic kernel)."""
     n, h, c = 8, 256, 64
     image, grid = ("x", (n, h, h, c)), (n, h, h)
     pixel = functools.partial(svconv.pixel_filter2d, impl="mosaic")
-    gauss = functools.partial(svconv.gaussian_filter2d, size=31, impl="mosaic")
+    g = gaussian_size
+    gauss = functools.partial(svconv.gaussian_filter2d, size=g, impl="mosaic")
+    modulated = functools.partial(
+        svconv.modulated_conv2d, precision=jax.lax.Precision.DEFAULT, impl="mosaic"
+    )
+    m = 128
+    mod_inputs = (("x", (n, m, m, c)), ("w", (3, 3, c, c)), ("d", (n, m, m, 3, 3)))
     return [
         Case("pixel_filter2d", "7x7 mosaic", pixel, (image, ("k", (n, h, h, 7, 7))), (n, h, h, c)),
-        Case("gaussian_filter2d", "31x31 mosaic", gauss, (image, ("sigma", grid)), (n, h, h, c)),
+        Case("gaussian_filter2d", f"{g}x{g} mosaic", gauss, (image, ("sigma", grid)), (n, h, h, c)),
+        Case("modulated_conv2d", "3x3 mosaic", modulated, mod_inputs, (n, m, m, c)),
     ]
 
 

@@ -21,6 +21,12 @@ image's borders (the first and last strips are handled with their own static cop
 Requirements (:func:`unsupported_reason`): column stride 1; ``Wo`` a multiple of 64; channels
 per group a multiple of 8 and ``C * itemsize`` a multiple of 16 bytes (TMA strides); the strip
 with its halo at most 256 columns (a TMA box); the ring in shared memory.
+
+A splat (a filter's transpose in the image) at stride 1 is the sweep of the mirrored window
+(:func:`transposed`): its source rows through the ring, the per-pixel values of a tap row's
+source pixels, a column shift away, through :class:`Staged`
+(:func:`splat_unsupported_reason`). The modulated conv's implicit GEMM reuses the ring with
+every input channel in it (:mod:`.modulated`).
 """
 
 from __future__ import annotations
@@ -343,12 +349,15 @@ class Ring:
         def _():
             plgpu.barrier_wait(self.bars.at[slot])
 
-    def window(self, k: int, i, m: int, n: int) -> jax.Array:
-        """Tap ``(m, n)``'s ``[64, channels]`` window of output row ``i`` from image ``k``."""
+    def window(self, k: int, i, m: int, n: int, chans: tuple[int, int] | None = None) -> jax.Array:
+        """Tap ``(m, n)``'s ``[64, channels]`` window of output row ``i`` from image ``k``
+        (``chans``: ``(first, count)`` of the ring's channels, all by default)."""
         lay = self.layout
         r = i * self.sh + m * self.dh - self.pt
         start = lay.margin - self.pl + n * self.dw
         ref = self.bufs.at[k, self.slot(r), pl.ds(start, STRIP)]
+        if chans is not None:
+            ref = ref.at[:, pl.ds(*chans)]
         return plgpu.load(ref, layout=_WGMMA)
 
 
@@ -419,6 +428,13 @@ def sweep(
     plgpu.wait_smem_to_gmem(0)  # the last rows' copies out, before the program ends
 
 
+def reads_done(i, value, u) -> None:
+    """The ``store_row`` of a sweep whose results leave otherwise (a sum stored from registers,
+    accumulators kept): only the warpgroup barrier that ends the row's reads of the ring."""
+    del i, value, u
+    plgpu.commit_smem()
+
+
 def store_tile(out_ref, obuf, prog: Program, i, value: jax.Array, u, cb: int) -> None:
     """Write ``value`` ``[64, cb]`` to ``out_ref[b, i, j0:j0 + 64, c0:c0 + cb]`` through one of
     the two staging buffers ``obuf`` (a copy may still read the other)."""
@@ -440,6 +456,96 @@ def store_row(out_ref, obuf, prog: Program, i, value: jax.Array, u) -> None:
     plgpu.copy_smem_to_gmem(obuf.at[slot], out_ref.at[prog.b, i, pl.ds(prog.j0, STRIP)])
 
 
+def transposed(geom: Geometry) -> Geometry:
+    """The window sweep of a splat (the transpose in the image of a stride-1 filter of
+    ``geom``): result row ``p``'s flipped tap ``m' = kh - 1 - m`` reads source row ``p - pt' +
+    m' * dh`` with ``pt' = (kh - 1) * dh - pt`` (and so along the width), a filter of the
+    source grid ``(Ho, Wo)`` onto the result grid ``(H, W)`` with the padding mirrored."""
+    if geom.stride != (1, 1):
+        raise ValueError(f"the splat's sweep takes stride (1, 1), not {geom.stride}")
+    span = [(k - 1) * d for k, d in zip(geom.kernel_size, geom.dilation, strict=True)]
+    padding = tuple(
+        (s - top, s - bottom) for s, (top, bottom) in zip(span, geom.padding, strict=True)
+    )
+    return Geometry(geom.out_size, geom.in_size, geom.kernel_size, (1, 1), geom.dilation, padding)
+
+
+def splat_unsupported_reason(geom: Geometry, check: Callable[[Geometry], str | None]) -> str | None:
+    """Why the splat of ``geom`` cannot run as a sweep (one line), or None. ``check``: the
+    sweep's own check, applied to the transposed geometry. The per-pixel values of a source row
+    come into shared memory as whole 64-column strips, the strip and its neighbours
+    (:class:`Staged`), so the source width is a multiple of 64 and the window reaches at most
+    64 columns beyond the strip on either side."""
+    if geom.stride != (1, 1):
+        return f"stride {geom.stride} (the Mosaic splats take stride 1)"
+    if min(geom.padding[0]) < 0 or min(geom.padding[1]) < 0:
+        return "negative padding"
+    wo = geom.out_size[1]
+    if wo % STRIP:
+        return f"source width {wo} is not a multiple of {STRIP}"
+    t = transposed(geom)
+    left = t.padding[1][0]
+    right = (geom.kernel_size[1] - 1) * geom.dilation[1] - left
+    if left > STRIP or right > STRIP or left < 0:
+        return f"a window reaching {max(left, right)} columns beyond its strip (at most {STRIP})"
+    return check(t)
+
+
+class Staged:
+    """Per-pixel ``[64]`` vectors of one source row at column shifts, through shared memory.
+
+    A splat's tap reads the weights of source pixels ``j0 + shift + t`` (``t < 64``): beyond the
+    strip at its ends, and beyond the image at the image's. :meth:`fill` loads the strip's own
+    ``[64]`` vector and its neighbours' (whole strips: always inside the image or wholly outside,
+    where zeros are stored instead) into a ``[3 * 64]`` row of ``buf``; :meth:`read` loads the
+    shifted ``[64]`` window from there. A row outside the image is stored as zeros (its loads
+    clamped to a row inside, never used: the source image reads zero there too).
+
+    ``buf``: float32 ``[2, planes, 3 * 64]``: two sets, so that one tap row's fills never
+    overwrite what threads still read of the previous one's (each ends with a warpgroup barrier
+    before it is read, :meth:`ready`)."""
+
+    def __init__(self, buf, src_height: int, src_width: int, left: int, right: int):
+        self.buf, self.h, self.w = buf, src_height, src_width
+        self.left, self.right = left > 0, right > 0  # whether the neighbours are read
+
+    def fill(self, slot, plane: int, ref, b, q, j0, *index) -> None:
+        """Plane ``plane`` of set ``slot``: ``ref[b, q, j0 - 64 : j0 + 128, *index]`` (zeros
+        outside the image)."""
+        inside = (q >= 0) & (q < self.h)
+        row = jnp.clip(q, 0, self.h - 1)
+        parts = [(1, inside)]
+        if self.left:
+            parts.append((0, inside & (j0 > 0)))
+        if self.right:
+            parts.append((2, inside & (j0 + STRIP < self.w)))
+        for part, ok in parts:
+            dest = self.buf.at[slot, plane, pl.ds(part * STRIP, STRIP)]
+
+            @pl.when(ok)
+            def _(dest=dest, part=part):
+                dest[...] = pixel_row(ref, b, row, j0 + (part - 1) * STRIP, *index)
+
+            @pl.when(jnp.logical_not(ok))
+            def _(dest=dest):
+                dest[...] = zeros_row()
+
+    @staticmethod
+    def ready() -> None:
+        """The fills visible to every thread of the warpgroup (a warpgroup barrier)."""
+        plgpu.commit_smem()
+
+    def read(self, slot, plane: int, shift: int) -> jax.Array:
+        """The ``[64]`` vector of source columns ``j0 + shift + t``, float32."""
+        ref = self.buf.at[slot, plane, pl.ds(STRIP + shift, STRIP)]
+        return plgpu.load(ref, layout=_ROW)
+
+
+def staged_bytes(planes: int) -> int:
+    """Shared memory of :class:`Staged` with ``planes`` per-pixel vectors."""
+    return 2 * planes * 3 * STRIP * 4
+
+
 def interpret_params(call: KernelCall) -> Any:
     """``call.interpret`` as the kernel takes it: GPU interpret mode's parameters or None."""
     if call.interpret is True:
@@ -458,8 +564,11 @@ def run(
     batch: int,
     channels: int,
     out_scratch: Any,
+    extra_scratch: Sequence[Any] = (),
+    grid_shape: tuple[int, int, int] | None = None,
 ) -> jax.Array:
-    """``body(*refs, bufs, bars, obuf)`` as a Mosaic GPU kernel over the sweep's grid."""
+    """``body(*refs, bufs, bars, obuf, *extra)`` as a Mosaic GPU kernel over the sweep's
+    grid (``grid_shape``: another grid of the same axes, :data:`GRID_NAMES`)."""
     lay = layout
     bufs = plgpu.SMEM(
         (lay.images, lay.ring, lay.width, lay.tiles.block_channels), operands[0].dtype
@@ -468,8 +577,8 @@ def run(
     kernel = plgpu.kernel(
         body,
         out_type=out_type,
-        scratch_types=[bufs, bars, out_scratch],
-        grid=grid(lay, batch, channels),
+        scratch_types=[bufs, bars, out_scratch, *extra_scratch],
+        grid=grid_shape or grid(lay, batch, channels),
         grid_names=GRID_NAMES,
         interpret=interpret_params(call),
         kernel_name=f"svconv_{name}",
