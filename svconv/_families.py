@@ -11,6 +11,7 @@ import jax
 
 from pallas_kernels import mosaic_gpu
 from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import local as mosaic_local
 from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
 from pallas_kernels.mosaic_gpu._sweep import SweepTiles
@@ -139,6 +140,12 @@ LOCAL = Family(
         "y": ("b", "ho", "wo", "o"),
     },
     backends=(
+        _mosaic(
+            {"y": mosaic_local.forward},
+            {},
+            mosaic_local.unsupported_reason,
+            mosaic_local.LocalTiles,
+        ),
         _triton(
             {"y": triton_local.forward, "x": triton_local.grad_x, "w": triton_local.grad_w},
             {"y": triton_local.forward_jvp},

@@ -27,6 +27,7 @@ from experiments.static.lowering import H100, lower
 from pallas_kernels.geometry import Geometry, KernelCall
 from pallas_kernels.mosaic_gpu import _sweep as sw
 from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import local as mosaic_local
 from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
 from svconv import _primitive, gaussian, reference, xla
@@ -388,6 +389,34 @@ def test_modulated_grad_w(case):
     assert_close(got, vjp(f32[3])[0], tol=tolerance(dtype, terms), what="grad_w")
 
 
+# (id, N, H, W, Cin, Cout, window, stride, dilation, padding, dtype, tiles or None)
+LOCAL_CASES = [
+    ("3x3", 2, 3, 64, 8, 16, (3, 3), (1, 1), (1, 1), None, jnp.float32, None),
+    # Two image blocks and two output-channel blocks, two input channels a stage, three
+    # stages (the ring wraps), row stride, dilation, asymmetric and negative padding.
+    ("blocks-strided", 4, 7, 128, 4, 16, (3, 2), (2, 1), (1, 3), ((2, -1), (2, 1)),
+     jnp.float32, mosaic_local.LocalTiles(2, 8, 2, 3)),
+    ("bf16", 3, 2, 64, 6, 8, (1, 3), (1, 1), (1, 1), None, jnp.bfloat16, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=[c[0] for c in LOCAL_CASES])
+def test_local_forward(case):
+    """The locally connected forward (the weights streamed through the stages, the images of
+    a block sharing them) against the reference."""
+    _, n, h, w, cin, cout, k, stride, dil, pad, dtype, tiles = case
+    geom = _geom(h, w, k, stride, dil, pad)
+    ho, wo = geom.out_size
+    x, wt = (a.astype(dtype) for a in rands(80, (n, h, w, cin), (ho, wo, *k, cin, cout)))
+    shapes = {"x": x.shape, "w": wt.shape, "y": (n, ho, wo, cout)}
+    assert mosaic_local.unsupported_reason("y", geom, shapes, dtype, tangents=False) is None
+    call = KernelCall(geom, (n, ho, wo, cout), block_sizes=tiles, interpret=INTERPRET)
+    got = mosaic_local.forward(x, wt, call)
+    assert got.dtype == dtype
+    want = reference.local_conv2d(x.astype(jnp.float32), wt.astype(jnp.float32), geom)
+    assert_close(got, want, tol=tolerance(dtype, geom.num_taps * cin), what="forward")
+
+
 MODULATED_REFUSED = [
     ("exact float32", jnp.float32, 64, 32, jax.lax.Precision.HIGHEST, "exact float32"),
     ("ragged channels", jnp.bfloat16, 24, 32, None, "multiple of 16"),
@@ -666,3 +695,25 @@ def test_compute_capability_of_device_kinds(kind, capability):
     """Abstract devices carry only a kind: the Mosaic kernels need 9.0+, an unknown kind is
     refused (with the reason), never guessed."""
     assert _primitive.compute_capability(kind) == capability
+
+
+def test_local_op_with_impl_mosaic(caplog):
+    """local_conv2d with impl="mosaic": the forward is the Mosaic kernel (GPU interpret mode
+    here), its tangent two of them, the gradients the Triton kernels (the Triton interpreter),
+    all equal to the reference; lowered for an H100, Mosaic GPU and Triton custom calls."""
+    x, w = rands(81, (2, 3, 64, 8), (3, 64, 3, 3, 8, 8))
+    ops = {
+        impl: functools.partial(svconv.local_conv2d, impl=impl) for impl in ("mosaic", "reference")
+    }
+    assert_close(jax.jit(ops["mosaic"])(x, w), ops["reference"](x, w), what="forward")
+    got, want = (_grad(ops[i])(x, w) for i in ("mosaic", "reference"))
+    for g, ref in zip(got, want, strict=True):
+        assert_close(g, ref, what="gradient")
+    got, want = (jax.jvp(ops[i], (x, w), (x, w))[1] for i in ("mosaic", "reference"))
+    assert_close(got, want, what="jvp")
+    xs, ws = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w))
+    assert _custom_calls(_lower_under(H100, ops["mosaic"], xs, ws)) == {"mosaic_gpu_v2"}
+    with caplog.at_level(logging.DEBUG, logger="svconv"):
+        text = _lower_under(H100, _grad(ops["mosaic"]), xs, ws)
+    assert _custom_calls(text) == {"mosaic_gpu_v2", "__gpu$xla.gpu.triton"}
+    assert "no mosaic kernel for the partial in `x`" in caplog.text

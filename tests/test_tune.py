@@ -11,6 +11,7 @@ import pytest
 
 from experiments.gpu_check import tune
 from pallas_kernels.mosaic_gpu import _sweep as mosaic_sweep
+from pallas_kernels.mosaic_gpu import local as mosaic_local
 from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from svconv import gaussian
 from svconv._primitive import bind
@@ -105,10 +106,12 @@ def test_the_heuristic_is_the_kernels_own_choice(kernel):
         (triton,) = triton_kernels(module)
         return triton.ttir, triton.grid, triton.num_warps, triton.num_stages
 
-    if kernel.backend == "mosaic" and kernel.family.name == "modulated":
-        # The tiles the implicit GEMM picks, given none.
+    if kernel.backend == "mosaic" and kernel.family.name in ("modulated", "local"):
+        # The tiles the implicit GEMM (the weight stream) picks, given none (and that its
+        # support check assumes).
+        module = mosaic_modulated if kernel.family.name == "modulated" else mosaic_local
         picked = []
-        real_tiles = mosaic_modulated.tiles
+        real_tiles = module.tiles
 
         def tiles(*args, **kwargs):
             picked.append(real_tiles(*args, **kwargs))
@@ -116,9 +119,9 @@ def test_the_heuristic_is_the_kernels_own_choice(kernel):
 
         spec = kernel.spec(None)
         args = [jax.ShapeDtypeStruct(kernel.shapes[n], kernel.dtype) for n in spec.operands]
-        with mock.patch.object(mosaic_modulated, "tiles", tiles):
+        with mock.patch.object(module, "tiles", tiles):
             lower(lambda *a: bind(spec, *a), *args)
-        assert picked == [kernel.heuristic()]
+        assert picked and all(p == kernel.heuristic() for p in picked), picked
         return
     if kernel.backend == "mosaic":  # the tiles the kernel plans its sweep with, given none
         planned = []

@@ -141,7 +141,7 @@ def jax_columns(
         # The forward in interleaved column phases (pallas_kernels.triton.pixel._forward_phased)
         # beside today's default tiles: forward only (its tiles are the forward's).
         cols["svconv pallas, 4 column phases"] = (_pixel_phased(case), None)
-    if case.op in ("pixel", "gaussian", "modulated") and backend == "gpu":
+    if backend == "gpu":
         # The Mosaic GPU kernels (the Triton kernels for the partials Mosaic has none of, or
         # for all of it where the case is not one the Mosaic kernels take).
         cols["svconv mosaic"] = (op_fn(case, "mosaic"), diff)

@@ -189,7 +189,15 @@ def compute_targets(
                     c["bytes"]["fwd"] / (ms * 1e-3) / 1e9,
                     stream,
                     0.8,
-                    ">=" if c["op"] == "pixel" and c["k"] == 7 else None,
+                    ">=" if (c["op"], c["k"]) in (("pixel", 7), ("local", 3)) else None,
+                )
+            if c["op"] == "local":
+                t.add(
+                    f"{cid}: svconv mosaic fwd+bwd / fwd",
+                    get(c, "fwd+bwd", "svconv mosaic"),
+                    ms,
+                    2.5,
+                    "<=",
                 )
         # (local's weights, and their gradient, outweigh its patches; the Gaussian's memory
         # has rows of its own)

@@ -40,6 +40,7 @@ from experiments.bench.report import machine_info
 from experiments.gpu_check import installed_versions
 from pallas_kernels.geometry import Geometry
 from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
+from pallas_kernels.mosaic_gpu import local as mosaic_local
 from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
 from pallas_kernels.triton import gaussian as pallas_gaussian
@@ -80,6 +81,7 @@ PARAMS = {
 # and the modulated implicit GEMM's (pallas_kernels.mosaic_gpu.modulated.GemmTiles).
 MOSAIC_PARAMS = ("block_h", "block_channels")
 MOSAIC_GEMM_PARAMS = ("block_h", "block_n")
+MOSAIC_LOCAL_PARAMS = ("block_batch", "block_out", "block_c", "stages")
 KERNEL_NAMES = {
     "y": "forward", "x": "grad_x", "w": "grad_w", "d": "grad_d", "k": "grad_k", "s": "grad_s"
 }  # fmt: skip
@@ -111,7 +113,9 @@ class Kernel:
     def params(self) -> tuple[str, ...]:
         """The tile parameters the search varies."""
         if self.backend == "mosaic":
-            return MOSAIC_GEMM_PARAMS if self.family is MODULATED else MOSAIC_PARAMS
+            return {MODULATED: MOSAIC_GEMM_PARAMS, LOCAL: MOSAIC_LOCAL_PARAMS}.get(
+                self.family, MOSAIC_PARAMS
+            )
         return PARAMS[(self.family.name, self.target)]
 
     @property
@@ -162,6 +166,10 @@ class Kernel:
                 self.geom, batch=n, cin=c, cout=self.shapes["w"][-1], dtype=dtype,
                 partial=self.target,
             )  # fmt: skip
+        if self.backend == "mosaic" and self.family is LOCAL:
+            return mosaic_local.tiles(
+                self.geom, batch=n, cin=c, cout=self.shapes["w"][-1], dtype=dtype
+            )
         if self.backend == "mosaic":
             return mosaic_gaussian.tiles(
                 self.geom, batch=n, channels=c, dtype=dtype, partial=self.target
@@ -224,6 +232,11 @@ def kernels(dry_run: bool) -> list[Kernel]:
         return [Kernel(PIXEL, t, shapes, dtype, size, "mosaic") for t in targets]
 
     local_shapes = {"x": (n, loc, loc, cl), "w": (loc, loc, 3, 3, cl, cl), "y": (n, loc, loc, cl)}
+    # The Mosaic kernel takes widths of a multiple of 64 (the dry run: 2 rows of 64).
+    mloc = (loc, loc) if not dry_run else (2, 64)
+    mosaic_local_shapes = {
+        "x": (n, *mloc, cl), "w": (*mloc, 3, 3, cl, cl), "y": (n, *mloc, cl)
+    }  # fmt: skip
     if dry_run:
         return [
             *pixel_kernels(3, "float32", "y"),
@@ -232,6 +245,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
             *gaussian_kernels(3, "y"),
             *mosaic_pixel_kernels(3, "float32", "yxk", rows=4),
             *modulated_kernels("float32", "y", "mosaic", width=mpx, cin=16, cout=16),
+            Kernel(LOCAL, "y", mosaic_local_shapes, "float32", 3, "mosaic"),
             *gaussian_kernels(3, "sx", channels=8, backend="mosaic", rows=4),
         ]
     return [
@@ -250,6 +264,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
         *modulated_kernels("float32", "xwd"),
         *modulated_kernels("bfloat16", "xwd"),
         *[Kernel(LOCAL, t, local_shapes, "float32", 3) for t in "yxw"],
+        Kernel(LOCAL, "y", mosaic_local_shapes, "float32", 3, "mosaic"),
         *pixel_kernels(15, "float32", "xk"),
         *gaussian_kernels(31, "yxs"),  # rotated elliptical Gaussians
         *gaussian_kernels(31, "yxs", channels=64, backend="mosaic"),

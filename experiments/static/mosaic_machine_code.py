@@ -154,6 +154,8 @@ class Case:
         gradient in the weights is the Triton kernel's)."""
         if self.family == "modulated":
             return ("forward", "jvp", "vjp")
+        if self.family == "local":  # (its gradients are the Triton kernels')
+            return ("forward", "jvp")
         if self.stride != (1, 1):
             return ("forward", "jvp", "vjp")
         return ("forward", "jvp", "vjp", "hvp")
@@ -163,7 +165,7 @@ class Case:
         def pair(v: tuple[int, int]) -> str:
             return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
-        chans = f"C{self.c}" + (f"-{self.cout}" if self.family == "modulated" else "")
+        chans = f"C{self.c}" + (f"-{self.cout}" if self.family in ("modulated", "local") else "")
         parts = [self.family, f"N{self.n}", f"{self.h}x{self.w}", chans, f"k{self.k}"]
         parts += [f"s{pair(self.stride)}", f"d{pair(self.dilation)}"]
         if self.rho:
@@ -181,6 +183,8 @@ class Case:
         geometry = {"stride": self.stride, "dilation": self.dilation, "padding": "SAME"}
         if self.family == "filter":
             return functools.partial(svconv.pixel_filter2d, **geometry, impl="mosaic")
+        if self.family == "local":
+            return functools.partial(svconv.local_conv2d, **geometry, impl="mosaic")
         if self.family == "modulated":  # TF32 for float32: the default precision, explicitly
             return functools.partial(
                 svconv.modulated_conv2d, **geometry, precision=jax.lax.Precision.DEFAULT,
@@ -199,6 +203,8 @@ class Case:
             return [x, (*grid, self.k, self.k)]
         if self.family == "modulated":
             return [x, (self.k, self.k, self.c, self.cout), (*grid, self.k, self.k)]
+        if self.family == "local":
+            return [x, (*self.out_size, self.k, self.k, self.c, self.cout)]
         return [x, grid, grid] if self.rho else [x, grid]
 
 
@@ -206,9 +212,11 @@ def _cases(dtypes: Iterable[str]) -> list[Case]:
     """The DESIGN GPU shapes of the ops the Mosaic kernels run."""
     filters = [Case("filter", 8, 256, 256, 64, k, dtype) for dtype in dtypes for k in (7, 15)]
     modulated = [Case("modulated", 8, 128, 128, 64, 3, dtype, cout=64) for dtype in dtypes]
+    local = [Case("local", 8, 128, 128, 32, 3, dtype, cout=32) for dtype in dtypes]
     return (
         filters
         + modulated
+        + local
         + [Case("gaussian", 8, 256, 256, 64, 31, "f32", rho=rho) for rho in (False, True)]
     )
 
@@ -223,6 +231,7 @@ SMALL_CASES: list[Case] = [
     Case("modulated", 1, 16, 64, 64, 3, "f32", cout=16),
     # The weight gradient's kernel (16-bit, multiples of 64 channels).
     Case("modulated", 1, 16, 64, 64, 3, "bf16", dilation=(2, 1), cout=64),
+    Case("local", 2, 8, 64, 8, 3, "f32", stride=(2, 1), dilation=(1, 2), cout=16),
 ]
 CASES: list[Case] = _cases(_DTYPES) + SMALL_CASES
 CASE_SETS = {"all": CASES, "small": SMALL_CASES}
@@ -266,7 +275,8 @@ def arguments(case: Case, mode: str, sharding: jax.sharding.Sharding) -> list[ja
     """Abstract arguments on the H100 of the topology: the program is compiled, never run."""
     dtype = _DTYPES[case.dtype]
     shapes = case.shapes()
-    cotangent = (case.n, *case.out_size, case.cout if case.family == "modulated" else case.c)
+    wide = case.family in ("modulated", "local")
+    cotangent = (case.n, *case.out_size, case.cout if wide else case.c)
     if mode == "jvp":
         shapes = shapes * 2
     elif mode == "vjp":
@@ -517,7 +527,8 @@ def markdown(data: dict, rows: dict[str, Row]) -> str:
         f"Every Mosaic GPU kernel of svconv in {len(data['cases'])} cases (`pixel_filter2d` and "
         "`gaussian_filter2d`: forward, forward mode, reverse mode and forward mode of the "
         "reverse; `modulated_conv2d`: forward, forward mode and the gradients, TF32 for float32, "
-        "whose gradient in the weights is the Triton kernel's; "
+        "whose gradient in the weights is the Triton kernel's; `local_conv2d`: forward and "
+        "forward mode; "
         '`impl="mosaic"`), compiled for sm_90a (H100) on a machine '
         f"without a GPU by XLA's CUDA plugin ({PLUGIN_DISTRIBUTION} {v[PLUGIN_DISTRIBUTION]}, "
         f"jax {v['jax']}, jaxlib {v['jaxlib']}, ptxas {v['ptxas']}) on {data['date']}. Written by "

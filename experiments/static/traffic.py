@@ -712,7 +712,8 @@ def mosaic_cases(gaussian_size: int = 31) -> list[Case]:
     filter at 7x7 and the isotropic Gaussian filter at 31x31 (``gaussian_size``), N=8, 256x256,
     64 channels; the
     modulated conv, N=8, 128x128, 64->64, 3x3 (TF32 for float32, whose gradient in the weights
-    runs the Triton kernel; bfloat16's is a Mosaic kernel)."""
+    runs the Triton kernel; bfloat16's is a Mosaic kernel); the locally connected conv, N=8,
+    128x128, 32->32, 3x3 (its gradients: the Triton kernels)."""
     n, h, c = 8, 256, 64
     image, grid = ("x", (n, h, h, c)), (n, h, h)
     pixel = functools.partial(svconv.pixel_filter2d, impl="mosaic")
@@ -723,10 +724,13 @@ def mosaic_cases(gaussian_size: int = 31) -> list[Case]:
     )
     m = 128
     mod_inputs = (("x", (n, m, m, c)), ("w", (3, 3, c, c)), ("d", (n, m, m, 3, 3)))
+    local = functools.partial(svconv.local_conv2d, impl="mosaic")
+    loc_inputs = (("x", (n, m, m, 32)), ("w", (m, m, 3, 3, 32, 32)))
     return [
         Case("pixel_filter2d", "7x7 mosaic", pixel, (image, ("k", (n, h, h, 7, 7))), (n, h, h, c)),
         Case("gaussian_filter2d", f"{g}x{g} mosaic", gauss, (image, ("sigma", grid)), (n, h, h, c)),
         Case("modulated_conv2d", "3x3 mosaic", modulated, mod_inputs, (n, m, m, c)),
+        Case("local_conv2d", "3x3 mosaic", local, loc_inputs, (n, m, m, 32)),
     ]
 
 
