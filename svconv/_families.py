@@ -141,7 +141,7 @@ LOCAL = Family(
     },
     backends=(
         _mosaic(
-            {"y": mosaic_local.forward},
+            {"y": mosaic_local.forward, "w": mosaic_local.grad_w},
             {},
             mosaic_local.unsupported_reason,
             mosaic_local.LocalTiles,

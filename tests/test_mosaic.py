@@ -417,6 +417,38 @@ def test_local_forward(case):
     assert_close(got, want, tol=tolerance(dtype, geom.num_taps * cin), what="forward")
 
 
+# (id, N, H, W, Cin, Cout, window, stride, dilation, padding, dtype, tiles or None)
+LOCAL_GRAD_W_CASES = [
+    LOCAL_CASES[0],
+    # Two image blocks (float32 partial sums), two output-channel blocks, three staging
+    # buffers (the ring wraps), row stride, dilation, negative padding.
+    ("blocks-strided", 4, 7, 128, 3, 16, (3, 2), (2, 1), (1, 3), ((2, -1), (2, 1)),
+     jnp.float32, mosaic_local.LocalTiles(2, 8, 1, 3)),
+    LOCAL_CASES[2],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LOCAL_GRAD_W_CASES, ids=[c[0] for c in LOCAL_GRAD_W_CASES])
+def test_local_grad_w(case):
+    """The gradient in the per-location weights (each image block's ``dw`` tiles through the
+    staging ring) against the reference's reverse mode."""
+    _, n, h, w, cin, cout, k, stride, dil, pad, dtype, tiles = case
+    geom = _geom(h, w, k, stride, dil, pad)
+    ho, wo = geom.out_size
+    x, wt, dy = (
+        a.astype(dtype)
+        for a in rands(82, (n, h, w, cin), (ho, wo, *k, cin, cout), (n, ho, wo, cout))
+    )
+    shapes = {"x": x.shape, "w": wt.shape, "y": dy.shape}
+    assert mosaic_local.unsupported_reason("w", geom, shapes, dtype, tangents=False) is None
+    f32 = [a.astype(jnp.float32) for a in (x, wt, dy)]
+    _, vjp = jax.vjp(lambda w: reference.local_conv2d(f32[0], w, geom), f32[1])
+    call = KernelCall(geom, wt.shape, block_sizes=tiles, interpret=INTERPRET)
+    got = mosaic_local.grad_w(x, dy, call)
+    assert got.dtype == dtype
+    assert_close(got, vjp(f32[2])[0], tol=tolerance(dtype, n), what="grad_w")
+
+
 MODULATED_REFUSED = [
     ("exact float32", jnp.float32, 64, 32, jax.lax.Precision.HIGHEST, "exact float32"),
     ("ragged channels", jnp.bfloat16, 24, 32, None, "multiple of 16"),
@@ -698,9 +730,10 @@ def test_compute_capability_of_device_kinds(kind, capability):
 
 
 def test_local_op_with_impl_mosaic(caplog):
-    """local_conv2d with impl="mosaic": the forward is the Mosaic kernel (GPU interpret mode
-    here), its tangent two of them, the gradients the Triton kernels (the Triton interpreter),
-    all equal to the reference; lowered for an H100, Mosaic GPU and Triton custom calls."""
+    """local_conv2d with impl="mosaic": the forward and the gradient in the weights are Mosaic
+    kernels (GPU interpret mode here), the tangent two forwards, the gradient in the image the
+    Triton kernel (the Triton interpreter), all equal to the reference; lowered for an H100,
+    Mosaic GPU and Triton custom calls."""
     x, w = rands(81, (2, 3, 64, 8), (3, 64, 3, 3, 8, 8))
     ops = {
         impl: functools.partial(svconv.local_conv2d, impl=impl) for impl in ("mosaic", "reference")

@@ -168,8 +168,9 @@ class Kernel:
             )  # fmt: skip
         if self.backend == "mosaic" and self.family is LOCAL:
             return mosaic_local.tiles(
-                self.geom, batch=n, cin=c, cout=self.shapes["w"][-1], dtype=dtype
-            )
+                self.geom, batch=n, cin=c, cout=self.shapes["w"][-1], dtype=dtype,
+                partial=self.target,
+            )  # fmt: skip
         if self.backend == "mosaic":
             return mosaic_gaussian.tiles(
                 self.geom, batch=n, channels=c, dtype=dtype, partial=self.target
@@ -264,7 +265,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
         *modulated_kernels("float32", "xwd"),
         *modulated_kernels("bfloat16", "xwd"),
         *[Kernel(LOCAL, t, local_shapes, "float32", 3) for t in "yxw"],
-        Kernel(LOCAL, "y", mosaic_local_shapes, "float32", 3, "mosaic"),
+        *[Kernel(LOCAL, t, mosaic_local_shapes, "float32", 3, "mosaic") for t in "yw"],
         *pixel_kernels(15, "float32", "xk"),
         *gaussian_kernels(31, "yxs"),  # rotated elliptical Gaussians
         *gaussian_kernels(31, "yxs", channels=64, backend="mosaic"),

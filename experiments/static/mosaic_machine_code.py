@@ -154,8 +154,8 @@ class Case:
         gradient in the weights is the Triton kernel's)."""
         if self.family == "modulated":
             return ("forward", "jvp", "vjp")
-        if self.family == "local":  # (its gradients are the Triton kernels')
-            return ("forward", "jvp")
+        if self.family == "local":  # (its gradient in the image is the Triton kernel's)
+            return ("forward", "jvp", "vjp")
         if self.stride != (1, 1):
             return ("forward", "jvp", "vjp")
         return ("forward", "jvp", "vjp", "hvp")
@@ -527,8 +527,8 @@ def markdown(data: dict, rows: dict[str, Row]) -> str:
         f"Every Mosaic GPU kernel of svconv in {len(data['cases'])} cases (`pixel_filter2d` and "
         "`gaussian_filter2d`: forward, forward mode, reverse mode and forward mode of the "
         "reverse; `modulated_conv2d`: forward, forward mode and the gradients, TF32 for float32, "
-        "whose gradient in the weights is the Triton kernel's; `local_conv2d`: forward and "
-        "forward mode; "
+        "whose gradient in the weights is the Triton kernel's; `local_conv2d`: forward, "
+        "forward mode and the gradient in the weights; "
         '`impl="mosaic"`), compiled for sm_90a (H100) on a machine '
         f"without a GPU by XLA's CUDA plugin ({PLUGIN_DISTRIBUTION} {v[PLUGIN_DISTRIBUTION]}, "
         f"jax {v['jax']}, jaxlib {v['jaxlib']}, ptxas {v['ptxas']}) on {data['date']}. Written by "

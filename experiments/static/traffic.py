@@ -713,7 +713,7 @@ def mosaic_cases(gaussian_size: int = 31) -> list[Case]:
     64 channels; the
     modulated conv, N=8, 128x128, 64->64, 3x3 (TF32 for float32, whose gradient in the weights
     runs the Triton kernel; bfloat16's is a Mosaic kernel); the locally connected conv, N=8,
-    128x128, 32->32, 3x3 (its gradients: the Triton kernels)."""
+    128x128, 32->32, 3x3 (its gradient in the image: the Triton kernel)."""
     n, h, c = 8, 256, 64
     image, grid = ("x", (n, h, h, c)), (n, h, h)
     pixel = functools.partial(svconv.pixel_filter2d, impl="mosaic")

@@ -18,9 +18,16 @@ one ``[64, block_out]`` accumulator an image. The images of a block share every 
 the blocks of one strip are adjacent in the grid (the fastest axis), so a second image block
 reads the weights from L2.
 
+The gradient in the weights, ``dw[i, j, tap, c, o] = sum_b x_tap[b, i, j, c] dy[b, i, j, o]``,
+is the same program run backwards: ``dy``'s ``[64, block_out]`` tiles of the block's images
+held in registers, and for each (tap, input channel) the sum over the images of the ``[64]``
+input vector times the image's tile, a ``[64, block_out]`` tile of ``dw`` written out through
+a ring of ``stages`` shared-memory buffers (TMA stores in flight). Every image in one block
+writes ``dw`` once; more images than a block gives float32 partial sums added after the kernel.
+
 The image is zero-padded by XLA first (a copy of ``x``, small beside the weights) so that every
 load lies inside it. The tangent is the sum of two forwards (``local(tx, w) + local(x, tw)``);
-the gradients run the Triton kernels.
+the gradient in the image runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -88,13 +95,18 @@ def _divisor_at_most(n: int, most: int, step: int = 1) -> int | None:
     return None
 
 
-def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype) -> LocalTiles:
+def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype,
+          partial: str = "y") -> LocalTiles:  # fmt: skip
     """The heuristic's tiles (not yet tuned on a GPU): up to 8 images a program (each weight
     read once for them), the most output channels their accumulators leave room for (a
     multiple of 8: the register layout's columns), one input channel a stage (a contiguous
     ``[64, block_out]`` tile: conflict-free vectorised loads), up to 8 stages within the
     shared memory."""
     itemsize = jnp.dtype(dtype).itemsize
+    if partial == "w":  # every image in a block where their tiles fit: dw written once
+        bb = _divisor_at_most(batch, _ACC_COLUMNS // 8) or 1
+        bo = _divisor_at_most(cout, max(8, _ACC_COLUMNS // bb), 8) or cout
+        return LocalTiles(bb, bo, 1, _MAX_STAGES)
     bb = _divisor_at_most(batch, 8) or 1
     bo = _divisor_at_most(cout, max(8, _ACC_COLUMNS // bb), 8) or cout  # (else refused)
     t = LocalTiles(bb, bo, 1, max(2, min(_MAX_STAGES, geom.num_taps * cin)))
@@ -106,11 +118,11 @@ def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype) -> LocalTil
 def unsupported_reason(
     partial: str, geom: Geometry, shapes, dtype, *, tangents: bool, precision=None
 ) -> str | None:
-    """Why the Mosaic kernels cannot compute ``partial`` (``y``: the forward; its tangent is
-    two forwards) of this case, or None. ``precision``: float32 products are exact here (no
-    tensor cores), so every precision is met."""
+    """Why the Mosaic kernels cannot compute ``partial`` (``y``: the forward, its tangent two
+    forwards; ``w``: the gradient in the weights) of this case, or None. ``precision``: float32
+    products are exact here (no tensor cores), so every precision is met."""
     del tangents, precision
-    if partial != "y":
+    if partial not in ("y", "w"):
         raise ValueError(f"no Mosaic kernel for the locally connected partial `{partial}`")
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -124,6 +136,8 @@ def unsupported_reason(
     if cout % 8:
         return f"{cout} output channels: the Mosaic kernels take a multiple of 8"
     batch, cin = shapes["x"][0], shapes["x"][3]
+    if partial == "w":
+        return None  # (its staging: stages x [64, 8..256] float32 at most, within the budget)
     t = tiles(geom, batch=batch, cin=cin, cout=cout, dtype=dtype)
     if _smem_bytes(t, dtype.itemsize) > _SMEM:
         return "two stages of the weight stream do not fit in shared memory"
@@ -237,3 +251,71 @@ def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
         kernel_name="svconv_local_forward_mosaic",
     )
     return kernel(_padded(x, geom), w.reshape(ho, wo, taps, cin, cout))
+
+
+def _grad_w_body(x_ref, dy_ref, out_ref, obuf, *, geom: Geometry, tiles_: LocalTiles,
+                 cin: int, cout_blocks: int, parts: bool):  # fmt: skip
+    """One program: row ``i``, strip ``j0``, images ``b0:b0 + block_batch`` (their ``dy``
+    tiles in registers), output channels ``o0:o0 + block_out``; a ``dw`` tile a (tap, input
+    channel), out through the staging ring."""
+    (kh, kw), (sh, _), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    bb, bo, stages = tiles_.block_batch, tiles_.block_out, tiles_.stages
+    blk = lax.axis_index("block")
+    ib, o0 = lax.div(blk, cout_blocks), lax.rem(blk, cout_blocks) * bo
+    b0 = ib * bb
+    j0 = lax.axis_index("strip") * sw.STRIP
+    i = lax.axis_index("row")
+    dys = [sw.pixel_tile(dy_ref, b0 + b, i, j0, o0, bo) for b in range(bb)]
+    dest = out_ref.at[ib] if parts else out_ref
+
+    def step(s, carry):
+        t, c = lax.div(s, cin), lax.rem(s, cin)
+        r, col = i * sh + lax.div(t, kw) * dh, j0 + lax.rem(t, kw) * dw
+        acc = sw.zeros_tile(bo)
+        for b in range(bb):
+            acc = acc + sw.pixel_row(x_ref, b0 + b, r, col, c)[:, None] * dys[b]
+        slot = lax.rem(s, stages)
+        plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)  # the slot's last store read
+        obuf[slot] = acc.astype(obuf.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(obuf.at[slot], dest.at[i, pl.ds(j0, sw.STRIP), t, c, pl.ds(o0, bo)])
+        return carry
+
+    lax.fori_loop(0, kh * kw * cin, step, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def grad_w(x: jax.Array, dy: jax.Array, call: KernelCall) -> jax.Array:
+    """The gradient in the weights: x [N, H, W, Cin], dy [N, Ho, Wo, Cout] -> dw [Ho, Wo, kh,
+    kw, Cin, Cout] (float32 partial sums of the image blocks added after the kernel when the
+    images take more than one block)."""
+    ho, wo, kh, kw, cin, cout = call.out_shape
+    n, dtype = x.shape[0], x.dtype
+    geom = call.geom
+    bs = call.block_sizes or tiles(geom, batch=n, cin=cin, cout=cout, dtype=dtype, partial="w")
+    if n % bs.block_batch or cout % bs.block_out or bs.block_out % 8:
+        raise ValueError(
+            f"LocalTiles {bs} must divide the batch ({n}) and the output channels ({cout}) "
+            "in blocks of a multiple of 8 channels"
+        )
+    blocks, taps = n // bs.block_batch, kh * kw
+    cout_blocks = cout // bs.block_out
+    parts = blocks > 1
+    out_dtype = _F32 if parts else dtype
+    body = functools.partial(
+        _grad_w_body, geom=geom, tiles_=bs, cin=cin, cout_blocks=cout_blocks, parts=parts
+    )
+    shape = (ho, wo, taps, cin, cout)
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((blocks, *shape) if parts else shape, out_dtype),
+        scratch_types=[plgpu.SMEM((bs.stages, sw.STRIP, bs.block_out), out_dtype)],
+        grid=(blocks * cout_blocks, wo // sw.STRIP, ho),
+        grid_names=("block", "strip", "row"),
+        interpret=sw.interpret_params(call),
+        kernel_name="svconv_local_grad_w_mosaic",
+    )
+    out = kernel(_padded(x, geom), dy)
+    if parts:
+        out = out.sum(axis=0).astype(dtype)
+    return out.reshape(call.out_shape)
