@@ -142,7 +142,7 @@ LOCAL = Family(
     backends=(
         _mosaic(
             {"y": mosaic_local.forward, "w": mosaic_local.grad_w},
-            {},
+            {"y": mosaic_local.forward_jvp},
             mosaic_local.unsupported_reason,
             mosaic_local.LocalTiles,
         ),

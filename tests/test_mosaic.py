@@ -403,18 +403,33 @@ LOCAL_CASES = [
 @pytest.mark.parametrize("case", LOCAL_CASES, ids=[c[0] for c in LOCAL_CASES])
 def test_local_forward(case):
     """The locally connected forward (the weights streamed through the stages, the images of
-    a block sharing them) against the reference."""
+    a block sharing them) and its fused tangent (both weight arrays streamed; each tangent
+    alone in the first case) against the reference."""
     _, n, h, w, cin, cout, k, stride, dil, pad, dtype, tiles = case
     geom = _geom(h, w, k, stride, dil, pad)
     ho, wo = geom.out_size
-    x, wt = (a.astype(dtype) for a in rands(80, (n, h, w, cin), (ho, wo, *k, cin, cout)))
+    arrays = rands(80, *[(n, h, w, cin), (ho, wo, *k, cin, cout)] * 2)
+    x, wt, tx, tw = (a.astype(dtype) for a in arrays)
     shapes = {"x": x.shape, "w": wt.shape, "y": (n, ho, wo, cout)}
-    assert mosaic_local.unsupported_reason("y", geom, shapes, dtype, tangents=False) is None
+    assert mosaic_local.unsupported_reason("y", geom, shapes, dtype, tangents=True) is None
     call = KernelCall(geom, (n, ho, wo, cout), block_sizes=tiles, interpret=INTERPRET)
     got = mosaic_local.forward(x, wt, call)
     assert got.dtype == dtype
-    want = reference.local_conv2d(x.astype(jnp.float32), wt.astype(jnp.float32), geom)
-    assert_close(got, want, tol=tolerance(dtype, geom.num_taps * cin), what="forward")
+    f32 = [a.astype(jnp.float32) for a in (x, wt, tx, tw)]
+
+    def oracle(x, w):
+        return reference.local_conv2d(x, w, geom)
+
+    tol = tolerance(dtype, geom.num_taps * cin)
+    assert_close(got, oracle(*f32[:2]), tol=tol, what="forward")
+    for given in ("tx", "tw"), *((("tx",), ("tw",)) if case[0] == "3x3" else ()):
+        t32 = [f32[2 + i] if name in given else jnp.zeros_like(f32[i])
+               for i, name in enumerate(("tx", "tw"))]  # fmt: skip
+        want = jax.jvp(oracle, tuple(f32[:2]), tuple(t32))[1]
+        args = [a if name in given else None for a, name in ((tx, "tx"), (tw, "tw"))]
+        got = mosaic_local.forward_jvp(x, wt, *args, call)
+        assert got.dtype == dtype
+        assert_close(got, want, tol=2 * tol, what=f"tangent in {given}")
 
 
 # (id, N, H, W, Cin, Cout, window, stride, dilation, padding, dtype, tiles or None)
@@ -730,10 +745,10 @@ def test_compute_capability_of_device_kinds(kind, capability):
 
 
 def test_local_op_with_impl_mosaic(caplog):
-    """local_conv2d with impl="mosaic": the forward and the gradient in the weights are Mosaic
-    kernels (GPU interpret mode here), the tangent two forwards, the gradient in the image the
-    Triton kernel (the Triton interpreter), all equal to the reference; lowered for an H100,
-    Mosaic GPU and Triton custom calls."""
+    """local_conv2d with impl="mosaic": the forward, its fused tangent and the gradient in the
+    weights are Mosaic kernels (GPU interpret mode here), the gradient in the image the Triton
+    kernel (the Triton interpreter), all equal to the reference; lowered for an H100, Mosaic
+    GPU and Triton custom calls, in bfloat16 with no float32 copy of the weights."""
     x, w = rands(81, (2, 3, 64, 8), (3, 64, 3, 3, 8, 8))
     ops = {
         impl: functools.partial(svconv.local_conv2d, impl=impl) for impl in ("mosaic", "reference")
@@ -750,3 +765,7 @@ def test_local_op_with_impl_mosaic(caplog):
         text = _lower_under(H100, _grad(ops["mosaic"]), xs, ws)
     assert _custom_calls(text) == {"mosaic_gpu_v2", "__gpu$xla.gpu.triton"}
     assert "no mosaic kernel for the partial in `x`" in caplog.text
+    xs, ws = (jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) for a in (x, w))
+    for fn in (_grad(ops["mosaic"]), lambda x, w: jax.jvp(ops["mosaic"], (x, w), (x, w))):
+        text = _lower_under(H100, fn, xs, ws)
+        assert not re.search(r"tensor<3x64x(3x3|9)x8x8xf32>", text), "a float32 copy of w"

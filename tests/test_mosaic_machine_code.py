@@ -49,6 +49,7 @@ EXPECTED_KERNELS = {
     "svconv_modulated_grad_w_mosaic",
     "svconv_modulated_grad_d_mosaic",
     "svconv_local_forward_mosaic",
+    "svconv_local_forward_jvp_mosaic",
     "svconv_local_grad_w_mosaic",
 }
 

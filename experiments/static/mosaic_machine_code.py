@@ -528,7 +528,8 @@ def markdown(data: dict, rows: dict[str, Row]) -> str:
         "`gaussian_filter2d`: forward, forward mode, reverse mode and forward mode of the "
         "reverse; `modulated_conv2d`: forward, forward mode and the gradients, TF32 for float32, "
         "whose gradient in the weights is the Triton kernel's; `local_conv2d`: forward, "
-        "forward mode and the gradient in the weights; "
+        "forward mode and the gradient in the weights (its gradient in the image is the Triton "
+        "kernel's); "
         '`impl="mosaic"`), compiled for sm_90a (H100) on a machine '
         f"without a GPU by XLA's CUDA plugin ({PLUGIN_DISTRIBUTION} {v[PLUGIN_DISTRIBUTION]}, "
         f"jax {v['jax']}, jaxlib {v['jaxlib']}, ptxas {v['ptxas']}) on {data['date']}. Written by "

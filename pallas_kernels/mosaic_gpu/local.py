@@ -26,8 +26,9 @@ a ring of ``stages`` shared-memory buffers (TMA stores in flight). Every image i
 writes ``dw`` once; more images than a block gives float32 partial sums added after the kernel.
 
 The image is zero-padded by XLA first (a copy of ``x``, small beside the weights) so that every
-load lies inside it. The tangent is the sum of two forwards (``local(tx, w) + local(x, tw)``);
-the gradient in the image runs the Triton kernel.
+load lies inside it. The tangent ``local(tx, w) + local(x, tw)`` is one kernel streaming both
+weight arrays (a 16-bit tangent summed in float32 and rounded once); the gradient in the image
+runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ def _stage_bytes(tiles: LocalTiles, itemsize: int) -> int:
     return sw.STRIP * tiles.block_c * tiles.block_out * itemsize
 
 
-def _smem_bytes(tiles: LocalTiles, itemsize: int) -> int:
-    """The weight stages and the output's two staging tiles."""
+def _smem_bytes(tiles: LocalTiles, itemsize: int, weights: int = 1) -> int:
+    """The weight stages (of ``weights`` arrays: 2 for the fused tangent) and the output's two
+    staging tiles."""
     out = 2 * sw.STRIP * tiles.block_out * itemsize
-    return tiles.stages * _stage_bytes(tiles, itemsize) + out
+    return weights * tiles.stages * _stage_bytes(tiles, itemsize) + out
 
 
 def _divisor_at_most(n: int, most: int, step: int = 1) -> int | None:
@@ -95,8 +97,8 @@ def _divisor_at_most(n: int, most: int, step: int = 1) -> int | None:
     return None
 
 
-def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype,
-          partial: str = "y") -> LocalTiles:  # fmt: skip
+def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype, partial: str = "y",
+          weights: int = 1) -> LocalTiles:  # fmt: skip
     """The heuristic's tiles (not yet tuned on a GPU): up to 8 images a program (each weight
     read once for them), the most output channels their accumulators leave room for (a
     multiple of 8: the register layout's columns), one input channel a stage (a contiguous
@@ -110,7 +112,7 @@ def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype,
     bb = _divisor_at_most(batch, 8) or 1
     bo = _divisor_at_most(cout, max(8, _ACC_COLUMNS // bb), 8) or cout  # (else refused)
     t = LocalTiles(bb, bo, 1, max(2, min(_MAX_STAGES, geom.num_taps * cin)))
-    while t.stages > 2 and _smem_bytes(t, itemsize) > _SMEM:
+    while t.stages > 2 and _smem_bytes(t, itemsize, weights) > _SMEM:
         t = dataclasses.replace(t, stages=t.stages - 1)
     return t
 
@@ -118,10 +120,11 @@ def tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype,
 def unsupported_reason(
     partial: str, geom: Geometry, shapes, dtype, *, tangents: bool, precision=None
 ) -> str | None:
-    """Why the Mosaic kernels cannot compute ``partial`` (``y``: the forward, its tangent two
-    forwards; ``w``: the gradient in the weights) of this case, or None. ``precision``: float32
-    products are exact here (no tensor cores), so every precision is met."""
-    del tangents, precision
+    """Why the Mosaic kernels cannot compute ``partial`` (``y``: the forward, or with
+    ``tangents`` its fused tangent; ``w``: the gradient in the weights) of this case, or None.
+    ``precision``: float32 products are exact here (no tensor cores), so every precision is
+    met."""
+    del precision
     if partial not in ("y", "w"):
         raise ValueError(f"no Mosaic kernel for the locally connected partial `{partial}`")
     dtype = jnp.dtype(dtype)
@@ -138,16 +141,23 @@ def unsupported_reason(
     batch, cin = shapes["x"][0], shapes["x"][3]
     if partial == "w":
         return None  # (its staging: stages x [64, 8..256] float32 at most, within the budget)
-    t = tiles(geom, batch=batch, cin=cin, cout=cout, dtype=dtype)
-    if _smem_bytes(t, dtype.itemsize) > _SMEM:
+    weights = 2 if tangents else 1
+    t = tiles(geom, batch=batch, cin=cin, cout=cout, dtype=dtype, weights=weights)
+    if _smem_bytes(t, dtype.itemsize, weights) > _SMEM:
         return "two stages of the weight stream do not fit in shared memory"
     return None
 
 
-def _body(x_ref, w_ref, out_ref, wbuf, wbars, obuf, *, geom: Geometry, tiles_: LocalTiles,
-          cin: int, cout_blocks: int):  # fmt: skip
+def _body(*refs, geom: Geometry, tiles_: LocalTiles, cin: int, cout_blocks: int,
+          n_images: int, pairs: tuple):  # fmt: skip
     """One program: output row ``i``, strip ``j0``, images ``b0:b0 + block_batch``, output
-    channels ``o0:o0 + block_out``; ``x_ref`` the padded image."""
+    channels ``o0:o0 + block_out``. ``refs``: the padded images, the weights, then the output
+    and scratch; ``pairs``: the (image, weights) products summed (one for the forward, two for
+    its tangent ``tx w + x tw``), each weight array streamed through its own part of a
+    stage."""
+    n_in = len(refs) - 4
+    images, weights = refs[:n_images], refs[n_images:n_in]
+    out_ref, wbuf, wbars, obuf = refs[n_in:]
     (kh, kw), (sh, _), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
     bb, bo, bc, stages = tiles_.block_batch, tiles_.block_out, tiles_.block_c, tiles_.stages
     chunks = cin // bc
@@ -160,11 +170,12 @@ def _body(x_ref, w_ref, out_ref, wbuf, wbars, obuf, *, geom: Geometry, tiles_: L
     def fetch(s):
         t, c0 = lax.div(s, chunks), lax.rem(s, chunks) * bc
         slot = lax.rem(s, stages)
-        plgpu.copy_gmem_to_smem(
-            w_ref.at[i, pl.ds(j0, sw.STRIP), t, pl.ds(c0, bc), pl.ds(o0, bo)],
-            wbuf.at[slot],
-            wbars.at[slot],
-        )
+        for k, w_ref in enumerate(weights):  # one barrier a stage, an arrival per array
+            plgpu.copy_gmem_to_smem(
+                w_ref.at[i, pl.ds(j0, sw.STRIP), t, pl.ds(c0, bc), pl.ds(o0, bo)],
+                wbuf.at[slot, k],
+                wbars.at[slot],
+            )
 
     for s in range(min(stages - 1, steps)):
         fetch(s)
@@ -183,11 +194,15 @@ def _body(x_ref, w_ref, out_ref, wbuf, wbars, obuf, *, geom: Geometry, tiles_: L
         for c in range(bc):
             # Rows block_c * block_out apart: with more than one channel a stage, Mosaic finds
             # no conflict-free vectorised plan in general.
-            wt = plgpu.load(wbuf.at[slot, :, c, :], layout=plgpu.Layout.WGMMA, optimized=bc == 1)
-            wt = wt.astype(_F32)
+            wts = [
+                plgpu.load(wbuf.at[slot, k, :, c, :], layout=plgpu.Layout.WGMMA,
+                           optimized=bc == 1).astype(_F32)
+                for k in range(len(weights))
+            ]  # fmt: skip
             for b in range(bb):
-                xv = sw.pixel_row(x_ref, b0 + b, r, col, c0 + c)
-                accs[b] = accs[b] + xv[:, None] * wt
+                for image, weight in pairs:
+                    xv = sw.pixel_row(images[image], b0 + b, r, col, c0 + c)
+                    accs[b] = accs[b] + xv[:, None] * wts[weight]
         plgpu.commit_smem()  # every thread's reads of the slot done before a copy refills it
         return tuple(accs)
 
@@ -216,12 +231,13 @@ def _padded(x: jax.Array, geom: Geometry) -> jax.Array:
     return lax.pad(x, jnp.zeros((), x.dtype), cfg)
 
 
-def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
-    """x [N, H, W, Cin], w [Ho, Wo, kh, kw, Cin, Cout] -> y [N, Ho, Wo, Cout]."""
+def _run(images, weights, pairs, call: KernelCall, name: str) -> jax.Array:
     n, ho, wo, cout = call.out_shape
-    cin, dtype = x.shape[3], x.dtype
+    cin, dtype = images[0].shape[3], images[0].dtype
     geom = call.geom
-    bs = call.block_sizes or tiles(geom, batch=n, cin=cin, cout=cout, dtype=dtype)
+    bs = call.block_sizes or tiles(
+        geom, batch=n, cin=cin, cout=cout, dtype=dtype, weights=len(weights)
+    )
     itemsize = jnp.dtype(dtype).itemsize
     if n % bs.block_batch or cout % bs.block_out or cin % bs.block_c:
         raise ValueError(
@@ -230,27 +246,46 @@ def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
         )
     if bs.block_out % 8:
         raise ValueError(f"LocalTiles.block_out ({bs.block_out}) must be a multiple of 8")
-    if _smem_bytes(bs, itemsize) > _SMEM:
+    if _smem_bytes(bs, itemsize, len(weights)) > _SMEM:
         raise ValueError(f"LocalTiles {bs}: its stages do not fit in shared memory")
     taps = geom.num_taps
     cout_blocks = cout // bs.block_out
     body = functools.partial(
-        _body, geom=geom, tiles_=bs, cin=cin, cout_blocks=cout_blocks
+        _body, geom=geom, tiles_=bs, cin=cin, cout_blocks=cout_blocks, n_images=len(images),
+        pairs=pairs,
     )  # fmt: skip
+    stage = (bs.stages, len(weights), sw.STRIP, bs.block_c, bs.block_out)
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(call.out_shape, dtype),
         scratch_types=[
-            plgpu.SMEM((bs.stages, sw.STRIP, bs.block_c, bs.block_out), dtype),
-            plgpu.Barrier(num_arrivals=1, num_barriers=bs.stages),
+            plgpu.SMEM(stage, dtype),
+            plgpu.Barrier(num_arrivals=len(weights), num_barriers=bs.stages),
             plgpu.SMEM((2, sw.STRIP, bs.block_out), dtype),
         ],
         grid=((n // bs.block_batch) * cout_blocks, wo // sw.STRIP, ho),
         grid_names=("block", "strip", "row"),
         interpret=sw.interpret_params(call),
-        kernel_name="svconv_local_forward_mosaic",
+        kernel_name=f"svconv_{name}",
     )
-    return kernel(_padded(x, geom), w.reshape(ho, wo, taps, cin, cout))
+    padded = [_padded(x, geom) for x in images]
+    flat = [w.reshape(ho, wo, taps, cin, cout) for w in weights]
+    return kernel(*padded, *flat)
+
+
+def forward(x: jax.Array, w: jax.Array, call: KernelCall) -> jax.Array:
+    """x [N, H, W, Cin], w [Ho, Wo, kh, kw, Cin, Cout] -> y [N, Ho, Wo, Cout]."""
+    return _run([x], [w], ((0, 0),), call, "local_forward_mosaic")
+
+
+def forward_jvp(x, w, tx, tw, call: KernelCall) -> jax.Array:
+    """The tangent ``local(tx, w) + local(x, tw)`` (either tangent None) in one kernel: both
+    weight arrays streamed, the products summed in float32 and rounded once."""
+    if tx is None:
+        return _run([x], [tw], ((0, 0),), call, "local_forward_jvp_mosaic")
+    if tw is None:
+        return _run([tx], [w], ((0, 0),), call, "local_forward_jvp_mosaic")
+    return _run([x, tx], [w, tw], ((1, 0), (0, 1)), call, "local_forward_jvp_mosaic")
 
 
 def _grad_w_body(x_ref, dy_ref, out_ref, obuf, *, geom: Geometry, tiles_: LocalTiles,
