@@ -1,6 +1,7 @@
 """The Mosaic GPU kernels (per-pixel filter and Gaussian filter: forward, splat, their fused
-tangents, the gradients in the weights and in the scale; the modulated conv's forward and
-tangent) in Pallas's GPU interpret mode, with race detection on and out-of-bounds reads
+tangents, the gradients in the weights and in the scale; the modulated conv's forward, tangent
+and gradients; the locally connected conv's forward, tangent and gradient in the weights) in
+Pallas's GPU interpret mode, with race detection on and out-of-bounds reads
 raising, against independent oracles at many geometries (borders, stride along the height,
 dilation, asymmetric padding, groups, several row blocks, strips and channel blocks,
 float32/bfloat16/float16); their support checks; the selection of backends by ``impl`` and by

@@ -596,21 +596,36 @@ def grad_d(x: jax.Array, w: jax.Array, dy: jax.Array, call: KernelCall) -> jax.A
     return total.reshape(call.out_shape).astype(dtype)
 
 
+# The weight gradient's float32 partial sums, read once more by the sum after the kernel: at
+# most this fraction of the gradient's minimal bytes where a row block allows it.
+_PARTS_BUDGET = 0.05
+
+
 def _grad_w_tiles(geom: Geometry, *, batch: int, cin: int, cout: int, dtype,
                   sm_count: int) -> GemmTiles:  # fmt: skip
     """64 output channels a program (the most taps a program: each program reads its image
-    rows once); the tallest row block that still gives every multiprocessor a program (the
-    fewer row blocks, the fewer partial sums to add)."""
+    rows once). Rows: the tallest block that still gives every multiprocessor a program, among
+    those whose float32 partial sums (one ``[taps, Cin, Cout]`` set a program) stay within
+    :data:`_PARTS_BUDGET` of the gradient's minimal bytes; failing that, the shortest block
+    within it; failing that, whole images (the fewest partial sums; a program looping over
+    images would cut them further)."""
     nb = _w_chunk(dtype)
-    groups, _ = tap_groups(geom.num_taps, nb)
-    ho, wo = geom.out_size
-    across = groups * (cin // nb) * (cout // nb) * batch * (wo // sw.STRIP)
-    block_h = 8
-    for rows in (256, 128, 64, 32, 16):
-        if across * -(-ho // rows) >= sm_count:
-            block_h = rows
-            break
-    return GemmTiles(min(block_h, ho), nb)
+    itemsize = jnp.dtype(dtype).itemsize
+    taps = geom.num_taps
+    groups, _ = tap_groups(taps, nb)
+    (h, w), (ho, wo) = geom.in_size, geom.out_size
+    strips = batch * (wo // sw.STRIP)
+    across = groups * (cin // nb) * (cout // nb) * strips
+    minimal = itemsize * (batch * (h * w * cin + ho * wo * (taps + cout)) + taps * cin * cout)
+
+    def parts_bytes(rows: int) -> int:
+        return strips * -(-ho // rows) * taps * cin * cout * 4
+
+    heights = sorted({min(r, ho) for r in (ho, 256, 128, 64, 32, 16, 8)}, reverse=True)
+    within = [r for r in heights if parts_bytes(r) <= _PARTS_BUDGET * minimal]
+    filling = [r for r in within if across * -(-ho // r) >= sm_count]
+    block_h = filling[0] if filling else (within[-1] if within else ho)
+    return GemmTiles(block_h, nb)
 
 
 def _grad_w_body(x_ref, d_ref, dy_ref, out_ref, bufs, bars, obuf, stage, dy_smem, dy_bar, *,
