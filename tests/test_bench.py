@@ -60,6 +60,8 @@ def test_gradient_modes_time_one_gradient_each(op):
     assert mode_fn(fwd, None, "grad x") is None and mode_fn(fwd, None, "fwd") is fwd
     if op == "modulated":
         assert mode_fn(*cols["lax conv"], "grad d") is None
+        assert mode_fn(*cols["xla patches"], "grad x", "xla patches") is None  # not timed
+        assert mode_fn(*cols["svconv xla"], "grad x", "svconv xla") is not None
     with pytest.raises(ValueError, match="unknown mode"):
         case.min_bytes("grad")
 

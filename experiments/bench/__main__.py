@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
             print(f"  {mode}")
             columns = {}
             for name, (fwd, diff) in jcols.items():
-                fn = mode_fn(fwd, diff, mode)
+                fn = mode_fn(fwd, diff, mode, name)
                 if fn is not None:  # None: forward-only, or not differentiated in that array
                     columns[name] = JaxColumn(fn, inputs, block_each=not gpu, mem_limit=mem_limit)
             if proxy and mode in MODES:  # the torch columns: forward, forward+backward
