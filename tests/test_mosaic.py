@@ -122,10 +122,10 @@ SPLAT_CASES = [
     ("3x3-same", 1, 5, 64, 8, 1, (3, 3), (1, 1), None, None),
     ("dilated-groups", 1, 6, 128, 16, 2, (3, 5), (2, 1), None, None),
     # Asymmetric padding: the mirrored window reaches only left of the strip.
-    ("asym", 2, 7, 128, 8, 1, (5, 3), (1, 1), ((2, 1), (0, 2)), None),
+    ("asym", 1, 5, 128, 8, 1, (5, 3), (1, 1), ((2, 1), (0, 2)), None),
     ("wide-left", 1, 4, 128, 8, 1, (3, 7), (1, 2), ((1, 1), (9, 3)), None),
     # Two channel blocks of one group (grad_k: partial sums), row blocks.
-    ("blocks", 2, 7, 128, 16, 1, (3, 3), (1, 1), None, sw.SweepTiles(2, 8)),
+    ("blocks", 2, 5, 128, 16, 1, (3, 3), (1, 1), None, sw.SweepTiles(2, 8)),
     ("1x1", 1, 3, 64, 16, 1, (1, 1), (1, 1), None, None),
 ]
 
@@ -272,8 +272,18 @@ def _tf32_tolerance(dtype, terms):
     return tolerance(jnp.float16 if dtype == jnp.float32 and ON_GPU else dtype, terms)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", MODULATED_CASES, ids=[c[0] for c in MODULATED_CASES])
+def _with_dtypes(cases):
+    """Each case in float32 and bfloat16, but the blocks cases (the tiling's index arithmetic,
+    the same in both) in bfloat16 only."""
+    return [
+        pytest.param(c, dt, id=f"{c[0]}-{name}")
+        for c in cases
+        for dt, name in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16"))
+        if not (c[0].startswith("blocks") and dt == jnp.float32)
+    ]
+
+
+@pytest.mark.parametrize(("case", "dtype"), _with_dtypes(MODULATED_CASES))
 def test_modulated_forward_and_tangent(case, dtype):
     """The implicit GEMM and its fused tangent against the reference (float32 inputs rounded
     to ``dtype``): every tangent, and (at 3x3) each one alone."""
@@ -314,8 +324,7 @@ GRAD_X_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", GRAD_X_CASES, ids=[c[0] for c in GRAD_X_CASES])
+@pytest.mark.parametrize(("case", "dtype"), _with_dtypes(GRAD_X_CASES))
 def test_modulated_grad_x(case, dtype):
     """The gradient in the image (the mirrored window's implicit GEMM) against the reference's
     reverse mode."""
@@ -335,8 +344,7 @@ def test_modulated_grad_x(case, dtype):
     assert_close(got, vjp(f32[3])[0], tol=tol, what="grad_x")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", MODULATED_CASES, ids=[c[0] for c in MODULATED_CASES])
+@pytest.mark.parametrize(("case", "dtype"), _with_dtypes(MODULATED_CASES))
 def test_modulated_grad_d(case, dtype):
     """The gradient in the modulation (per image, and summed over the images for a shared
     one; partial sums of two output-channel blocks) against the reference's reverse mode."""
@@ -361,7 +369,7 @@ GRAD_W_CASES = [
     # Two input-channel chunks and two output-channel blocks, two tap groups (the last one
     # short), row blocks (the last one ragged), a batch-shared modulation, row stride,
     # dilation, asymmetric padding.
-    ("blocks-shared-strided", 2, 9, 128, 128, 128, (3, 5), (2, 1), (2, 1), ((1, 2), (3, 1)),
+    ("blocks-shared-strided", 2, 7, 128, 128, 128, (3, 5), (2, 1), (2, 1), ((1, 2), (3, 1)),
      True, mosaic_modulated.GemmTiles(2, 64)),
 ]  # fmt: skip
 

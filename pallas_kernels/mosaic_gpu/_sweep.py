@@ -375,6 +375,18 @@ def pixel_tile(ref, b, i, j0, c0, cb) -> jax.Array:
     return plgpu.load(tile, layout=_WGMMA, optimized=False).astype(_F32)
 
 
+def store_global(ref, value: jax.Array) -> None:
+    """``ref[...] = value`` into global memory where the destination is strided (a ``[64]``
+    column of a per-pixel array, each value in its own 32-byte sector): an unoptimised store.
+    JAX 0.12 refuses the default (optimised) store there; JAX 0.11 has no ``plgpu.store`` and
+    stores so by default."""
+    store = getattr(plgpu, "store", None)
+    if store is None:
+        ref[...] = value
+    else:
+        store(ref, value, optimized=False)
+
+
 def zeros_tile(cb: int) -> jax.Array:
     return plgpu.layout_cast(jnp.zeros((STRIP, cb), _F32), _WGMMA)
 

@@ -546,7 +546,7 @@ def _grad_d_body(x_ref, w_ref, dy_ref, out_ref, bufs, bars, obuf, w_smem, w_bar,
                 product = pl.run_scoped(scoped, plgpu.ACC((sw.STRIP, block_n), _F32))
                 total = jnp.sum(product * dyv, axis=1)
                 dest = out_ref.at[block, prog.b, i, pl.ds(prog.j0, sw.STRIP), t]
-                dest[...] = total.astype(out_ref.dtype)
+                sw.store_global(dest, total.astype(out_ref.dtype))
             return carry
 
         lax.fori_loop(0, kh, tap_row, 0)

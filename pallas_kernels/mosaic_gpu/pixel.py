@@ -241,7 +241,7 @@ def _grad_k_body(x_ref, dy_ref, out_ref, bufs, bars, obuf, *, layout: sw.Layout,
                 xv = ring.window(0, i, m, n).astype(jnp.float32)
                 total = jnp.sum(xv * dyv, axis=1)
                 dest = out_ref.at[block, prog.b, i, pl.ds(prog.j0, sw.STRIP), m * kw + n, group]
-                dest[...] = total.astype(out_ref.dtype)
+                sw.store_global(dest, total.astype(out_ref.dtype))
             return carry
 
         lax.fori_loop(0, kh, tap_row, 0)
