@@ -25,17 +25,6 @@ from svconv import _checks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Modules whose tests wait on long subprocesses (the 8-device sharding checks, several
-# processes, the GPU check's dry run): collected first, so that under `-n 2 --dist worksteal`
-# the worker that takes them starts them at once while the other runs the rest, rather than
-# one of them ending the run alone.
-_SLOW_START = ("test_sharding.py", "test_multiprocess.py", "test_gpu_check.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    del session, config
-    items.sort(key=lambda item: Path(str(item.fspath)).name not in _SLOW_START)
-
 
 def unit_roundoff(dtype) -> float:
     """Half the distance from 1 to the next number: the largest relative error of one rounding."""

@@ -247,7 +247,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
             *mosaic_pixel_kernels(3, "float32", "yxk", rows=4),
             *modulated_kernels("float32", "y", "mosaic", width=mpx, cin=16, cout=16),
             Kernel(LOCAL, "y", mosaic_local_shapes, "float32", 3, "mosaic"),
-            *gaussian_kernels(3, "sx", channels=8, backend="mosaic", rows=4),
+            *gaussian_kernels(3, "ysx", channels=8, backend="mosaic", rows=4),
         ]
     return [
         *pixel_kernels(7, "float32", "y"),
