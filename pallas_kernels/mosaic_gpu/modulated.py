@@ -92,6 +92,22 @@ def _exact_float32(dtype, precision) -> bool:
     return lax.Precision.HIGHEST in (precision if isinstance(precision, tuple) else (precision,))
 
 
+def _load_weights(refs, w_smem, w_bar, n0, block_n: int, taps: int, chunks: int,
+                  chunk: int) -> None:  # fmt: skip
+    """Every tap's ``[block_n, chunk]`` K-major weight tiles of result channels ``n0 : n0 +
+    block_n`` from each of ``refs`` (``[taps, N, K]``) into ``w_smem[k]``, waited for: the
+    program's weights, copied once."""
+    for k, ref in enumerate(refs):
+        for t in range(taps):
+            for c in range(chunks):
+                plgpu.copy_gmem_to_smem(
+                    ref.at[t, pl.ds(n0, block_n), pl.ds(c * chunk, chunk)],
+                    w_smem.at[k, t * chunks + c],
+                    w_bar.at[0],
+                )
+    plgpu.barrier_wait(w_bar.at[0])
+
+
 def _staged_mma(acc, stage, a: jax.Array, b, *, transpose_a: bool = False) -> None:
     """``acc += a @ b`` (``a^T @ b`` with ``transpose_a``): ``a`` from registers through the
     swizzled staging tile ``stage`` (GPU interpret mode models only shared-memory operands),
@@ -302,15 +318,8 @@ def _body(*refs, layout: sw.Layout, names: tuple, products: dict, block_n: int, 
     weights = list(products)
 
     # Every weight tile of the program's output channels, into shared memory once.
-    for k, name in enumerate(weights):
-        for t in range(kh * kw):
-            for c in range(chunks):
-                plgpu.copy_gmem_to_smem(
-                    ops[name].at[t, pl.ds(o0, block_n), pl.ds(c * chunk, chunk)],
-                    w_smem.at[k, t * chunks + c],
-                    w_bar.at[0],
-                )
-    plgpu.barrier_wait(w_bar.at[0])
+    _load_weights([ops[name] for name in weights], w_smem, w_bar, o0, block_n, kh * kw, chunks,
+                  chunk)  # fmt: skip
     b_d = 0 if shared_d else prog.b
 
     def compute(i):
@@ -428,14 +437,7 @@ def _grad_x_body(w_ref, d_ref, dy_ref, out_ref, bufs, bars, obuf, w_smem, w_bar,
     c0 = lax.axis_index("chans") * block_n
     ring = sw.Ring(layout, prog, [dy_ref], bufs, bars)
     staged = sw.Staged(dbuf, *src_hw, ring.pl, (kw - 1) * dw - ring.pl)
-    for t in range(kh * kw):
-        for c in range(chunks):
-            plgpu.copy_gmem_to_smem(
-                w_ref.at[t, pl.ds(c0, block_n), pl.ds(c * chunk, chunk)],
-                w_smem.at[0, t * chunks + c],
-                w_bar.at[0],
-            )
-    plgpu.barrier_wait(w_bar.at[0])
+    _load_weights([w_ref], w_smem, w_bar, c0, block_n, kh * kw, chunks, chunk)
     b_d = 0 if shared_d else prog.b
 
     def compute(i):
@@ -520,14 +522,7 @@ def _grad_d_body(x_ref, w_ref, dy_ref, out_ref, bufs, bars, obuf, w_smem, w_bar,
     block = lax.axis_index("chans")
     o0 = block * block_n
     ring = sw.Ring(layout, prog, [x_ref], bufs, bars)
-    for t in range(kh * kw):
-        for c in range(chunks):
-            plgpu.copy_gmem_to_smem(
-                w_ref.at[t, pl.ds(o0, block_n), pl.ds(c * chunk, chunk)],
-                w_smem.at[0, t * chunks + c],
-                w_bar.at[0],
-            )
-    plgpu.barrier_wait(w_bar.at[0])
+    _load_weights([w_ref], w_smem, w_bar, o0, block_n, kh * kw, chunks, chunk)
 
     def compute(i):
         dyv = sw.pixel_tile(dy_ref, prog.b, i, prog.j0, o0, block_n)
