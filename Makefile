@@ -90,10 +90,11 @@ demo: $(PY)
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[experiments]'
 	$(PY) -m experiments.demo
 
-# PyTorch baselines: in $(PY) when torch imports there, else in .venv-torch (a CPU build of torch,
-# best effort: without it the table has no torch columns and says why).
+# PyTorch baselines: in $(PY) when torch imports there, else in .venv-torch (torch and the
+# torchvision built for it, for deform_conv2d; best effort: without them the table has no torch
+# columns and says why).
 TORCH_PY  ?= python3
-TORCH_PIN ?= torch==2.13.0
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 BENCH_ARGS ?=
 
 bench: $(PY) .venv-torch
@@ -118,7 +119,7 @@ gpu-tune:
 .venv-torch:
 	@if $(PY) -c 'import torch' 2>/dev/null; then echo "torch imports in $(PY)"; \
 	elif .venv-torch/bin/python -c 'import torch' 2>/dev/null; then :; \
-	else echo "creating .venv-torch ($(TORCH_PIN), CPU build) for the PyTorch baselines"; \
+	else echo "creating .venv-torch ($(TORCH_PIN)) for the PyTorch baselines"; \
 	  rm -rf .venv-torch; \
 	  { $(TORCH_PY) -m venv .venv-torch && .venv-torch/bin/pip install -q $(TORCH_PIN) numpy; } \
 	  || { echo "could not install $(TORCH_PIN) into .venv-torch: benchmarking without torch"; \

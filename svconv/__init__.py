@@ -10,15 +10,32 @@ Ops (NHWC images, HWIO kernels; differentiable in every array argument; jit/vmap
   axis-aligned or rotated ellipses).
 * :func:`gaussian_filter2d`, :func:`gaussian_splat2d` — ``pixel_filter2d`` / ``pixel_splat2d``
   with those filters, their weights computed inside the kernels (no ``[.., kh, kw]`` array).
+* :func:`deformable_conv2d` — modulated deformable convolution (DCNv2: every tap samples at its
+  own offset, with groups and offset groups), torchvision's numbers
+  (:func:`from_torch_deform_conv2d`, :func:`to_torch_deform_conv2d` convert the layouts).
+* :func:`deformable_filter2d`, :func:`deformable_splat2d` — per-pixel filters whose taps sample
+  at offsets (DCNv3/DCNv4's aggregation), and their transpose.
 
-Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`;
+Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`,
+:class:`DeformableConv`, :class:`DeformableFilter`;
 the same layers for Flax NNX in :mod:`svconv.nnx` (imported on first use of ``svconv.nnx``).
 """
 
 import importlib
 
-from svconv.layers import KernelPredictionFilter, LocalConv, ModulatedConv, from_conv_local_kernel
+from svconv.layers import (
+    DeformableConv,
+    DeformableFilter,
+    KernelPredictionFilter,
+    LocalConv,
+    ModulatedConv,
+    from_conv_local_kernel,
+)
 from svconv.ops import (
+    deformable_conv2d,
+    deformable_filter2d,
+    deformable_splat2d,
+    from_torch_deform_conv2d,
     gaussian_filter2d,
     gaussian_kernels,
     gaussian_splat2d,
@@ -26,12 +43,19 @@ from svconv.ops import (
     modulated_conv2d,
     pixel_filter2d,
     pixel_splat2d,
+    to_torch_deform_conv2d,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeformableConv",
+    "DeformableFilter",
     "KernelPredictionFilter",
+    "deformable_conv2d",
+    "deformable_filter2d",
+    "deformable_splat2d",
+    "from_torch_deform_conv2d",
     "LocalConv",
     "ModulatedConv",
     "from_conv_local_kernel",
@@ -42,6 +66,7 @@ __all__ = [
     "modulated_conv2d",
     "pixel_filter2d",
     "pixel_splat2d",
+    "to_torch_deform_conv2d",
 ]
 
 

@@ -41,6 +41,14 @@ def pair(name: str, value: Any, *, minimum: int = 1) -> Pair:
     return out
 
 
+def groups(name: str, value: Any, channels: int, what: str) -> int:
+    """A group count: an int >= 1 dividing ``channels`` (``what`` says whose)."""
+    g = _int(name, value)
+    if g < 1 or channels % g:
+        raise ValueError(f"`{name}` {value!r} must be >= 1 and divide the {channels} {what}")
+    return g
+
+
 def padding_pairs(
     padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair, dilation: Pair
 ) -> Padding:

@@ -19,7 +19,7 @@ from pallas_kernels.triton import gaussian as triton_gaussian
 from pallas_kernels.triton import local as triton_local
 from pallas_kernels.triton import modulated as triton_modulated
 from pallas_kernels.triton import pixel as triton_pixel
-from svconv import xla
+from svconv import deformable, xla
 from svconv._primitive import Backend, Family, Spec, Target, bind
 
 
@@ -240,4 +240,28 @@ GAUSSIAN = Family(
     params={"eta": ("b", "ho", "wo", "p"), "zeta": ("b", "ho", "wo")},
     param_jvp=_gaussian_param_jvp,
     features={"c": None},
+)
+
+
+DEFORMABLE = Family(
+    name="deformable",
+    dims={
+        "x": ("b", "h", "w", "c"),
+        "w": ("kh", "kw", "i", "o"),
+        "d": ("b", "ho", "wo", "kh", "kw", "g"),
+        "y": ("b", "ho", "wo", "o"),
+    },
+    backends=(
+        _xla(
+            {
+                "y": deformable.forward,
+                "x": deformable.grad_x,
+                "w": deformable.grad_w,
+                "d": deformable.grad_d,
+            }
+        ),
+    ),
+    params={"offsets": ("b", "ho", "wo", "kh", "kw", "g", "p")},
+    param_jvp=deformable.param_jvp,
+    bounded=False,
 )

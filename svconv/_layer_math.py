@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from svconv import _checks
-from svconv.ops import local_conv2d, modulated_conv2d, pixel_filter2d
+from svconv.ops import (
+    deformable_conv2d,
+    deformable_filter2d,
+    local_conv2d,
+    modulated_conv2d,
+    pixel_filter2d,
+)
 
 Initializer = Callable[..., jax.Array]
 
@@ -178,3 +184,93 @@ def filter_with_logits(
         impl=layer.impl,
     )
     return y, kernels
+
+
+# --------------------------------------------------------------------------------------------
+# DeformableConv and DeformableFilter
+
+ZEROS: Initializer = jax.nn.initializers.zeros
+
+
+def deformable_conv_shapes(
+    in_features: int, out_features: int, size: tuple[int, int], feature_group_count: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``kernel [kh, kw, in / groups, out]`` and ``bias [out]``; the groups must divide
+    both channel counts."""
+    for name, n in (("in_features", in_features), ("features", out_features)):
+        if n % feature_group_count:
+            raise ValueError(
+                f"`feature_group_count` {feature_group_count} does not divide {name}={n}"
+            )
+    return (*size, in_features // feature_group_count, out_features), (out_features,)
+
+
+def predicted_sampling(size: tuple[int, int], offset_groups: int, use_mask: bool) -> int:
+    """Output channels of the offset predictor: ``(dy, dx)`` (and a mask logit) per tap and
+    offset group."""
+    return size[0] * size[1] * offset_groups * (3 if use_mask else 2)
+
+
+def split_sampling(
+    predicted: jax.Array, size: tuple[int, int], offset_groups: int, use_mask: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """The predictor's ``[batch, h, w, kh*kw*groups*(3 or 2)]`` -> offsets ``[batch, h, w, kh,
+    kw, groups, 2]`` and mask ``sigmoid(logit)`` ``[batch, h, w, kh, kw, groups]`` (None
+    without ``use_mask``): zero weights give zero offsets and a mask of 0.5, DCNv2's start."""
+    parts = 3 if use_mask else 2
+    p = predicted.reshape(*predicted.shape[:3], *size, offset_groups, parts)
+    mask = jax.nn.sigmoid(p[..., 2]) if use_mask else None
+    return p[..., :2], mask
+
+
+def check_offset_groups(offset_groups: int, channels: int) -> int:
+    offset_groups = positive_int("offset_groups", offset_groups)
+    if channels % offset_groups:
+        raise ValueError(f"`offset_groups`={offset_groups} does not divide {channels} channels")
+    return offset_groups
+
+
+def deformable_conv(
+    layer: Any,
+    x: jax.Array,
+    offsets: jax.Array,
+    mask: jax.Array | None,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+) -> jax.Array:
+    """``deformable_conv2d(x, kernel, offsets, mask) + bias`` with ``layer``'s settings (and
+    ``feature_group_count``), in the promoted (or the layer's) dtype; the offsets keep their
+    own floating dtype."""
+    x, kernel, mask, bias = promote(x, kernel, mask, bias, dtype=layer.dtype)
+    y = deformable_conv2d(
+        x, kernel, offsets, mask, feature_group_count=layer.feature_group_count,
+        **_op_settings(layer),
+    )  # fmt: skip
+    return _add_bias(y, bias)
+
+
+def deformable_filter(
+    layer: Any, v: jax.Array, predicted: jax.Array, size: tuple[int, int]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DCNv3's aggregation: the predictor's ``[batch, h, w, kh*kw*groups*3]`` split into offsets
+    and weight logits, a softmax over the taps (with ``layer.softmax``; else the logits are the
+    weights, as DCNv4's), then :func:`svconv.deformable_filter2d` of ``v``. Returns the result
+    and the filters ``[batch, h, w, kh, kw, groups]`` and offsets (float32)."""
+    groups = layer.groups
+    if v.shape[-1] % groups:
+        raise ValueError(
+            f"`groups`={groups} does not divide the {v.shape[-1]} channels of `x` of shape "
+            f"{tuple(v.shape)}"
+        )
+    kh, kw = size
+    p = predicted.astype(jnp.float32).reshape(*predicted.shape[:3], kh * kw, groups, 3)
+    offsets, logits = p[..., :2], p[..., 2]
+    k = jax.nn.softmax(logits, axis=3) if layer.softmax else logits
+    k = k.reshape(*k.shape[:3], kh, kw, groups)
+    offsets = offsets.reshape(*offsets.shape[:3], kh, kw, groups, 2)
+    dtype = v.dtype if layer.dtype is None else layer.dtype
+    y = deformable_filter2d(
+        v.astype(dtype), k.astype(dtype), offsets, padding="SAME",
+        dilation=layer.kernel_dilation, impl=layer.impl,
+    )  # fmt: skip
+    return y, k, offsets

@@ -161,6 +161,9 @@ class Family:
         kernel; see :func:`_batch`), each with the dimension of its groups or None: the mapped
         index becomes the major part of the dimension, or, with groups, the major part within
         each group (channel ``c`` of group ``c // (C / G)`` stays in its group).
+      bounded: whether an output row reads only the input rows of its window (deformable
+        offsets may reach any row): only then is the height split over devices with a halo
+        exchange (:mod:`svconv.sharding`).
     """
 
     name: str
@@ -169,6 +172,7 @@ class Family:
     params: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     param_jvp: Callable[..., jax.Array] | None = None
     features: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    bounded: bool = True
     primitive: Primitive = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -209,7 +213,11 @@ class Spec:
       precision: ``lax`` precision of the dots.
       shared: slots whose array has no batch dimension (shared over the batch).
       groups: filter groups (the size of dimension ``g``).
-      unit: slots whose array is all ones and not passed (the Gaussian's scale ``s``).
+      feature_groups: ``lax.conv_general_dilated``'s ``feature_group_count``: dimension ``i``
+        (a kernel's input channels) is ``c / feature_groups``.
+      unit: slots whose array is all ones and not passed (the Gaussian's scale ``s``), and
+        parameters that are absent (the deformable family's offsets, for ``modulated_conv2d``
+        with groups).
       moments: for families with parameters, the powers of the tap features that weight the
         taps (the Gaussian's derivatives in its parameters).
       block_sizes: Pallas tiling, or None for the family's heuristic.
@@ -227,6 +235,7 @@ class Spec:
     precision: Any = None
     shared: tuple[str, ...] = ()
     groups: int = 1
+    feature_groups: int = 1
     unit: tuple[str, ...] = ()
     moments: tuple[int, ...] = ()
     block_sizes: Any = None
@@ -249,9 +258,12 @@ class Spec:
     def operands(self) -> tuple[str, ...]:
         """The names of the partial's arrays: its slots', the family's parameters, then the
         tangents'."""
-        return (
-            self.slot_operands + tuple(self.family.params) + tuple(t + "'" for t in self.tangents)
-        )
+        return self.slot_operands + self.params + tuple(t + "'" for t in self.tangents)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The family's parameters that the partial takes (not absent)."""
+        return tuple(p for p in self.family.params if p not in self.unit)
 
     @property
     def plain(self) -> Spec:
@@ -283,6 +295,16 @@ class Spec:
                         f"{self.family.name}: dimension {name} of `{slot}` of shape {shape} is "
                         f"{size}, elsewhere {sizes[name]}"
                     )
+        groups = self.feature_groups
+        if "c" in sizes and "i" not in sizes:
+            sizes["i"] = sizes["c"] // groups
+        elif "i" in sizes and "c" not in sizes:
+            sizes["c"] = sizes["i"] * groups
+        elif "i" in sizes and sizes["c"] != sizes["i"] * groups:
+            raise ValueError(
+                f"{self.family.name}: {sizes['c']} input channels are not {groups} groups of "
+                f"{sizes['i']}"
+            )
         return sizes
 
     def shapes(self, operand_shapes: tuple[tuple[int, ...], ...]) -> dict[str, tuple[int, ...]]:
@@ -290,7 +312,7 @@ class Spec:
         shapes."""
         given = dict(zip(self.operands, map(tuple, operand_shapes), strict=True))
         sizes = self.sizes(given)
-        names = (*self.family.slots, *self.family.params)
+        names = (*self.family.slots, *self.params)
         return {s: tuple(sizes[d] for d in self.dims(s)) for s in names}
 
     def candidates(self, target: Target | None) -> list[Backend]:
@@ -306,6 +328,8 @@ class Spec:
             ]
         if impl == "pallas":
             return [b for b in family.pallas_backends if target is None or b.default(target)]
+        if impl not in (b.name for b in family.backends):
+            return []
         chosen = family.backend(impl)
         if impl == "mosaic":  # what the Mosaic kernels cannot take runs the Triton kernels
             return [chosen, *(b for b in family.pallas_backends if b.name == "triton")]
@@ -315,7 +339,11 @@ class Spec:
         """The first of :meth:`candidates` that can run this partial, and why each one before it
         could not."""
         reasons = []
-        for b in self.candidates(target):
+        candidates = self.candidates(target)
+        if not candidates:
+            names = ", ".join(b.name for b in self.family.backends)
+            return None, [f"the {self.family.name} family has {names} kernels only"]
+        for b in candidates:
             reason = b.reason(target, self, shapes, dtype)
             if reason is None:
                 return b, reasons
@@ -692,7 +720,7 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
     # Every slot but the target, in slot order (None for a unit slot), then the parameters.
     values = dict(zip(spec.operands, operands, strict=True))
     others = [s for s in spec.family.slots if s != spec.target]
-    args = [values.get(s) for s in others] + [values[p] for p in spec.family.params]
+    args = [values.get(s) for s in others] + [values.get(p) for p in spec.family.params]
     if spec.tangents:  # the fused forward-mode kernel: one tangent per slot and parameter
         kernel = backend.jvp[spec.target]
         args += [values.get(s + "'") for s in (*others, *spec.family.params)]

@@ -194,3 +194,156 @@ class KernelPredictionFilter(nn.Module):
         )(guide)
         y, kernels = _layer_math.filter_with_logits(self, x, logits, size)
         return (y, kernels) if return_kernels else y
+
+
+class DeformableConv(_Conv):
+    """Modulated deformable convolution (DCNv2): each tap samples the input at a learned offset
+    and is scaled by a learned mask, both predicted from the input by a convolution.
+
+    ``y = deformable_conv2d(x, kernel, offsets, mask) + bias``. The predictor
+    (``offset_predictor``, an ``nn.Conv`` with the layer's window, stride, padding and dilation
+    and ``kh*kw*offset_groups*3`` outputs) starts at zero: zero offsets and a mask of
+    ``sigmoid(0) = 0.5``, DCNv2's initialisation. Offsets (and a mask) passed to the call are
+    used instead, and the predictor is not created.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from svconv import DeformableConv
+      >>> layer = DeformableConv(features=8, kernel_size=(3, 3), offset_groups=2)
+      >>> x = jnp.ones((2, 16, 16, 4))
+      >>> params = layer.init(jax.random.key(0), x)
+      >>> jax.tree.map(jnp.shape, params)  # doctest: +NORMALIZE_WHITESPACE
+      {'params': {'bias': (8,), 'kernel': (3, 3, 4, 8),
+                  'offset_predictor': {'bias': (54,), 'kernel': (3, 3, 4, 54)}}}
+      >>> layer.apply(params, x).shape
+      (2, 16, 16, 8)
+
+    Attributes:
+      features, kernel_size, strides, padding, kernel_dilation, use_bias, dtype, param_dtype,
+        precision, kernel_init, bias_init, impl: as :class:`ModulatedConv`.
+      feature_group_count: as ``nn.Conv``: the kernel is ``[kh, kw, in // groups, features]``.
+      offset_groups: channel groups with their own offsets and mask (dividing the input
+        channels).
+      use_mask: predict a mask (DCNv2); without it the taps are not scaled (DCNv1).
+    """
+
+    feature_group_count: int = 1
+    offset_groups: int = 1
+    use_mask: bool = True
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, offsets: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """``x [batch, height, width, in]`` (with ``offsets [batch, out_h, out_w, kh, kw,
+        offset_groups, 2]`` and ``mask [batch, out_h, out_w, kh, kw, offset_groups]`` when
+        given) -> ``[batch, out_h, out_w, features]``."""
+        _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
+        size = _layer_math.kernel_size(self.kernel_size)
+        groups = _layer_math.check_offset_groups(self.offset_groups, x.shape[-1])
+        if offsets is None:
+            if mask is not None:
+                raise ValueError("`mask` without `offsets`: pass both, or neither to predict them")
+            predicted = nn.Conv(
+                _layer_math.predicted_sampling(size, groups, self.use_mask),
+                size,
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.kernel_dilation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                kernel_init=_layer_math.ZEROS,
+                bias_init=_layer_math.ZEROS,
+                name="offset_predictor",
+            )(x)
+            offsets, mask = _layer_math.split_sampling(predicted, size, groups, self.use_mask)
+        kernel_shape, bias_shape = _layer_math.deformable_conv_shapes(
+            x.shape[-1], self.features, size, self.feature_group_count
+        )
+        params = self._parameters(kernel_shape, bias_shape)
+        return _layer_math.deformable_conv(self, x, offsets, mask, *params)
+
+
+class DeformableFilter(nn.Module):
+    """Deformable aggregation (DCNv3/DCNv4 style): per pixel and channel group, ``kh*kw`` taps
+    sampled at predicted offsets and weighted by predicted weights, between an input and an
+    output projection.
+
+    ``y = output_projection(deformable_filter2d(input_projection(x), k, offsets))``, with
+    ``offsets`` and the logits of ``k`` predicted from ``x`` by ``predictor`` (an ``nn.Conv``
+    of ``predictor_kernel_size``, initialised to zero: zero offsets and, with ``softmax``,
+    uniform weights) and ``k`` their softmax over the taps (DCNv3) or the logits themselves
+    (``softmax=False``, DCNv4).
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from svconv import DeformableFilter
+      >>> layer = DeformableFilter(kernel_size=(3, 3), groups=4)
+      >>> x = jnp.ones((1, 16, 16, 8))
+      >>> params = layer.init(jax.random.key(0), x)
+      >>> sorted(params['params'])
+      ['input_projection', 'output_projection', 'predictor']
+      >>> layer.apply(params, x).shape
+      (1, 16, 16, 8)
+
+    Attributes:
+      kernel_size: ``(kh, kw)`` of the sampled window.
+      groups: channel groups with their own offsets and weights (dividing the channels).
+      kernel_dilation: dilation of the window.
+      predictor_kernel_size: kernel of the predictor convolution.
+      softmax: normalise the weights over the taps (DCNv3), or not (DCNv4).
+      use_projections: the input and output projections (``nn.Dense``); without them the layer
+        filters ``x`` itself.
+      dtype, param_dtype, precision, kernel_init, bias_init: of the projections and the
+        predictor (whose kernel and bias start at zero).
+      impl: implementation of ``deformable_filter2d``.
+    """
+
+    kernel_size: int | Sequence[int]
+    groups: int = 1
+    kernel_dilation: int | Sequence[int] = 1
+    predictor_kernel_size: int | Sequence[int] = 3
+    softmax: bool = True
+    use_projections: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = _layer_math.KERNEL_INIT
+    bias_init: Initializer = _layer_math.BIAS_INIT
+    impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, return_sampling: bool = False):
+        """``x [batch, h, w, channels]`` -> ``[batch, h, w, channels]`` (and with
+        ``return_sampling`` the filters ``[batch, h, w, kh, kw, groups]`` and offsets
+        ``[batch, h, w, kh, kw, groups, 2]``)."""
+        _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+        size = _layer_math.kernel_size(self.kernel_size)
+        channels = x.shape[-1]
+
+        def dense(name):
+            return nn.Dense(
+                channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision, kernel_init=self.kernel_init,
+                bias_init=self.bias_init, name=name,
+            )  # fmt: skip
+
+        v = dense("input_projection")(x) if self.use_projections else x
+        predicted = nn.Conv(
+            size[0] * size[1] * self.groups * 3,
+            _layer_math.kernel_size(self.predictor_kernel_size, "predictor_kernel_size"),
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=_layer_math.ZEROS,
+            bias_init=_layer_math.ZEROS,
+            name="predictor",
+        )(x)
+        y, k, offsets = _layer_math.deformable_filter(self, v, predicted, size)
+        if self.use_projections:
+            y = dense("output_projection")(y)
+        return (y, k, offsets) if return_sampling else y

@@ -20,7 +20,13 @@ from flax import nnx
 from svconv import _checks, _layer_math
 from svconv._layer_math import Initializer
 
-__all__ = ["KernelPredictionFilter", "LocalConv", "ModulatedConv"]
+__all__ = [
+    "DeformableConv",
+    "DeformableFilter",
+    "KernelPredictionFilter",
+    "LocalConv",
+    "ModulatedConv",
+]
 
 
 def _static_padding(padding: Any) -> Any:
@@ -355,3 +361,211 @@ class KernelPredictionFilter(nnx.Module):
             self, x, self.predictor(guide), self.kernel_size
         )
         return (y, kernels) if return_kernels else y
+
+
+class DeformableConv(nnx.Module):
+    """Modulated deformable convolution (DCNv2): each tap samples the input at a learned offset
+    and is scaled by a learned mask, both predicted from the input by ``offset_predictor``.
+
+    ``y = deformable_conv2d(x, kernel, offsets, mask) + bias``. The predictor (an ``nnx.Conv``
+    with the layer's window, stride, padding and dilation and ``kh*kw*offset_groups*3``
+    outputs, ``None`` with ``predict_offsets=False``) starts at zero: zero offsets and a mask of
+    ``sigmoid(0) = 0.5``, DCNv2's initialisation. Offsets (and a mask) passed to the call are
+    used instead of the predictor's.
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from svconv.nnx import DeformableConv
+      >>> layer = DeformableConv(4, 8, (3, 3), offset_groups=2, rngs=nnx.Rngs(0))
+      >>> layer.kernel.shape, layer.offset_predictor.kernel.shape
+      ((3, 3, 4, 8), (3, 3, 4, 54))
+      >>> layer(jnp.ones((2, 16, 16, 4))).shape
+      (2, 16, 16, 8)
+
+    Args:
+      in_features, out_features, kernel_size, strides, padding, kernel_dilation, use_bias,
+        dtype, param_dtype, precision, kernel_init, bias_init, impl, rngs: as
+        :class:`ModulatedConv`.
+      feature_group_count: as ``nnx.Conv``: the kernel is ``[kh, kw, in // groups, out]``.
+      offset_groups: channel groups with their own offsets and mask (dividing ``in_features``).
+      use_mask: predict a mask (DCNv2); without it the taps are not scaled (DCNv1).
+      predict_offsets: create the predictor (else offsets must be passed to every call).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: Any = "SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        offset_groups: int = 1,
+        use_mask: bool = True,
+        predict_offsets: bool = True,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = _layer_math.KERNEL_INIT,
+        bias_init: Initializer = _layer_math.BIAS_INIT,
+        impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        _set_conv_settings(self, in_features, out_features, kernel_size, locals())
+        self.feature_group_count = _layer_math.positive_int(
+            "feature_group_count", feature_group_count
+        )
+        self.offset_groups = _layer_math.check_offset_groups(offset_groups, self.in_features)
+        self.use_mask = use_mask
+        shapes = _layer_math.deformable_conv_shapes(
+            self.in_features, self.out_features, self.kernel_size, self.feature_group_count
+        )
+        _create_parameters(self, shapes, kernel_init, bias_init, rngs)
+        self.offset_predictor = (
+            nnx.Conv(
+                self.in_features,
+                _layer_math.predicted_sampling(self.kernel_size, self.offset_groups, use_mask),
+                self.kernel_size,
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.kernel_dilation,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=self.precision,
+                kernel_init=_layer_math.ZEROS,
+                bias_init=_layer_math.ZEROS,
+                rngs=rngs,
+            )
+            if predict_offsets
+            else nnx.data(None)
+        )
+
+    def __call__(
+        self, x: jax.Array, offsets: jax.Array | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Apply the layer.
+
+        Args:
+          x: input ``[batch, height, width, in_features]``.
+          offsets: ``[batch, out_height, out_width, kh, kw, offset_groups, 2]`` (default: the
+            predictor's).
+          mask: ``[batch, out_height, out_width, kh, kw, offset_groups]`` with ``offsets``
+            (None: no mask).
+
+        Returns:
+          ``[batch, out_height, out_width, out_features]``.
+        """
+        _check_channels(x, self.in_features, "[batch, height, width, in_features]")
+        if offsets is None:
+            if mask is not None:
+                raise ValueError("`mask` without `offsets`: pass both, or neither to predict them")
+            if self.offset_predictor is None:
+                raise ValueError("the layer was built with predict_offsets=False: pass `offsets`")
+            offsets, mask = _layer_math.split_sampling(
+                self.offset_predictor(x), self.kernel_size, self.offset_groups, self.use_mask
+            )
+        return _layer_math.deformable_conv(self, x, offsets, mask, *_parameters(self))
+
+
+class DeformableFilter(nnx.Module):
+    """Deformable aggregation (DCNv3/DCNv4 style): per pixel and channel group, ``kh*kw`` taps
+    sampled at predicted offsets and weighted by predicted weights, between an input and an
+    output projection.
+
+    ``y = output_projection(deformable_filter2d(input_projection(x), k, offsets))``, with
+    ``offsets`` and the logits of ``k`` predicted from ``x`` by ``predictor`` (an ``nnx.Conv``
+    of ``predictor_kernel_size``, initialised to zero: zero offsets and, with ``softmax``,
+    uniform weights) and ``k`` their softmax over the taps (DCNv3) or the logits themselves
+    (``softmax=False``, DCNv4).
+
+    Example usage::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from svconv.nnx import DeformableFilter
+      >>> layer = DeformableFilter(8, (3, 3), groups=4, rngs=nnx.Rngs(0))
+      >>> layer.predictor.kernel.shape
+      (3, 3, 8, 108)
+      >>> layer(jnp.ones((1, 16, 16, 8))).shape
+      (1, 16, 16, 8)
+
+    Args:
+      features: channels of the input and the output.
+      kernel_size, groups, kernel_dilation, predictor_kernel_size, softmax, use_projections,
+        dtype, param_dtype, precision, kernel_init, bias_init, impl: as the linen
+        :class:`svconv.DeformableFilter`.
+      rngs: the random generators; parameters draw from ``rngs.params()``.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        groups: int = 1,
+        kernel_dilation: int | Sequence[int] = 1,
+        predictor_kernel_size: int | Sequence[int] = 3,
+        softmax: bool = True,
+        use_projections: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = _layer_math.KERNEL_INIT,
+        bias_init: Initializer = _layer_math.BIAS_INIT,
+        impl: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.features = _layer_math.positive_int("features", features)
+        self.kernel_size = _layer_math.kernel_size(kernel_size)
+        self.groups = _layer_math.check_offset_groups(groups, self.features)
+        self.kernel_dilation = _checks.pair("kernel_dilation", kernel_dilation)
+        self.softmax = softmax
+        self.dtype = dtype
+        _checks.impl(impl)
+        self.impl = impl
+        precision = _checks.precision(precision)
+        kh, kw = self.kernel_size
+
+        def dense():
+            return nnx.Linear(
+                self.features, self.features, dtype=dtype, param_dtype=param_dtype,
+                precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+            )  # fmt: skip
+
+        self.input_projection = dense() if use_projections else nnx.data(None)
+        self.predictor = nnx.Conv(
+            self.features,
+            kh * kw * self.groups * 3,
+            _layer_math.kernel_size(predictor_kernel_size, "predictor_kernel_size"),
+            padding="SAME",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=_layer_math.ZEROS,
+            bias_init=_layer_math.ZEROS,
+            rngs=rngs,
+        )
+        self.output_projection = dense() if use_projections else nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, return_sampling: bool = False):
+        """Apply the layer.
+
+        Args:
+          x: ``[batch, height, width, features]``.
+          return_sampling: also return the filters ``[batch, height, width, kh, kw, groups]``
+            and the offsets ``[batch, height, width, kh, kw, groups, 2]``.
+
+        Returns:
+          ``[batch, height, width, features]`` (and the filters and offsets).
+        """
+        _check_channels(x, self.features, "[batch, height, width, features]")
+        v = x if self.input_projection is None else self.input_projection(x)
+        y, k, offsets = _layer_math.deformable_filter(self, v, self.predictor(x), self.kernel_size)
+        if self.output_projection is not None:
+            y = self.output_projection(y)
+        return (y, k, offsets) if return_sampling else y

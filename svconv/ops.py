@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from svconv import _checks, gaussian, reference
-from svconv._families import GAUSSIAN, LOCAL, MODULATED, PIXEL
+from svconv._families import DEFORMABLE, GAUSSIAN, LOCAL, MODULATED, PIXEL
 from svconv._primitive import Family, Spec, bind
 
 PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
@@ -50,16 +50,26 @@ def _call(
     return _bind(oracle.__name__, Spec(family=family, target=target, **spec), operands)
 
 
-def _weight_geometry(x, w, w_rank: int, layout: str, stride, padding, dilation, **arrays):
-    """Checks shared by the ops with weights ``w [..., kh, kw, in_channels, out_channels]``:
-    ranks, matching input channels; returns the geometry."""
+def _weight_geometry(
+    x, w, w_rank: int, layout: str, stride, padding, dilation, feature_groups=1, **arrays
+):
+    """Checks shared by the ops with weights ``w [..., kh, kw, in_channels / feature_groups,
+    out_channels]``: ranks, matching input channels, groups dividing the channels; returns the
+    geometry."""
     _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
     _checks.rank("w", w, (w_rank,), layout)
-    kh, kw, cin, _ = w.shape[-4:]
-    if cin != x.shape[3]:
+    kh, kw, cin, cout = w.shape[-4:]
+    groups = feature_groups
+    if cin * groups != x.shape[3]:
+        per = "" if groups == 1 else f" in each of {groups} feature groups"
         raise ValueError(
-            f"`w` of shape {tuple(w.shape)} expects {cin} input channels but `x` of shape "
+            f"`w` of shape {tuple(w.shape)} expects {cin} input channels{per} but `x` of shape "
             f"{tuple(x.shape)} has {x.shape[3]}"
+        )
+    if cout % groups:
+        raise ValueError(
+            f"`feature_group_count` {groups} does not divide the {cout} output channels of `w` "
+            f"of shape {tuple(w.shape)}"
         )
     shapes = {"x": x.shape, "w": w.shape, **{k: v.shape for k, v in arrays.items()}}
     return _checks.geometry(x.shape[1:3], (kh, kw), stride, padding, dilation, shapes)
@@ -73,6 +83,7 @@ def modulated_conv2d(
     stride: IntOrPair = 1,
     padding: PaddingLike = "SAME",
     dilation: IntOrPair = 1,
+    feature_group_count: int = 1,
     precision: Any = None,
     impl: str | None = None,
     block_sizes: Any = None,
@@ -84,54 +95,94 @@ def modulated_conv2d(
 
     Args:
       x: input ``[batch, height, width, in_channels]``.
-      w: kernel ``[kh, kw, in_channels, out_channels]``.
+      w: kernel ``[kh, kw, in_channels // feature_group_count, out_channels]``.
       d: modulation ``[batch, out_height, out_width, kh, kw]``, or ``[out_height, out_width,
-        kh, kw]`` shared over the batch.
+        kh, kw]`` shared over the batch; with modulation groups ``[batch, out_height,
+        out_width, kh, kw, groups]`` or ``[out_height, out_width, kh, kw, groups]``: channel
+        ``c`` is scaled by group ``c // (in_channels // groups)`` (torchvision's mask with
+        offset groups). A 5-dimensional ``d`` is batched when its shape allows.
       stride: int or ``(sh, sw)``.
       padding: ``"SAME"``, ``"VALID"``, int or ``((top, bottom), (left, right))``.
       dilation: kernel dilation, int or ``(dh, dw)``.
+      feature_group_count: as in ``lax.conv_general_dilated``: the input and output channels
+        in that many groups, each convolved with its own part of ``w`` (``in_channels``:
+        depthwise).
       precision: ``lax`` precision of the dots (float32: default TF32 on GPUs, ``HIGHEST`` exact).
       impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
-        ``"reference"`` (see the README's table).
+        ``"reference"`` (see the README's table). With feature or modulation groups: the XLA
+        path (Pallas kernels for groups are not written yet: ``"pallas"`` raises).
       block_sizes: optional Pallas tiling (``pallas_kernels.triton.modulated.ModulatedBlockSizes``).
 
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted dtype of the inputs,
       accumulated in float32 (or the inputs' own float64 or complex dtype).
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), groups that do not divide
+        the channels, a bad stride, dilation, padding or ``impl``.
     """
     x = _checks.inexact_array("x", x)
     w = _checks.inexact_array("w", w)
     d = _checks.inexact_array("d", d)
     impl = _checks.impl(impl)
+    _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
+    groups = _checks.groups(
+        "feature_group_count", feature_group_count, x.shape[3], f"input channels of `x` {x.shape}"
+    )
     geom = _weight_geometry(
-        x, w, 4, "[kh, kw, in_channels, out_channels]", stride, padding, dilation, d=d
-    )
+        x, w, 4, "[kh, kw, in_channels // feature_group_count, out_channels]", stride, padding,
+        dilation, groups, d=d,
+    )  # fmt: skip
+    d, shared, mod_groups = _modulation(d, x, geom)
+    operands = {"x": x, "w": w, "d": d}
+    precision = _checks.precision(precision)
+    if groups == 1 and mod_groups is None:
+        return _call(
+            reference.modulated_conv2d, MODULATED, "y", operands, geom=geom, impl=impl,
+            precision=precision, shared=shared, block_sizes=block_sizes,
+        )  # fmt: skip
+    # Feature or modulation groups: the deformable family without offsets.
+    d = d if mod_groups is not None else d[..., None]
+    if impl in ("pallas", "mosaic", "triton"):
+        raise NotImplementedError(
+            f"modulated_conv2d(impl={impl!r}): with feature_group_count={groups} or modulation "
+            "groups it runs on the XLA path only (no Pallas kernels for groups yet)"
+        )
+    dtype = jnp.result_type(x, w, d)
+    x, w, d = x.astype(dtype), w.astype(dtype), d.astype(dtype)
+    if impl == "reference":
+        return reference.deformable_conv2d(x, w, None, d, geom, groups)
+    spec = Spec(
+        family=DEFORMABLE, target="y", geom=geom, impl=impl, precision=precision,
+        shared=shared, groups=d.shape[-1], feature_groups=groups, unit=("offsets",),
+    )  # fmt: skip
+    return _bind("modulated_conv2d", spec, {"x": x, "w": w, "d": d})
+
+
+def _modulation(d, x, geom):
+    """``modulated_conv2d``'s ``d`` checked: ``(d, shared, groups or None)``."""
     kh, kw = geom.kernel_size
-    _checks.rank(
-        "d", d, (4, 5), "[batch, out_height, out_width, kh, kw] or [out_height, out_width, kh, kw]"
+    n, (ho, wo) = x.shape[0], geom.out_size
+    layouts = (
+        "[batch, out_height, out_width, kh, kw(, groups)] or "
+        "[out_height, out_width, kh, kw(, groups)]"
     )
-    expected = (*geom.out_size, kh, kw)
-    if d.ndim == 5:
-        expected = (x.shape[0], *expected)
-    _checks.shape(
-        "d",
-        d,
-        expected,
-        "[batch, out_height, out_width, kh, kw]"
-        if d.ndim == 5
-        else "[out_height, out_width, kh, kw]",
-    )
-    return _call(
-        reference.modulated_conv2d,
-        MODULATED,
-        "y",
-        {"x": x, "w": w, "d": d},
-        geom=geom,
-        impl=impl,
-        precision=_checks.precision(precision),
-        shared=() if d.ndim == 5 else ("d",),
-        block_sizes=block_sizes,
-    )
+    _checks.rank("d", d, (4, 5, 6), layouts)
+    if d.ndim == 4:
+        _checks.shape("d", d, (ho, wo, kh, kw), "[out_height, out_width, kh, kw]")
+        return d, ("d",), None
+    if d.ndim == 5 and tuple(d.shape[:4]) != (ho, wo, kh, kw):  # batched, no groups
+        _checks.shape("d", d, (n, ho, wo, kh, kw), "[batch, out_height, out_width, kh, kw]")
+        return d, (), None
+    if d.ndim == 5 and tuple(d.shape) == (n, ho, wo, kh, kw):  # (both readings: batched)
+        return d, (), None
+    batched = d.ndim == 6
+    if batched:
+        want = (n, ho, wo, kh, kw, d.shape[-1])
+        _checks.shape("d", d, want, "[batch, out_height, out_width, kh, kw, groups]")
+    _checks.groups("d.shape[-1]", d.shape[-1], x.shape[3], f"input channels of `x` {x.shape}")
+    return d, (() if batched else ("d",)), d.shape[-1]
 
 
 def local_conv2d(
@@ -491,3 +542,292 @@ def gaussian_splat2d(
     oracle = reference.pixel_splat2d
     args = (x, sigma, rho, geom, impl, block_sizes, "y")
     return _gaussian_call("gaussian_splat2d", "x", oracle, *args)
+
+
+def _offset_arrays(op, x, geom, offsets, per_pixel, name, groups_axis: bool):
+    """Check ``offsets`` (and the per-pixel array ``per_pixel`` called ``name``, or None) on
+    the output grid of ``geom``: ``[N, Ho, Wo, kh, kw, G, 2]`` and ``[N, Ho, Wo, kh, kw, G]``
+    (``groups_axis`` False: without the ``G`` axes, one group). Returns them with the groups
+    axis and the number of groups."""
+    kh, kw = geom.kernel_size
+    n, (ho, wo), c = x.shape[0], geom.out_size, x.shape[3]
+    grid = (n, ho, wo, kh, kw)
+    offsets = _checks.float_array("offsets", offsets)
+    g_layout = ", groups" if groups_axis else ""
+    layout = f"[batch, out_height, out_width, kh, kw{g_layout}, 2]"
+    _checks.rank("offsets", offsets, (7 if groups_axis else 6,), layout)
+    groups = offsets.shape[5] if groups_axis else 1
+    context = f"(`x` of shape {tuple(x.shape)}, output size {(ho, wo)}, kernel {(kh, kw)})"
+    if tuple(offsets.shape[:5]) != grid or offsets.shape[-1] != 2:
+        raise ValueError(
+            f"{op}: `offsets` of shape {tuple(offsets.shape)} is not {layout} = "
+            f"{(*grid, *((groups,) if groups_axis else ()), 2)} {context}"
+        )
+    _checks.groups("offsets.shape[5]", groups, c, f"channels of `x` {tuple(x.shape)}")
+    if not groups_axis:
+        offsets = offsets[..., None, :]
+    if per_pixel is not None:
+        per_pixel = _checks.inexact_array(name, per_pixel)
+        want = (*grid, groups) if groups_axis else grid
+        _checks.shape(name, per_pixel, want, f"[batch, out_height, out_width, kh, kw{g_layout}] "
+                      f"with the groups of `offsets` of shape {tuple(offsets.shape)}")  # fmt: skip
+        if not groups_axis:
+            per_pixel = per_pixel[..., None]
+    return offsets, per_pixel, groups
+
+
+def _offsets_dtype(offsets, dtype):
+    """Offsets in the real dtype of the positions: float32, or float64 for float64 and
+    complex128 images."""
+    return offsets.astype(jnp.finfo(_checks.accumulation_dtype(dtype)).dtype)
+
+
+def deformable_conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    offsets: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    impl: str | None = None,
+) -> jax.Array:
+    """Modulated deformable convolution (DCNv2): every tap samples the image at its own offset.
+
+    ``y[b,i,j,o] = sum_{m,n,c} x~[b, pos(i,m) + dy, pos(j,n) + dx, c] * mask[b,i,j,m,n,g(c)] *
+    w[m,n,c',o]`` with ``(dy, dx) = offsets[b,i,j,m,n,g(c)]``, ``x~`` the bilinear
+    interpolation of ``x`` (zero outside the image), ``g(c) = c // (in_channels // groups)``
+    the offset group and the channels in ``feature_group_count`` groups as in
+    ``lax.conv_general_dilated``. The numbers of ``torchvision.ops.deform_conv2d`` given the
+    same arrays in its layout (:func:`svconv.from_torch_deform_conv2d`); zero offsets give
+    :func:`modulated_conv2d`.
+
+    Differentiable in ``x``, ``w``, ``offsets`` and ``mask``, in reverse and forward mode, to
+    any order. The derivative in the offsets is exact where the bilinear weights are
+    differentiable; on integer sample positions it is the derivative from above (the four
+    pixels from the position's own row and column on), as torchvision's.
+
+    Args:
+      x: input ``[batch, height, width, in_channels]``.
+      w: kernel ``[kh, kw, in_channels // feature_group_count, out_channels]``.
+      offsets: ``[batch, out_height, out_width, kh, kw, groups, 2]``, ``(dy, dx)`` in input
+        pixels, added to each tap's position; ``groups`` (offset groups) divides
+        ``in_channels``. A real floating dtype (positions are computed in float32, float64 for
+        float64 images).
+      mask: ``[batch, out_height, out_width, kh, kw, groups]`` (DCNv2's modulation), or None
+        (ones: DCNv1).
+      stride, padding, dilation, precision: as in :func:`modulated_conv2d`.
+      feature_group_count: as in ``lax.conv_general_dilated``.
+      impl: ``None``/``"auto"``, ``"xla"`` or ``"reference"`` (Pallas kernels for this op are not
+        written yet: ``"pallas"``, ``"mosaic"`` and ``"triton"`` raise).
+
+    Returns:
+      ``[batch, out_height, out_width, out_channels]`` in the promoted dtype of ``x``, ``w``
+      and ``mask``.
+
+    Raises:
+      TypeError: integer or boolean arrays; complex offsets.
+      ValueError: shapes that do not match (the message prints them), groups that do not divide
+        the channels, a bad stride, dilation, padding or ``impl``.
+    """
+    x = _checks.inexact_array("x", x)
+    w = _checks.inexact_array("w", w)
+    impl = _checks.impl(impl)
+    _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
+    groups = _checks.groups(
+        "feature_group_count", feature_group_count, x.shape[3], f"input channels of `x` {x.shape}"
+    )
+    geom = _weight_geometry(
+        x, w, 4, "[kh, kw, in_channels // feature_group_count, out_channels]", stride, padding,
+        dilation, groups, offsets=jax.ShapeDtypeStruct(jnp.shape(offsets), jnp.float32),
+    )  # fmt: skip
+    offsets, mask, offset_groups = _offset_arrays(
+        "deformable_conv2d", x, geom, offsets, mask, "mask", True
+    )
+    slots = {"x": x, "w": w, **({} if mask is None else {"d": mask})}
+    dtype = jnp.result_type(*slots.values())
+    slots = {k: v.astype(dtype) for k, v in slots.items()}
+    offsets = _offsets_dtype(offsets, dtype)
+    if impl == "reference":
+        return reference.deformable_conv2d(
+            slots["x"], slots["w"], offsets, slots.get("d"), geom, groups
+        )
+    spec = Spec(
+        family=DEFORMABLE, target="y", geom=geom, impl=impl, precision=_checks.precision(precision),
+        groups=offset_groups, feature_groups=groups, unit=() if mask is not None else ("d",),
+    )  # fmt: skip
+    return _bind("deformable_conv2d", spec, {**slots, "offsets": offsets})
+
+
+def _filter_operands(op, x, k, offsets, geom):
+    """The per-pixel filters ``k`` and their offsets checked against ``geom``'s output grid."""
+    groups_axis = k.ndim == 6
+    return _offset_arrays(op, x, geom, offsets, k, "k", groups_axis)
+
+
+def deformable_filter2d(
+    x: jax.Array,
+    k: jax.Array,
+    offsets: jax.Array,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    impl: str | None = None,
+) -> jax.Array:
+    """Per-pixel filters whose taps sample at their own offsets (DCNv3/DCNv4's aggregation).
+
+    ``y[b,i,j,c] = sum_{m,n} x~[b, pos(i,m) + dy, pos(j,n) + dx, c] * k[b,i,j,m,n,g(c)]``,
+    ``(dy, dx) = offsets[b,i,j,m,n,g(c)]``, ``x~`` the bilinear interpolation of ``x`` (zero
+    outside the image), ``g(c) = c // (channels // groups)``. Zero offsets give
+    :func:`pixel_filter2d`; DCNv3's softmax over the taps is the caller's, on ``k``.
+    Differentiable in ``x``, ``k`` and ``offsets`` (see :func:`deformable_conv2d` for the
+    derivative in the offsets).
+
+    Args:
+      x: input ``[batch, height, width, channels]``.
+      k: filters ``[batch, out_height, out_width, kh, kw, groups]`` (``groups`` dividing the
+        channels), or ``[batch, out_height, out_width, kh, kw]`` (one group).
+      offsets: ``[batch, out_height, out_width, kh, kw, groups, 2]`` (``(dy, dx)`` in input
+        pixels), or without the ``groups`` axis for a 5-dimensional ``k``.
+      stride, padding, dilation: as in :func:`pixel_filter2d`.
+      impl: ``None``/``"auto"``, ``"xla"`` or ``"reference"``.
+
+    Returns:
+      ``[batch, out_height, out_width, channels]`` in the promoted dtype of ``x`` and ``k``.
+    """
+    x = _checks.inexact_array("x", x)
+    k = _checks.inexact_array("k", k)
+    impl = _checks.impl(impl)
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+    _checks.rank("k", k, (5, 6), "[batch, out_height, out_width, kh, kw(, groups)]")
+    shapes = {"x": x.shape, "k": k.shape, "offsets": jnp.shape(offsets)}
+    geom = _checks.geometry(x.shape[1:3], k.shape[3:5], stride, padding, dilation, shapes)
+    offsets, k, groups = _filter_operands("deformable_filter2d", x, k, offsets, geom)
+    return _deformable_filter_call("deformable_filter2d", "y", x, k, offsets, groups, geom, impl)
+
+
+def _deformable_filter_call(op, target, x, k, offsets, groups, geom, impl):
+    """The per-pixel filter (target ``y``) or splat (target ``x``) of the source ``x``: the
+    depthwise deformable conv with unit weights and ``k`` as the mask."""
+    dtype = jnp.result_type(x, k)
+    x, k = x.astype(dtype), k.astype(dtype)
+    offsets = _offsets_dtype(offsets, dtype)
+    c = x.shape[3]
+    ones = jnp.ones((*geom.kernel_size, 1, c), dtype)
+    if impl == "reference":
+
+        def filt(v):
+            return reference.deformable_conv2d(v, ones, offsets, k, geom, c)
+
+        if target == "y":
+            return filt(x)
+        like = jax.ShapeDtypeStruct((x.shape[0], *geom.in_size, c), dtype)
+        return jax.linear_transpose(filt, like)(x)[0]
+    spec = Spec(
+        family=DEFORMABLE, target=target, geom=geom, impl=impl, groups=groups, feature_groups=c
+    )
+    image = "x" if target == "y" else "y"
+    return _bind(op, spec, {image: x, "w": ones, "d": k, "offsets": offsets})
+
+
+def deformable_splat2d(
+    x: jax.Array,
+    k: jax.Array,
+    offsets: jax.Array,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    output_size: tuple[int, int] | None = None,
+    impl: str | None = None,
+) -> jax.Array:
+    """Scatter form of :func:`deformable_filter2d`, its transpose in ``x``: every source pixel
+    spreads its kernel, each tap bilinearly at its own offset position.
+
+    ``y[b, pos(i,m) + dy, pos(j,n) + dx, c] += k[b,i,j,m,n,g(c)] * x[b,i,j,c]``, the point
+    shared among its four neighbouring pixels by the bilinear weights (targets outside
+    ``output_size`` dropped). Zero offsets give :func:`pixel_splat2d`.
+
+    Args:
+      x: source image ``[batch, height, width, channels]``.
+      k: kernels ``[batch, height, width, kh, kw(, groups)]``, one per source pixel.
+      offsets: ``[batch, height, width, kh, kw(, groups), 2]``.
+      stride, padding, dilation, output_size: as in :func:`pixel_splat2d`.
+      impl: ``None``/``"auto"``, ``"xla"`` or ``"reference"``.
+
+    Returns:
+      ``[batch, out_height, out_width, channels]`` in the promoted dtype of ``x`` and ``k``.
+    """
+    x = _checks.inexact_array("x", x)
+    k = _checks.inexact_array("k", k)
+    impl = _checks.impl(impl)
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+    _checks.rank("k", k, (5, 6), "[batch, height, width, kh, kw(, groups)]")
+    kernel_size = tuple(k.shape[3:5])
+    shapes = {"k": k.shape, "offsets": jnp.shape(offsets)}
+    geom = _splat_geometry(
+        "deformable_splat2d", x, kernel_size, stride, padding, dilation, output_size, shapes
+    )
+    # The filter this transposes has ``x``'s grid as its output grid.
+    source = jax.ShapeDtypeStruct((x.shape[0], *geom.in_size, x.shape[3]), x.dtype)
+    offsets, k, groups = _filter_operands("deformable_splat2d", source, k, offsets, geom)
+    return _deformable_filter_call("deformable_splat2d", "x", x, k, offsets, groups, geom, impl)
+
+
+def from_torch_deform_conv2d(
+    weight: Any, offset: Any, mask: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``torchvision.ops.deform_conv2d``'s arrays in :func:`deformable_conv2d`'s layouts.
+
+    Args:
+      weight: ``[out_channels, in_channels // groups, kh, kw]`` (OIHW).
+      offset: ``[batch, 2 * offset_groups * kh * kw, out_height, out_width]``, channel
+        ``(g * kh * kw + m * kw + n) * 2 + {0: dy, 1: dx}``.
+      mask: ``[batch, offset_groups * kh * kw, out_height, out_width]`` or None.
+
+    Returns:
+      ``(w, offsets, mask)``: ``[kh, kw, in_channels // groups, out_channels]``, ``[batch,
+      out_height, out_width, kh, kw, offset_groups, 2]`` and ``[batch, out_height, out_width,
+      kh, kw, offset_groups]`` (or None). The image goes from NCHW to NHWC by
+      ``x.transpose(0, 2, 3, 1)``.
+    """
+    weight, offset = jnp.asarray(weight), jnp.asarray(offset)
+    _checks.rank("weight", weight, (4,), "[out_channels, in_channels // groups, kh, kw]")
+    _checks.rank("offset", offset, (4,), "[batch, 2 * offset_groups * kh * kw, out_h, out_w]")
+    kh, kw = weight.shape[2:]
+    n, channels, ho, wo = offset.shape
+    if channels % (2 * kh * kw):
+        raise ValueError(
+            f"`offset` of shape {tuple(offset.shape)}: {channels} channels are not 2 * groups * "
+            f"{kh} * {kw} for `weight` of shape {tuple(weight.shape)}"
+        )
+    groups = channels // (2 * kh * kw)
+    offsets = offset.reshape(n, groups, kh, kw, 2, ho, wo).transpose(0, 5, 6, 2, 3, 1, 4)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        _checks.shape("mask", mask, (n, groups * kh * kw, ho, wo),
+                      "[batch, offset_groups * kh * kw, out_height, out_width]")  # fmt: skip
+        mask = mask.reshape(n, groups, kh, kw, ho, wo).transpose(0, 4, 5, 2, 3, 1)
+    return weight.transpose(2, 3, 1, 0), offsets, mask
+
+
+def to_torch_deform_conv2d(
+    w: Any, offsets: Any, mask: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The inverse of :func:`from_torch_deform_conv2d`: ``(weight, offset, mask)`` in
+    ``torchvision.ops.deform_conv2d``'s layouts (``torch.from_numpy(np.asarray(a))``)."""
+    w, offsets = jnp.asarray(w), jnp.asarray(offsets)
+    _checks.rank("w", w, (4,), "[kh, kw, in_channels // groups, out_channels]")
+    _checks.rank("offsets", offsets, (7,), "[batch, out_height, out_width, kh, kw, groups, 2]")
+    n, ho, wo, kh, kw, groups, _ = offsets.shape
+    offset = offsets.transpose(0, 5, 3, 4, 6, 1, 2).reshape(n, groups * kh * kw * 2, ho, wo)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        _checks.shape("mask", mask, offsets.shape[:6], "[batch, out_height, out_width, kh, kw, "
+                      "groups]")  # fmt: skip
+        mask = mask.transpose(0, 5, 3, 4, 1, 2).reshape(n, groups * kh * kw, ho, wo)
+    return w.transpose(3, 2, 0, 1), offset, mask

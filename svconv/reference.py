@@ -98,3 +98,68 @@ def pixel_splat2d(x, k, geom: Geometry) -> jax.Array:
         y = y.at[:, rows[:, None], cols[None, :], :].add(x * k[:, :, :, m, n, :])
     y = _pad(y, ((-pt, -pb), (-pl, -pr)))
     return y.astype(dtype)
+
+
+def _bilinear(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
+    """``x [N, H, W, C]`` sampled at ``(py, px) [N, Ho, Wo]``, bilinearly, pixels outside the
+    image reading zero. Differentiated by JAX: on integer positions the derivative from above
+    (``floor`` has derivative zero)."""
+    n, h, w, _ = x.shape
+    # Clamped where every neighbour is outside anyway.
+    py, px = jnp.clip(py, -2, h + 1), jnp.clip(px, -2, w + 1)
+    y0, x0 = jnp.floor(py), jnp.floor(px)
+    fy, fx = py - y0, px - x0
+    b = jnp.arange(n)[:, None, None]
+    out = 0.0
+    for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
+        for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
+            ok = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
+            r = jnp.clip(yy, 0, h - 1).astype(jnp.int32)
+            c = jnp.clip(xx, 0, w - 1).astype(jnp.int32)
+            out = out + jnp.where(ok, wy * wx, 0.0)[..., None] * x[b, r, c]
+    return out
+
+
+def deformable_conv2d(x, w, offsets, mask, geom: Geometry, feature_groups: int = 1):
+    """``y[b,i,j,o] = sum_{m,n,c} bilinear(x[..., c], pos(i,m) + dy, pos(j,n) + dx) *
+    mask[b,i,j,m,n,g(c)] * w[m,n,c',o]`` with ``(dy, dx) = offsets[b,i,j,m,n,g(c)]``, ``g(c)``
+    the offset group of channel ``c`` and ``w``'s input channels in ``feature_groups`` groups.
+
+    ``offsets [N, Ho, Wo, kh, kw, G, 2]`` or None (no offsets: the plain window);
+    ``mask [N or absent, Ho, Wo, kh, kw, G]`` or None (ones)."""
+    dtype = jnp.result_type(x, w, *(() if mask is None else (mask,)))
+    acc = accumulation_dtype(dtype)
+    x, w = x.astype(acc), w.astype(acc)
+    n, _, _, c = x.shape
+    (ho, wo), (sh, sw), (dh, dw) = geom.out_size, geom.stride, geom.dilation
+    (pt, _), (pl, _) = geom.padding
+    groups = offsets.shape[5] if offsets is not None else mask.shape[-1] if mask is not None else 1
+    per_group = c // groups
+    if mask is not None:
+        mask = mask.astype(acc)
+        mask = mask if mask.ndim == 6 else jnp.broadcast_to(mask[None], (n, *mask.shape))
+    real = jnp.finfo(acc).dtype
+    cg = w.shape[2]
+    y = 0.0
+    for m, nn in _taps(geom):
+        if offsets is None:
+            sampled = tap(x, geom, m, nn)
+        else:
+            parts = []
+            for g in range(groups):
+                rows = (sh * jnp.arange(ho) + m * dh - pt).astype(real)[None, :, None]
+                cols = (sw * jnp.arange(wo) + nn * dw - pl).astype(real)[None, None, :]
+                off = offsets[:, :, :, m, nn, g].astype(real)
+                chans = x[..., g * per_group : (g + 1) * per_group]
+                parts.append(_bilinear(chans, rows + off[..., 0], cols + off[..., 1]))
+            sampled = jnp.concatenate(parts, axis=-1)
+        if mask is not None:
+            sampled = sampled * jnp.repeat(mask[:, :, :, m, nn, :], per_group, axis=-1)
+        outs = []
+        for f in range(feature_groups):
+            chunk = sampled[..., f * cg : (f + 1) * cg]
+            cout = w.shape[3] // feature_groups
+            wf = w[m, nn, :, f * cout : (f + 1) * cout]
+            outs.append(jnp.einsum("bhwc,co->bhwo", chunk, wf, precision=_HI))
+        y = y + jnp.concatenate(outs, axis=-1)
+    return y.astype(dtype)

@@ -18,7 +18,9 @@ them, written in terms of the dimensions each slot carries:
   neighbouring devices (``ppermute``; the missing neighbour of the first and last device gives
   the zero padding). Gradients with respect to the input run the transposed exchange: each
   device sends the halo part of its result back to its neighbour, which adds it. The shared
-  kernel gradient is also summed over the height shards.
+  kernel gradient is also summed over the height shards. A family whose reads are not bounded
+  by the window (``Family.bounded``: the deformable family, whose offsets may reach any row) is
+  never split in height: its height-sharded operands are gathered.
 
 Anything else falls back to replication, never to a wrong result: width and channel shardings
 are dropped (those operands are all-gathered along that dimension), and so is height sharding
@@ -67,7 +69,9 @@ def sharding_rule(spec: Any, mesh: Any, operand_types: Any, result_types: Any) -
     geom: Geometry = spec.geom
     (h, _), (ho, _), (sh, _) = geom.in_size, geom.out_size, geom.stride
     sizes: dict[str, int] = {}
-    if h == ho:
+    if not spec.family.bounded:  # its reads may reach any row
+        h_token = "h"
+    elif h == ho:
         h_token = "ho"
     elif h == sh * ho:
         h_token = "(ho sh)"
@@ -223,6 +227,8 @@ def _plan(spec: Any, mesh: Any, arg_shapes: tuple, result_shape: Any):
 
     batch = first(("b",), dim_size)
     height = tuple(a for a in first(("h", "ho"), lambda a, i: 0) if a not in batch)
+    if not spec.family.bounded:  # the height is gathered: any row may be read
+        height = ()
     halo = height_split(spec.geom, height, _size(mesh, height)) if height else None
     return batch, halo
 

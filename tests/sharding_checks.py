@@ -66,6 +66,9 @@ CHECKS = (
     # A batch-shared d split over the axis that also splits the batch of x: d is gathered, and
     # its Explicit-typed gradient must come back with d's sharding.
     Check("modulated_shared", "xla", "cross", explicit=True, split=False),
+    # Deformable offsets may reach any row: batch sharding stays, height sharding is gathered.
+    Check("deformable", "xla", "batch"),
+    Check("deformable", "xla", "height", split=False),
     # Forward mode: the fused tangent kernels (Pallas) take halos for the tangent of x too, and
     # the Gaussian's tangents of its parameters sharded like them.
     *(
@@ -140,6 +143,17 @@ def _setup(check: Check):
                 lambda x, f: svconv.pixel_splat2d(x, f, **geo),
                 [normal(N, H, W, 2 * GROUPS), normal(N, H, W, k, k, GROUPS)],
                 [image, image],
+            )
+        case "deformable":
+            # Offset groups, feature groups; the mask before the offsets (linear in the first 3).
+            def deformable(x, w, m, o):
+                return svconv.deformable_conv2d(x, w, o, m, feature_group_count=2, **geo)
+
+            offsets = 1.5 * normal(N, ho, wo, k, k, 2, 2)
+            return (
+                deformable,
+                [normal(N, H, W, 2), normal(k, k, 1, 4), normal(N, ho, wo, k, k, 2), offsets],
+                [image, P(), image, image],
             )
         case "gaussian_splat":
             # Axis-aligned elliptical Gaussians spread by every source pixel (stride 1).
@@ -280,7 +294,7 @@ class ShardMapCheck:
 SHARD_MAP_DEVICES = 4
 SHARD_MAP_OPS = (*OPS, "gaussian_splat")
 # Arguments each op is linear in (the Gaussians are linear in the image only).
-_LINEAR = {"gaussian": 1, "gaussian_splat": 1}
+_LINEAR = {"gaussian": 1, "gaussian_splat": 1, "deformable": 3}
 SHARD_MAP_CHECKS = tuple(
     ShardMapCheck(op, impl, transform, check_vma)
     for op in SHARD_MAP_OPS
@@ -298,6 +312,9 @@ SHARD_MAP_CHECKS = tuple(
 # impl="mosaic" off a GPU: GPU interpret mode takes one device; on several the Triton
 # interpreter runs instead (the reason at debug level), with the same numbers.
 SHARD_MAP_CHECKS += (ShardMapCheck("pixel_wide", "mosaic", "vjp"),)
+SHARD_MAP_CHECKS += tuple(
+    ShardMapCheck("deformable", "xla", transform) for transform in ("vjp", "jvp", "transpose")
+)
 NAMES = (*NAMES, *(c.name for c in SHARD_MAP_CHECKS))
 
 

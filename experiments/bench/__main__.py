@@ -26,7 +26,7 @@ from experiments.bench.timing import matmul_peak, stream_bandwidth, time_interle
 from experiments.bench.torch_proxy import TorchColumn, start_torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TORCH_OPS = ("modulated", "pixel", "local")  # the ops with a PyTorch formulation
+TORCH_OPS = ("modulated", "pixel", "local", "deformable")  # the ops with a PyTorch formulation
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="samples per column")
     parser.add_argument(
         "--ops",
-        default="modulated,pixel,local,gaussian",
+        default="modulated,pixel,local,gaussian,deformable",
         help="comma-separated subset of the ops",
     )
     parser.add_argument("--no-torch", action="store_true", help="leave out the torch columns")
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
         if proxy:
             missing.update(torch_setup.get(c.id, {}).get("missing", {}))
         elif c.op in TORCH_OPS:
-            missing["torch unfold"] = torch_desc
+            missing["deform_conv2d" if c.op == "deformable" else "torch unfold"] = torch_desc
             if c.op == "modulated" and gpu:
                 missing["deform_conv2d"] = torch_desc
         for col, why in missing.items():

@@ -18,6 +18,7 @@ OP_NAMES = {
     "pixel": "pixel_filter2d",
     "local": "local_conv2d",
     "gaussian": "gaussian_filter2d",
+    "deformable": "deformable_conv2d",
 }
 # The ops with one filter per pixel for every channel (cout is cin).
 PIXEL_OPS = ("pixel", "gaussian")
@@ -58,6 +59,11 @@ class Case:
             return {"x": x, "k": (n, h, w, k, k), "g": x}
         if self.op == "gaussian":
             return {"x": x, "sigma": (n, h, w), "g": x}
+        if self.op == "deformable":
+            return {
+                "x": x, "w": (k, k, cin, cout), "offsets": (n, h, w, k, k, 1, 2),
+                "mask": (n, h, w, k, k, 1), "g": (n, h, w, cout),
+            }  # fmt: skip
         return {"x": x, "w": (h, w, k, k, cin, cout), "g": (n, h, w, cout)}
 
     @property
@@ -119,6 +125,7 @@ def make_cases(backend: str, quick: bool) -> list[Case]:
             Case("pixel", 2, 32, 32, 8, 8, 7, "float32"),
             conv("local", 2, 16, 16, 4, 4, 3, "float32"),
             Case("gaussian", 1, 32, 32, 3, 3, 7, "float32"),
+            Case("deformable", 1, 16, 16, 4, 4, 3, "float32"),
         ]
     if backend == "gpu":
         return [
@@ -147,6 +154,7 @@ def make_cases(backend: str, quick: bool) -> list[Case]:
         Case("pixel", 4, 128, 128, 32, 32, 15, "float32"),
         Case("local", 4, 64, 64, 16, 16, 3, "float32"),
         Case("gaussian", 1, 256, 256, 3, 3, 31, "float32"),
+        Case("deformable", 4, 64, 64, 32, 32, 3, "float32"),
     ]
 
 

@@ -25,6 +25,7 @@ DIFF = {
     "pixel": ("x", "k"),
     "local": ("x", "w"),
     "gaussian": ("x", "sigma"),
+    "deformable": ("x", "w", "offsets", "mask"),
 }
 
 
@@ -39,7 +40,7 @@ def make_inputs(case: Case) -> dict[str, jax.Array]:
     fan_in = case.cin * case.taps
     out = {}
     for name, shape in shapes.items():
-        if name == "d":
+        if name in ("d", "mask"):
             out[name] = jax.random.uniform(keys[name], shape, dt, 0.5, 1.5)
         elif name == "k":
             out[name] = jax.random.uniform(keys[name], shape, dt, 0.5, 1.5) / case.taps
@@ -60,6 +61,10 @@ def op_fn(case: Case, impl: str | None):
         return lambda a: svconv.pixel_filter2d(a["x"], a["k"], impl=impl)
     if case.op == "gaussian":
         return lambda a: svconv.gaussian_filter2d(a["x"], a["sigma"], case.k, impl=impl)
+    if case.op == "deformable":
+        return lambda a: svconv.deformable_conv2d(
+            a["x"], a["w"], a["offsets"], a["mask"], impl=impl
+        )
     return lambda a: svconv.local_conv2d(a["x"], a["w"], impl=impl)
 
 
@@ -134,14 +139,16 @@ def jax_columns(
             lambda a: svconv.pixel_filter2d(a["x"], svconv.gaussian_kernels(a["sigma"], case.k)),
             diff,
         )
-    else:
+    elif case.op == "local":
         cols["lax local"] = (_lax_local, diff)
 
     if case.op == "pixel" and backend == "gpu":
         # The forward in interleaved column phases (pallas_kernels.triton.pixel._forward_phased)
         # beside today's default tiles: forward only (its tiles are the forward's).
         cols["svconv pallas, 4 column phases"] = (_pixel_phased(case), None)
-    if backend == "gpu":
+    if case.op == "deformable":  # no Pallas kernels yet
+        del cols["svconv pallas"]
+    if backend == "gpu" and case.op != "deformable":
         # The Mosaic GPU kernels (the Triton kernels for the partials Mosaic has none of, or
         # for all of it where the case is not one the Mosaic kernels take).
         cols["svconv mosaic"] = (op_fn(case, "mosaic"), diff)
@@ -149,7 +156,7 @@ def jax_columns(
         # The spatially invariant filter of the same window: a depthwise cuDNN convolution.
         cols["lax depthwise"] = (_depthwise(case), ("x",))
     missing = {}
-    if backend != "gpu":
+    if backend != "gpu" and "svconv pallas" in cols:
         del cols["svconv pallas"]
         missing["svconv pallas"] = "no GPU (off a GPU, Pallas runs only in its slow interpreter)"
     if backend == "gpu":
@@ -158,7 +165,9 @@ def jax_columns(
         missing["reference"] = "left out: the explicit-kernel route is the comparison here"
     else:
         cols["reference"] = (op_fn(case, "reference"), diff)
-    patch_col = {"local": "lax local", "gaussian": None}.get(case.op, "xla patches")
+    patch_col = {"local": "lax local", "gaussian": None, "deformable": None}.get(
+        case.op, "xla patches"
+    )
     if patch_col and case.patch_bytes > patch_limit:
         del cols[patch_col]
         missing[patch_col] = (

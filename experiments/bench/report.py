@@ -16,6 +16,8 @@ _RATE_NOTE = {
     "pixel": "GB/s, each input read once and each output written once",
     "local": "GB/s, each input read once and each output written once",
     "gaussian": "GB/s, each input read once and each output written once",
+    "deformable": "TFLOP/s of the equal plain conv (the sampling not counted), forward+backward "
+    "as 3 convs; offsets normal (about a pixel), one offset group",
 }
 
 
@@ -39,7 +41,7 @@ def machine_info(backend: str, devices) -> tuple[str, str]:
 def rate(case: dict, mode: str, ms: float | None) -> str:
     if ms is None:
         return ""
-    if case["op"] == "modulated":
+    if case["op"] in ("modulated", "deformable"):
         flops = case["flops"] * (3 if mode == "fwd+bwd" else 1)  # one gradient: a forward's
         return f"{flops / (ms * 1e-3) / 1e12:.3g} TFLOP/s"
     return f"{case['bytes'][mode] / (ms * 1e-3) / 1e9:.3g} GB/s"

@@ -9,7 +9,8 @@ interleave with the JAX ones in one run.
 
 Layouts are PyTorch's own (NCHW, OIHW, taps ordered kh-major), so each library runs in its native
 layout; the conversion is not timed. Random inputs are drawn fresh per case, never zeros.
-``deform_conv2d`` runs with zero offsets and ``mask = d``: the modulated convolution.
+``deform_conv2d`` runs with zero offsets and ``mask = d`` for the modulated convolution, and with
+random offsets (one offset group) for the deformable one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ import torch
 import torch.nn.functional as F
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DIFF = {"modulated": ("x", "w", "d"), "pixel": ("x", "k"), "local": ("x", "w")}
+_DIFF = {
+    "modulated": ("x", "w", "d"),
+    "pixel": ("x", "k"),
+    "local": ("x", "w"),
+    "deformable": ("x", "w", "offset", "mask"),
+}
 
 
 def _versions() -> dict[str, str]:
@@ -114,6 +120,14 @@ class TorchRunner:
                 "d": rnd(n, taps, h, w, positive=True),
                 "g": rnd(n, cout, h, w),
             }
+        if spec["op"] == "deformable":  # offsets of about a pixel, one offset group
+            return {
+                "x": x,
+                "w": rnd(cout, cin, k, k) / fan_in**0.5,
+                "offset": rnd(n, 2 * taps, h, w),
+                "mask": rnd(n, taps, h, w, positive=True),
+                "g": rnd(n, cout, h, w),
+            }
         if spec["op"] == "pixel":
             return {"x": x, "k": rnd(n, taps, h, w, positive=True) / taps, "g": rnd(n, cin, h, w)}
         return {"x": x, "w": rnd(h * w, fan_in, cout) / fan_in**0.5, "g": rnd(n, cout, h, w)}
@@ -129,6 +143,8 @@ class TorchRunner:
             return lambda a: _local_unfold(a["x"], a["w"], k=k, padding=pad)
         from torchvision.ops import deform_conv2d
 
+        if op == "deformable":
+            return lambda a: deform_conv2d(a["x"], a["offset"], a["w"], padding=pad, mask=a["mask"])
         x = inputs["x"]
         offset = torch.zeros(x.shape[0], 2 * k * k, *x.shape[2:], device=x.device, dtype=x.dtype)
         return lambda a: deform_conv2d(a["x"], offset, a["w"], padding=pad, mask=a["d"])
@@ -138,8 +154,8 @@ class TorchRunner:
         ``skip``: {column: reason}); returns each case's columns and why others are missing."""
         out = {}
         for spec in cases:
-            cols, missing = ["torch unfold"], {}
-            if spec["op"] == "modulated":
+            cols, missing = ([] if spec["op"] == "deformable" else ["torch unfold"]), {}
+            if spec["op"] in ("modulated", "deformable"):
                 try:
                     from torchvision.ops import deform_conv2d  # noqa: F401
 
