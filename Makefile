@@ -22,11 +22,14 @@ if command -v pyenv >/dev/null 2>&1; then \
 exit 1
 endef
 
-.PHONY: help test test-jax-next machine-code-mosaic demo bench gpu-check gpu-tune lint venv \
+.PHONY: help test test-kernels test-jax-next machine-code-mosaic demo bench gpu-check gpu-tune lint venv \
         clean
 
 help:
 	@echo "make test       create .venv, install svconv and the test deps, run the test suite"
+	@echo "                (but the kernels' interpret-mode and machine-code checks)"
+	@echo "make test-kernels  the Mosaic kernels in GPU interpret mode, every Triton kernel"
+	@echo "                compiled to sm_90/sm_80 machine code"
 	@echo "make test-jax-next  the JAX-dependent tests on the newest JAX in range (.venv-next)"
 	@echo "make machine-code-mosaic  the Mosaic GPU kernels compiled for sm_90a without a GPU by"
 	@echo "                XLA's CUDA plugin (.venv-mosaic): no spills, shared memory in limits"
@@ -53,9 +56,18 @@ $(PY):
 
 venv: $(PY)
 
+# The kernels' own checks without a GPU (the Mosaic GPU kernels in GPU interpret mode, every
+# Triton kernel compiled to sm_90/sm_80 machine code): a third of the suite's time, run by
+# `make test-kernels` (CI runs both targets; `make gpu-check` runs everything on a GPU).
+KERNEL_TESTS ?= tests/test_mosaic.py tests/test_machine_code.py
+
 test: $(PY)
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,machine-code,experiments]'
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(KERNEL_TESTS))
+
+test-kernels: $(PY)
+	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,machine-code,experiments]'
+	$(PY) -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS)
 
 # The parts of the suite that depend on the JAX release (the kernels' lowering for CUDA, their
 # machine code, the interpreters, the JAX rules), on the newest release the range admits, in

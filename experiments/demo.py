@@ -10,9 +10,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from experiments import common, gaussian_blur, kpn_denoiser, learn_modulated_kernel, local_vs_conv
+from experiments import (
+    common,
+    deformable_warp,
+    gaussian_blur,
+    kpn_denoiser,
+    learn_modulated_kernel,
+    local_vs_conv,
+)
 
-EXPERIMENTS = (learn_modulated_kernel, gaussian_blur, kpn_denoiser, local_vs_conv)
+EXPERIMENTS = (learn_modulated_kernel, gaussian_blur, kpn_denoiser, local_vs_conv, deformable_warp)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pallas_kernels.mosaic_gpu import local as mosaic_local
 from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
 from pallas_kernels.mosaic_gpu._sweep import SweepTiles
+from pallas_kernels.triton import deformable as triton_deformable
 from pallas_kernels.triton import gaussian as triton_gaussian
 from pallas_kernels.triton import local as triton_local
 from pallas_kernels.triton import modulated as triton_modulated
@@ -252,6 +253,21 @@ DEFORMABLE = Family(
         "y": ("b", "ho", "wo", "o"),
     },
     backends=(
+        # Not yet run on a GPU: impl="triton" only (impl=None and "pallas" take the XLA path).
+        dataclasses.replace(
+            _triton(
+                {
+                    "y": triton_deformable.forward,
+                    "x": triton_deformable.grad_x,
+                    "w": triton_deformable.grad_w,
+                    "d": triton_deformable.grad_d,
+                },
+                {},
+                triton_deformable.unsupported_reason,
+                triton_deformable.DeformableBlockSizes,
+            ),
+            default=lambda target: False,
+        ),
         _xla(
             {
                 "y": deformable.forward,

@@ -342,6 +342,11 @@ class Spec:
         candidates = self.candidates(target)
         if not candidates:
             names = ", ".join(b.name for b in self.family.backends)
+            if self.impl == "pallas":
+                return None, [
+                    f"none of the {self.family.name} family's Pallas kernels is the default on "
+                    f"this device yet (its backends: {names}; impl=<backend> picks one)"
+                ]
             return None, [f"the {self.family.name} family has {names} kernels only"]
         for b in candidates:
             reason = b.reason(target, self, shapes, dtype)

@@ -109,8 +109,9 @@ def modulated_conv2d(
         depthwise).
       precision: ``lax`` precision of the dots (float32: default TF32 on GPUs, ``HIGHEST`` exact).
       impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
-        ``"reference"`` (see the README's table). With feature or modulation groups: the XLA
-        path (Pallas kernels for groups are not written yet: ``"pallas"`` raises).
+        ``"reference"`` (see the README's table). With feature or modulation groups it runs the
+        deformable family's kernels: ``None`` the XLA path, ``"triton"`` its Triton kernels (not
+        yet run on a GPU); ``"pallas"`` and ``"mosaic"`` raise.
       block_sizes: optional Pallas tiling (``pallas_kernels.triton.modulated.ModulatedBlockSizes``).
 
     Returns:
@@ -144,10 +145,11 @@ def modulated_conv2d(
         )  # fmt: skip
     # Feature or modulation groups: the deformable family without offsets.
     d = d if mod_groups is not None else d[..., None]
-    if impl in ("pallas", "mosaic", "triton"):
+    if impl in ("pallas", "mosaic"):
         raise NotImplementedError(
             f"modulated_conv2d(impl={impl!r}): with feature_group_count={groups} or modulation "
-            "groups it runs on the XLA path only (no Pallas kernels for groups yet)"
+            "groups it runs the deformable family's kernels: impl='triton' (not yet run on a "
+            "GPU) or the XLA path"
         )
     dtype = jnp.result_type(x, w, d)
     x, w, d = x.astype(dtype), w.astype(dtype), d.astype(dtype)
@@ -577,9 +579,11 @@ def _offset_arrays(op, x, geom, offsets, per_pixel, name, groups_axis: bool):
 
 
 def _offsets_dtype(offsets, dtype):
-    """Offsets in the real dtype of the positions: float32, or float64 for float64 and
-    complex128 images."""
-    return offsets.astype(jnp.finfo(_checks.accumulation_dtype(dtype)).dtype)
+    """The offsets as given (a real floating dtype: the kernels compute the sample positions in
+    float32, or float64 for float64 and complex128 images); float64 offsets with narrower images
+    are taken in float32."""
+    real = jnp.finfo(_checks.accumulation_dtype(dtype)).dtype
+    return offsets.astype(real) if offsets.dtype.itemsize > real.itemsize else offsets
 
 
 def deformable_conv2d(
@@ -615,14 +619,16 @@ def deformable_conv2d(
       w: kernel ``[kh, kw, in_channels // feature_group_count, out_channels]``.
       offsets: ``[batch, out_height, out_width, kh, kw, groups, 2]``, ``(dy, dx)`` in input
         pixels, added to each tap's position; ``groups`` (offset groups) divides
-        ``in_channels``. A real floating dtype (positions are computed in float32, float64 for
-        float64 images).
+        ``in_channels``. Any real floating dtype (the sample positions are computed in float32,
+        float64 for float64 images; 16-bit offsets resolve a pixel coarsely far from zero).
       mask: ``[batch, out_height, out_width, kh, kw, groups]`` (DCNv2's modulation), or None
         (ones: DCNv1).
       stride, padding, dilation, precision: as in :func:`modulated_conv2d`.
       feature_group_count: as in ``lax.conv_general_dilated``.
-      impl: ``None``/``"auto"``, ``"xla"`` or ``"reference"`` (Pallas kernels for this op are not
-        written yet: ``"pallas"``, ``"mosaic"`` and ``"triton"`` raise).
+      impl: ``None``/``"auto"`` (the XLA path on every platform until the Triton kernels have
+        run on a GPU), ``"xla"``, ``"triton"`` (the Pallas Triton kernels: compiled for CUDA,
+        interpreted elsewhere; not for depthwise cases) or ``"reference"``; ``"pallas"`` and
+        ``"mosaic"`` raise.
 
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted dtype of ``x``, ``w``

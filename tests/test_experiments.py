@@ -19,6 +19,7 @@ EXPERIMENTS = [
     "gaussian_blur",
     "kpn_denoiser",
     "local_vs_conv",
+    "deformable_warp",
     "data_parallel",
 ]
 

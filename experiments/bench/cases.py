@@ -147,6 +147,9 @@ def make_cases(backend: str, quick: bool) -> list[Case]:
             conv("modulated", 8, 128, 128, 64, 64, 7, "bfloat16"),
             conv("local", 8, 64, 64, 16, 16, 5, "float32"),
             conv("local", 8, 64, 64, 16, 16, 7, "float32"),
+            # deformable_conv2d: its Triton kernels beside the XLA path and torchvision.
+            Case("deformable", 8, 128, 128, 64, 64, 3, "float32"),
+            Case("deformable", 8, 128, 128, 64, 64, 3, "bfloat16"),
         ]
     return [
         Case("modulated", 4, 128, 128, 32, 32, 3, "float32"),

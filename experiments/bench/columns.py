@@ -146,8 +146,10 @@ def jax_columns(
         # The forward in interleaved column phases (pallas_kernels.triton.pixel._forward_phased)
         # beside today's default tiles: forward only (its tiles are the forward's).
         cols["svconv pallas, 4 column phases"] = (_pixel_phased(case), None)
-    if case.op == "deformable":  # no Pallas kernels yet
+    if case.op == "deformable":  # its Pallas kernels are Triton's, not yet the default
         del cols["svconv pallas"]
+        if backend == "gpu":
+            cols["svconv triton"] = (op_fn(case, "triton"), diff)
     if backend == "gpu" and case.op != "deformable":
         # The Mosaic GPU kernels (the Triton kernels for the partials Mosaic has none of, or
         # for all of it where the case is not one the Mosaic kernels take).

@@ -145,6 +145,8 @@ def compute_targets(
                 )
         elif c["op"] == "deformable":
             per_mode(c, "deform_conv2d", fast, 5 if gpu else 2, ">=")
+            if gpu:
+                per_mode(c, "deform_conv2d", "svconv triton", 5, ">=")
         else:
             per_mode(c, "lax local", fast, 1, ">=", FASTEST_XLA if tag == "xla" else "")
         if c["op"] in ("pixel", "local", "gaussian") and stream:

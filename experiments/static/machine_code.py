@@ -67,8 +67,9 @@ class Case:
     """One op call: ``family`` is ``modulated``, ``local``, ``filter`` (``pixel_filter2d``),
     ``splat`` (``pixel_splat2d``), ``gaussian`` (``gaussian_filter2d`` with rotated elliptical
     Gaussians: its gradients run the splat and the scale-gradient kernels) or
-    ``gaussian_splat`` (``gaussian_splat2d``, likewise); ``groups`` applies
-    to the pixel ops, ``shared_d`` (one ``d``
+    ``gaussian_splat`` (``gaussian_splat2d``, likewise) or ``deformable``
+    (``deformable_conv2d``, its Triton kernels); ``groups`` applies to the pixel ops (and to
+    ``deformable``: feature and offset groups alike), ``shared_d`` (one ``d``
     for the whole batch) to ``modulated``. The op is called with its default ``precision`` and
     lowered under JAX's default matmul precision ``precision``: ``"default"`` (float32 dots on
     TF32 tensor cores) or ``"highest"`` (exact float32 FMA dots)."""
@@ -116,6 +117,15 @@ class Case:
 
     def op(self) -> Callable[..., jax.Array]:
         geometry = {"stride": self.stride, "dilation": self.dilation, "padding": "SAME"}
+        if self.family == "deformable":  # feature and offset groups: `groups` of each
+
+            def deformable(x, w, offsets, mask):
+                return svconv.deformable_conv2d(
+                    x, w, offsets, mask, feature_group_count=self.groups, impl="triton",
+                    **geometry,
+                )  # fmt: skip
+
+            return deformable
         if self.family in ("gaussian", "gaussian_splat"):
             op = svconv.gaussian_filter2d if self.family == "gaussian" else svconv.gaussian_splat2d
 
@@ -148,8 +158,10 @@ class Case:
     def kernels(self) -> int:
         """Distinct kernels in the forward and every gradient: the forward and one per slot it
         is differentiated in (the Gaussian's parameters share one kernel, for the scale)."""
-        families = ("modulated", "local", "filter", "splat", "gaussian", "gaussian_splat")
-        return dict(zip(families, (4, 3, 3, 3, 3, 3), strict=True))[self.family]
+        families = (
+            "modulated", "local", "filter", "splat", "gaussian", "gaussian_splat", "deformable"
+        )  # fmt: skip
+        return dict(zip(families, (4, 3, 3, 3, 3, 3, 4), strict=True))[self.family]
 
     def args(self) -> list[jax.ShapeDtypeStruct]:
         """Abstract arguments: the kernels are compiled, never run, so no arrays are needed."""
@@ -169,6 +181,12 @@ class Case:
             "splat": [x, (self.n, self.h, self.w, *k, *tail)],
             "gaussian": [x, *[(self.n, ho, wo)] * 3],
             "gaussian_splat": [x, *[(self.n, self.h, self.w)] * 3],
+            "deformable": [
+                x,
+                (*k, self.cin // self.groups, self.cout),
+                (self.n, ho, wo, *k, self.groups, 2),
+                (self.n, ho, wo, *k, self.groups),
+            ],
         }[self.family]
         return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
 
@@ -194,6 +212,7 @@ def _sweep(dtypes: Callable[[int], Iterable[str]]) -> list[Case]:
         Case("splat", 2, 16, 16, 5, 5, 5, "", stride=2),
         Case("gaussian", 2, 32, 32, 3, 3, 31, ""),
         Case("gaussian", 2, 33, 31, 5, 5, 7, "", stride=2, dilation=2),
+        Case("deformable", 2, 33, 31, 32, 16, 3, "", stride=2, groups=2),
     ]
     return [
         dataclasses.replace(case, dtype=dtype)
@@ -213,6 +232,7 @@ def _design() -> list[Case]:
             Case("filter", 8, 256, 256, 64, 64, 7, dtype),
             Case("filter", 8, 256, 256, 64, 64, 15, dtype),
             Case("gaussian", 8, 256, 256, 3, 3, 31, dtype),
+            Case("deformable", 8, 128, 128, 64, 64, 3, dtype),
         )
     ]
 

@@ -667,7 +667,7 @@ def design_cases() -> list[Case]:
     """DESIGN's GPU shapes (stride 1, "SAME" padding). ``local_conv2d`` is taken at the GPU
     benchmark's shape, N=8, 128x128, 32->32, 3x3; ``pixel_splat2d`` like ``pixel_filter2d``;
     the Gaussian ops at 31x31 on the per-pixel filters' images (isotropic, and rotated with
-    ``rho`` for the filter)."""
+    ``rho`` for the filter); ``deformable_conv2d`` at the modulated conv's shape."""
 
     def pallas(fn):
         return functools.partial(fn, impl="pallas")
@@ -704,6 +704,13 @@ def design_cases() -> list[Case]:
 
     inputs = (image, ("sigma_rows", grid), ("sigma_cols", grid), ("rho", grid))
     cases.append(Case("gaussian_filter2d", "31x31 rotated", rotated, inputs, (n, h, h, c)))
+    # The deformable conv's Triton kernels (impl="triton": not yet the default), offsets and
+    # mask in the images' dtype, two offset groups.
+    n, h, c = 8, 128, 64
+    deformable = functools.partial(svconv.deformable_conv2d, impl="triton")
+    grid7 = (n, h, h, 3, 3, 2)
+    inputs = (("x", (n, h, h, c)), ("w", (3, 3, c, c)), ("offsets", (*grid7, 2)), ("mask", grid7))
+    cases.append(Case("deformable_conv2d", "3x3", deformable, inputs, (n, h, h, c)))
     return cases
 
 
