@@ -67,7 +67,13 @@ def test_dry_run_end_to_end(tmp_path):
 
     bench = json.loads((out / "bench-cpu.json").read_text())
     assert stages["bench"]["details"]["report"] == "bench-cpu.json"
-    assert {c["op"] for c in bench["cases"]} == {"modulated", "pixel", "local", "gaussian", "deformable"}
+    assert {c["op"] for c in bench["cases"]} == {
+        "modulated",
+        "pixel",
+        "local",
+        "gaussian",
+        "deformable",
+    }
     for case in bench["cases"]:
         assert "median_ms" in case["results"]["fwd"]["svconv xla"], case["id"]
     assert bench["compile"] and bench["targets"]

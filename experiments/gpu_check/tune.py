@@ -43,10 +43,10 @@ from pallas_kernels.mosaic_gpu import gaussian as mosaic_gaussian
 from pallas_kernels.mosaic_gpu import local as mosaic_local
 from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
 from pallas_kernels.mosaic_gpu import pixel as mosaic_pixel
+from pallas_kernels.triton import deformable, local, modulated, pixel
 from pallas_kernels.triton import gaussian as pallas_gaussian
-from pallas_kernels.triton import local, modulated, pixel
 from svconv import gaussian
-from svconv._families import GAUSSIAN, LOCAL, MODULATED, PIXEL
+from svconv._families import DEFORMABLE, GAUSSIAN, LOCAL, MODULATED, PIXEL
 from svconv._primitive import Family, Spec, bind
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +76,10 @@ PARAMS = {
     ("gaussian", "y"): ("block_h", "block_w", "block_channels", *_WARPS),
     ("gaussian", "x"): ("block_h", "block_w", "block_channels", *_WARPS),
     ("gaussian", "s"): ("block_h", "block_w", "block_channels", *_WARPS),
+    ("deformable", "y"): ("block_p", "block_c", "block_out", *_WARPS),
+    ("deformable", "d"): ("block_p", "block_c", "block_out", *_WARPS),
+    ("deformable", "x"): ("block_p", "block_c", "block_out", *_WARPS),
+    ("deformable", "w"): ("block_p", "block_c", "block_out", "chunks_dw", *_WARPS),
 }
 # The Mosaic kernels' tiles: the per-pixel sweeps' (pallas_kernels.mosaic_gpu._sweep.SweepTiles)
 # and the modulated implicit GEMM's (pallas_kernels.mosaic_gpu.modulated.GemmTiles).
@@ -129,7 +133,11 @@ class Kernel:
         if self.family is GAUSSIAN:  # the op's own partials: unit scale but for grad_s
             unit = () if self.target == "s" else ("s",)
             extra = {"unit": unit, "moments": (0,) * self.shapes["eta"][-1]}
+        if self.family is DEFORMABLE:  # its Triton kernels are not yet the default: by name
+            extra = {"groups": self.shapes["d"][-1], "feature_groups": 1}
         impl = "mosaic" if self.backend == "mosaic" else "pallas"
+        if self.family is DEFORMABLE:
+            impl = "triton"
         if self.backend == "mosaic" and self.family is MODULATED:
             # TF32 for float32, whatever the process's default (tests: HIGHEST): the Mosaic
             # kernels have no exact float32.
@@ -145,6 +153,8 @@ class Kernel:
             name: jax.random.normal(key, self.shapes[name], jnp.float32).astype(dtype)
             for key, name in zip(keys, spec.operands, strict=True)
         }
+        if self.family is DEFORMABLE:  # offsets of about a pixel
+            arrays["offsets"] = arrays["offsets"].astype(jnp.float32)
         if self.family is GAUSSIAN:  # rotated ellipses, sigma 0.5-4, rho in (-0.6, 0.6)
             grid = self.shapes["zeta"]
             sr, sc, rho = jax.random.uniform(keys[0], (3, *grid), minval=0.5, maxval=4.0)
@@ -184,6 +194,12 @@ class Kernel:
             ho, wo = self.geom.out_size
             return pixel.pixel_block_sizes(
                 op, channels=c, groups=1, out_hw=(ho, wo), batch=n, dtype=dtype
+            )
+        if self.family is DEFORMABLE:
+            _, _, cg, cout = self.shapes["w"]
+            per_group = c // self.shapes["d"][-1]
+            return deformable.deformable_block_sizes(
+                cg, cout // (c // cg), n * h * w, per_group, self.target
             )
         if self.family is MODULATED:
             cout = self.shapes["w"][-1]
@@ -233,6 +249,13 @@ def kernels(dry_run: bool) -> list[Kernel]:
         return [Kernel(PIXEL, t, shapes, dtype, size, "mosaic") for t in targets]
 
     local_shapes = {"x": (n, loc, loc, cl), "w": (loc, loc, 3, 3, cl, cl), "y": (n, loc, loc, cl)}
+
+    def deformable_kernels(dtype, targets):  # the modulated conv's shape, 2 offset groups
+        grid = (n, mod, mod, 3, 3, 2)
+        shapes = {"x": (n, mod, mod, cm), "w": (3, 3, cm, cm), "d": grid, "y": (n, mod, mod, cm),
+                  "offsets": (*grid, 2)}  # fmt: skip
+        return [Kernel(DEFORMABLE, t, shapes, dtype, 3) for t in targets]
+
     # The Mosaic kernel takes widths of a multiple of 64 (the dry run: 2 rows of 64).
     mloc = (loc, loc) if not dry_run else (2, 64)
     mosaic_local_shapes = {
@@ -247,6 +270,7 @@ def kernels(dry_run: bool) -> list[Kernel]:
             *mosaic_pixel_kernels(3, "float32", "yxk", rows=4),
             *modulated_kernels("float32", "y", "mosaic", width=mpx, cin=16, cout=16),
             Kernel(LOCAL, "y", mosaic_local_shapes, "float32", 3, "mosaic"),
+            *deformable_kernels("float32", "y"),
             *gaussian_kernels(3, "ysx", channels=8, backend="mosaic", rows=4),
         ]
     return [
@@ -269,6 +293,8 @@ def kernels(dry_run: bool) -> list[Kernel]:
         *pixel_kernels(15, "float32", "xk"),
         *gaussian_kernels(31, "yxs"),  # rotated elliptical Gaussians
         *gaussian_kernels(31, "yxs", channels=64, backend="mosaic"),
+        *deformable_kernels("float32", "yxwd"),
+        *deformable_kernels("bfloat16", "y"),
     ]
 
 

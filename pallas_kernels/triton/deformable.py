@@ -69,13 +69,14 @@ class DeformableBlockSizes:
 
 
 def deformable_block_sizes(
-    cg: int, cout_g: int, pixels: int, per_group: int
+    cg: int, cout_g: int, pixels: int, per_group: int, partial: str = "y"
 ) -> DeformableBlockSizes:
     """The heuristic's tiles (not yet tuned on a GPU): 64 pixels a program; ``block_c`` the
     largest power of 2 from 16 to 32 that divides both the feature group's channels ``cg`` and
     an offset group's ``per_group`` (each block then has one offset group: its sample positions
     and bilinear weights are one per pixel), else the smallest that covers ``cg`` with little
-    padding; ``block_out`` likewise up to 64."""
+    padding; ``block_out`` likewise up to 64. ``partial="x"`` (the atomic scatter: the column
+    and four neighbours' indices live at once) takes 8 warps, which it needs to spill nothing."""
     common = math.gcd(cg, per_group)
     block_c = next((b for b in (32, 16) if common % b == 0), None)
     return DeformableBlockSizes(
@@ -83,6 +84,7 @@ def deformable_block_sizes(
         block_c=block_c or cm.channel_block(cg, 32),
         block_out=cm.channel_block(cout_g, 64),
         chunks_dw=max(1, min(16, pixels // 4096)),
+        num_warps=8 if partial == "x" else 4,
     )
 
 
@@ -360,11 +362,14 @@ def _grad_x_kernel(w_ref, d_ref, dy_ref, off_ref, dx_ref, *, f: _Form, bs: Defor
 # ----------------------------------------------------------------------------------------------
 
 
-def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, d, offsets):
+def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, d, offsets,
+           partial: str = "y"):  # fmt: skip
     """The tiles (the caller's or the heuristic's) and the static form of one call."""
     groups = offsets.shape[5] if offsets is not None else d.shape[-1] if d is not None else 1
     fg = channels // cg
-    bs = call.block_sizes or deformable_block_sizes(cg, cout // fg, pixels, channels // groups)
+    bs = call.block_sizes or deformable_block_sizes(
+        cg, cout // fg, pixels, channels // groups, partial
+    )
     form = _Form(
         g=call.geom,
         feature_groups=fg,
@@ -425,9 +430,7 @@ def grad_x(w, d, dy, offsets, call: KernelCall) -> jax.Array:
     array), rounded to the inputs' dtype after."""
     n, ho, wo, cout = dy.shape
     cg = w.shape[2]
-    bs, f = _setup(call, call.out_shape[3], cg, cout, n * ho * wo, d, offsets)
-    if call.block_sizes is None:  # the column and four neighbours' indices: 8 warps, no spills
-        bs = dataclasses.replace(bs, num_warps=8)
+    bs, f = _setup(call, call.out_shape[3], cg, cout, n * ho * wo, d, offsets, "x")
     grid = (pl.cdiv(n * ho * wo, bs.block_p), f.feature_groups * pl.cdiv(cg, bs.block_c))
     body = functools.partial(_grad_x_kernel, f=f, bs=bs)
     zeros = vary_like(jnp.zeros(call.out_shape, _F32), w, d, dy, offsets)
