@@ -195,12 +195,19 @@ def _plot_fields(out: Path, u: np.ndarray, v_true: np.ndarray, v: np.ndarray, ma
 
 
 def _plot_images(out: Path, clean, observed, restored, curve: np.ndarray):
-    """A held-out photo: true, warped, restored with the learned offsets; the loss."""
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
-    common.show_image(axes[0], clean, "held-out photo")
-    common.show_image(axes[1], observed, "warped (observed)")
-    common.show_image(axes[2], restored, "resampled at the learned offsets")
-    common.plot_losses(axes[3], {"offsets": curve})
+    """A held-out photo: true, warped, restored with the learned offsets; the errors of the
+    last two (the frame's margin included) and the training loss."""
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7.4))
+    common.show_image(axes[0, 0], clean, "held-out photo")
+    common.show_image(axes[0, 1], observed, "warped (observed)")
+    common.show_image(axes[0, 2], restored, "resampled at the learned offsets")
+    errors = [np.abs(np.asarray(v) - clean).mean(axis=-1) for v in (observed, restored)]
+    top = float(np.percentile(errors[0], 99))
+    for ax, err, title in zip(axes[1, :2], errors, ("|warped - photo|", "|restored - photo|"),
+                              strict=True):  # fmt: skip
+        handle = common.show_image(ax, err, title, cmap="magma", vmin=0, vmax=top)
+    fig.colorbar(handle, ax=axes[1, :2], fraction=0.03)
+    common.plot_losses(axes[1, 2], {"offsets": curve})
     return common.save_figure(fig, out, "images_and_loss.png")
 
 
