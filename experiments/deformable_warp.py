@@ -197,7 +197,7 @@ def _plot_fields(out: Path, u: np.ndarray, v_true: np.ndarray, v: np.ndarray, ma
 def _plot_images(out: Path, clean, observed, restored, curve: np.ndarray):
     """A held-out photo: true, warped, restored with the learned offsets; the errors of the
     last two (the frame's margin included) and the training loss."""
-    fig, axes = plt.subplots(2, 3, figsize=(11, 7.4))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.4), gridspec_kw={"wspace": 0.55})
     common.show_image(axes[0, 0], clean, "held-out photo")
     common.show_image(axes[0, 1], observed, "warped (observed)")
     common.show_image(axes[0, 2], restored, "resampled at the learned offsets")
@@ -206,7 +206,7 @@ def _plot_images(out: Path, clean, observed, restored, curve: np.ndarray):
     for ax, err, title in zip(axes[1, :2], errors, ("|warped - photo|", "|restored - photo|"),
                               strict=True):  # fmt: skip
         handle = common.show_image(ax, err, title, cmap="magma", vmin=0, vmax=top)
-    fig.colorbar(handle, ax=axes[1, :2], fraction=0.03)
+    fig.colorbar(handle, ax=axes[1, 1], fraction=0.046)
     common.plot_losses(axes[1, 2], {"offsets": curve})
     return common.save_figure(fig, out, "images_and_loss.png")
 
