@@ -77,7 +77,7 @@ NEXT_PIN   ?= jax==0.12.0.1 jaxlib==0.12.0.1 triton==3.9.0
 NEXT_TESTS ?= tests/test_machine_code.py tests/test_dispatch.py tests/test_traffic.py \
               tests/test_pallas_modulated.py tests/test_pallas_local.py tests/test_pallas_pixel.py \
               tests/test_gaussian.py tests/test_transforms.py tests/test_sharding.py \
-              tests/test_kernel_helpers.py tests/test_mosaic.py
+              tests/test_kernel_helpers.py tests/test_mosaic.py tests/test_deformable.py
 
 test-jax-next: $(PY)
 	@test -x $(NEXT_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(NEXT_VENV)
