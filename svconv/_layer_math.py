@@ -71,13 +71,6 @@ def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
 # ModulatedConv
 
 
-def modulated_conv_shapes(
-    in_features: int, out_features: int, size: tuple[int, int]
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of ``kernel [kh, kw, in, out]`` and ``bias [out]``."""
-    return (*size, in_features, out_features), (out_features,)
-
-
 def _op_settings(layer: Any) -> dict[str, Any]:
     """The op's keyword arguments from a layer's settings (linen and NNX layers name them
     alike): ``strides``, ``padding``, ``kernel_dilation``, ``precision``, ``impl``."""
@@ -93,10 +86,12 @@ def _op_settings(layer: Any) -> dict[str, Any]:
 def modulated_conv(
     layer: Any, x: jax.Array, d: jax.Array, kernel: jax.Array, bias: jax.Array | None
 ) -> jax.Array:
-    """``modulated_conv2d(x, kernel, d) + bias`` with ``layer``'s settings, in the promoted (or
-    the layer's) dtype."""
+    """``modulated_conv2d(x, kernel, d) + bias`` with ``layer``'s settings (and its
+    ``feature_group_count``), in the promoted (or the layer's) dtype."""
     x, kernel, d, bias = promote(x, kernel, d, bias, dtype=layer.dtype)
-    return _add_bias(modulated_conv2d(x, kernel, d, **_op_settings(layer)), bias)
+    groups = layer.feature_group_count
+    y = modulated_conv2d(x, kernel, d, feature_group_count=groups, **_op_settings(layer))
+    return _add_bias(y, bias)
 
 
 # --------------------------------------------------------------------------------------------

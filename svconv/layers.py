@@ -68,15 +68,21 @@ class ModulatedConv(_Conv):
       use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as ``nn.Conv``.
       impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
         ``"reference"``.
+      feature_group_count: as ``nn.Conv``: the kernel is ``[kh, kw, in // groups, features]``
+        (with groups, or a ``d`` with modulation groups, the op runs the deformable family's
+        kernels: see :func:`svconv.modulated_conv2d`).
     """
+
+    feature_group_count: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, d: jax.Array) -> jax.Array:
-        """``x [batch, height, width, in]``, ``d [batch, out_h, out_w, kh, kw]`` or shared
-        ``[out_h, out_w, kh, kw]`` -> ``[batch, out_h, out_w, features]``."""
-        kernel_shape, bias_shape = _layer_math.modulated_conv_shapes(
-            x.shape[-1], self.features, _layer_math.kernel_size(self.kernel_size)
-        )
+        """``x [batch, height, width, in]``, ``d [batch, out_h, out_w, kh, kw(, groups)]`` or
+        shared ``[out_h, out_w, kh, kw(, groups)]`` -> ``[batch, out_h, out_w, features]``."""
+        kernel_shape, bias_shape = _layer_math.deformable_conv_shapes(
+            x.shape[-1], self.features, _layer_math.kernel_size(self.kernel_size),
+            self.feature_group_count,
+        )  # fmt: skip
         return _layer_math.modulated_conv(self, x, d, *self._parameters(kernel_shape, bias_shape))
 
 

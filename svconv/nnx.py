@@ -135,6 +135,8 @@ class ModulatedConv(nnx.Module):
       bias_init: initializer of ``bias [out_features]``.
       impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
         ``"reference"``.
+      feature_group_count: as ``nnx.Conv``: the kernel is ``[kh, kw, in_features // groups,
+        out_features]`` (see :func:`svconv.modulated_conv2d` for what runs it).
       rngs: the random generators; parameters draw from ``rngs.params()``.
     """
 
@@ -154,11 +156,15 @@ class ModulatedConv(nnx.Module):
         kernel_init: Initializer = _layer_math.KERNEL_INIT,
         bias_init: Initializer = _layer_math.BIAS_INIT,
         impl: str | None = None,
+        feature_group_count: int = 1,
         rngs: nnx.Rngs,
     ):
         _set_conv_settings(self, in_features, out_features, kernel_size, locals())
-        shapes = _layer_math.modulated_conv_shapes(
-            self.in_features, self.out_features, self.kernel_size
+        self.feature_group_count = _layer_math.positive_int(
+            "feature_group_count", feature_group_count
+        )
+        shapes = _layer_math.deformable_conv_shapes(
+            self.in_features, self.out_features, self.kernel_size, self.feature_group_count
         )
         _create_parameters(self, shapes, kernel_init, bias_init, rngs)
 
@@ -168,7 +174,7 @@ class ModulatedConv(nnx.Module):
         Args:
           x: input ``[batch, height, width, in_features]``.
           d: modulation ``[batch, out_height, out_width, kh, kw]``, or ``[out_height, out_width,
-            kh, kw]`` shared over the batch.
+            kh, kw]`` shared over the batch (either with a trailing axis of modulation groups).
 
         Returns:
           ``[batch, out_height, out_width, out_features]``.

@@ -499,3 +499,23 @@ def test_triton_kernels_without_mask_or_offsets_and_in_bfloat16():
         svconv.deformable_filter2d(x, mask, offsets, impl="triton")
     with pytest.raises(NotImplementedError, match="Pallas kernels is the default"):
         svconv.deformable_conv2d(x, w, offsets, feature_group_count=2, impl="pallas")
+
+
+def test_modulated_conv_layers_take_feature_groups():
+    """With ``d == 1`` and the same parameters: Flax's own grouped ``Conv``, linen and NNX."""
+    import flax.linen as fnn
+    from flax import nnx
+
+    x = rands(51, (2, 7, 8, 6))[0]
+    ones = jnp.ones((7, 8, 3, 3))
+    layer = svconv.ModulatedConv(features=4, kernel_size=3, feature_group_count=2)
+    params = layer.init(jax.random.key(0), x, ones)
+    assert params["params"]["kernel"].shape == (3, 3, 3, 4)
+    want = fnn.Conv(4, (3, 3), feature_group_count=2).apply(params, x)
+    assert_close(layer.apply(params, x, ones), want, tol=1e-6)
+    mod = svconv.nnx.ModulatedConv(6, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0))
+    mod.kernel[...] = params["params"]["kernel"]
+    mod.bias[...] = params["params"]["bias"]
+    assert_close(mod(x, ones), want, tol=1e-6)
+    with pytest.raises(ValueError, match="`feature_group_count` 4 does not divide in_features=6"):
+        svconv.nnx.ModulatedConv(6, 4, 3, feature_group_count=4, rngs=nnx.Rngs(0))
