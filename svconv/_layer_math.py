@@ -149,6 +149,16 @@ def predicted_logits(size: tuple[int, int], groups: int) -> int:
     return size[0] * size[1] * groups
 
 
+def check_groups(groups: int, x: jax.Array) -> int:
+    """A layer's ``groups``, which must divide the channels of ``x``."""
+    if x.shape[-1] % groups:
+        raise ValueError(
+            f"`groups`={groups} does not divide the {x.shape[-1]} channels of `x` of shape "
+            f"{tuple(x.shape)}"
+        )
+    return groups
+
+
 def filter_with_logits(
     layer: Any, x: jax.Array, logits: jax.Array, size: tuple[int, int]
 ) -> tuple[jax.Array, jax.Array]:
@@ -160,12 +170,7 @@ def filter_with_logits(
       The filtered ``x`` in ``dtype`` (default ``x``'s) and the kernels
       ``[batch, h, w, kh, kw, groups]`` (float32).
     """
-    groups = layer.groups
-    if x.shape[-1] % groups:
-        raise ValueError(
-            f"`groups`={groups} does not divide the {x.shape[-1]} channels of `x` of shape "
-            f"{tuple(x.shape)}"
-        )
+    groups = check_groups(layer.groups, x)
     kh, kw = size
     logits = logits.reshape(*logits.shape[:3], kh * kw, groups) / layer.temperature
     kernels = jax.nn.softmax(logits.astype(jnp.float32), axis=3)
@@ -204,6 +209,12 @@ def predicted_sampling(size: tuple[int, int], offset_groups: int, use_mask: bool
     """Output channels of the offset predictor: ``(dy, dx)`` (and a mask logit) per tap and
     offset group."""
     return size[0] * size[1] * offset_groups * (3 if use_mask else 2)
+
+
+def check_sampling(offsets: jax.Array | None, mask: jax.Array | None) -> None:
+    """A deformable layer's call: a mask only with offsets (else both are predicted)."""
+    if offsets is None and mask is not None:
+        raise ValueError("`mask` without `offsets`: pass both, or neither to predict them")
 
 
 def split_sampling(
@@ -251,12 +262,7 @@ def deformable_filter(
     and weight logits, a softmax over the taps (with ``layer.softmax``; else the logits are the
     weights, as DCNv4's), then :func:`svconv.deformable_filter2d` of ``v``. Returns the result
     and the filters ``[batch, h, w, kh, kw, groups]`` and offsets (float32)."""
-    groups = layer.groups
-    if v.shape[-1] % groups:
-        raise ValueError(
-            f"`groups`={groups} does not divide the {v.shape[-1]} channels of `x` of shape "
-            f"{tuple(v.shape)}"
-        )
+    groups = check_groups(layer.groups, v)
     kh, kw = size
     p = predicted.astype(jnp.float32).reshape(*predicted.shape[:3], kh * kw, groups, 3)
     offsets, logits = p[..., :2], p[..., 2]

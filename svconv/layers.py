@@ -248,9 +248,8 @@ class DeformableConv(_Conv):
         _checks.rank("x", x, (4,), "[batch, height, width, in_channels]")
         size = _layer_math.kernel_size(self.kernel_size)
         groups = _layer_math.check_offset_groups(self.offset_groups, x.shape[-1])
+        _layer_math.check_sampling(offsets, mask)
         if offsets is None:
-            if mask is not None:
-                raise ValueError("`mask` without `offsets`: pass both, or neither to predict them")
             predicted = nn.Conv(
                 _layer_math.predicted_sampling(size, groups, self.use_mask),
                 size,

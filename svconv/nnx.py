@@ -467,9 +467,8 @@ class DeformableConv(nnx.Module):
           ``[batch, out_height, out_width, out_features]``.
         """
         _check_channels(x, self.in_features, "[batch, height, width, in_features]")
+        _layer_math.check_sampling(offsets, mask)
         if offsets is None:
-            if mask is not None:
-                raise ValueError("`mask` without `offsets`: pass both, or neither to predict them")
             if self.offset_predictor is None:
                 raise ValueError("the layer was built with predict_offsets=False: pass `offsets`")
             offsets, mask = _layer_math.split_sampling(

@@ -705,11 +705,8 @@ def deformable_filter2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of ``x`` and ``k``.
     """
-    x = _checks.inexact_array("x", x)
-    k = _checks.inexact_array("k", k)
+    x, k, _, _ = _pixel_operands(x, k)
     impl = _checks.impl(impl)
-    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
-    _checks.rank("k", k, (5, 6), "[batch, out_height, out_width, kh, kw(, groups)]")
     shapes = {"x": x.shape, "k": k.shape, "offsets": jnp.shape(offsets)}
     geom = _checks.geometry(x.shape[1:3], k.shape[3:5], stride, padding, dilation, shapes)
     offsets, k, groups = _filter_operands("deformable_filter2d", x, k, offsets, geom)
@@ -768,11 +765,8 @@ def deformable_splat2d(
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of ``x`` and ``k``.
     """
-    x = _checks.inexact_array("x", x)
-    k = _checks.inexact_array("k", k)
+    x, k, _, _ = _pixel_operands(x, k)
     impl = _checks.impl(impl)
-    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
-    _checks.rank("k", k, (5, 6), "[batch, height, width, kh, kw(, groups)]")
     kernel_size = tuple(k.shape[3:5])
     shapes = {"k": k.shape, "offsets": jnp.shape(offsets)}
     geom = _splat_geometry(

@@ -64,33 +64,41 @@ def check_tiles(tiles, *, minimum: int, counts: tuple[str, ...] = ("num_stages",
             raise ValueError(f"{name} must be a power of 2 >= {minimum}, got {value}")
 
 
-def run(body, operands, call: KernelCall, *, name: str, grid, tiles, out=None):
+def run(body, operands, call: KernelCall, *, name: str, grid, tiles, out=None, zeroed=False):
     """``body`` as a Pallas (Triton) kernel over ``grid`` on whole-array refs (``pl.ANY``:
     kernels address them with index arrays and masks): its refs are the operands' (None for an
     operand that is None) and the result's. The result is ``call.out_shape`` in the first
     operand's dtype unless ``out`` (a ``jax.ShapeDtypeStruct``) says otherwise; ``tiles`` gives
-    ``num_warps`` and ``num_stages``."""
+    ``num_warps`` and ``num_stages``. ``zeroed``: the result starts as zeros (an array of zeros
+    aliased to it), for kernels that add into it with atomics."""
     present = [a for a in operands if a is not None]
-
-    def kernel(*refs):
-        refs = list(refs)
-        return body(*(refs.pop(0) if a is not None else None for a in operands), *refs)
-
     out = out or jax.ShapeDtypeStruct(call.out_shape, present[0].dtype)
     # Inside shard_map the result varies over the manual axes its operands vary over.
     out = jax.ShapeDtypeStruct(
         out.shape, out.dtype, manual_axis_type=geometry.manual_axis_type(*present)
     )
+    inputs = present
+    if zeroed:
+        inputs = [*present, geometry.vary_like(jnp.zeros(out.shape, out.dtype), *present)]
+
+    def kernel(*refs):
+        refs = list(refs)
+        args = [refs.pop(0) if a is not None else None for a in operands]
+        if zeroed:
+            refs.pop(0)  # the zeros' input ref: the result's ref aliases it
+        return body(*args, *refs)
+
     return pl.pallas_call(
         kernel,
         out_shape=out,
         grid=grid,
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(present),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * len(inputs),
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        input_output_aliases={len(present): 0} if zeroed else {},
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=call.interpret,
         name=f"svconv_{name}",
-    )(*present)
+    )(*inputs)
 
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

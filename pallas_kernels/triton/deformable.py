@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.geometry import Geometry, KernelCall, manual_axis_type, vary_like
+from pallas_kernels.geometry import Geometry, KernelCall
 from pallas_kernels.triton import _common as cm
 
 _F32 = jnp.float32
@@ -362,10 +362,16 @@ def _grad_x_kernel(w_ref, d_ref, dy_ref, off_ref, dx_ref, *, f: _Form, bs: Defor
 # ----------------------------------------------------------------------------------------------
 
 
-def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, d, offsets,
-           partial: str = "y"):  # fmt: skip
+def _groups(d, offsets) -> int:
+    """The offset (modulation) groups, from ``offsets`` or ``d`` (1 without either)."""
+    if offsets is not None:
+        return offsets.shape[5]
+    return 1 if d is None else d.shape[-1]
+
+
+def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, groups: int,
+           shared_d: bool, partial: str = "y"):  # fmt: skip
     """The tiles (the caller's or the heuristic's) and the static form of one call."""
-    groups = offsets.shape[5] if offsets is not None else d.shape[-1] if d is not None else 1
     fg = channels // cg
     bs = call.block_sizes or deformable_block_sizes(
         cg, cout // fg, pixels, channels // groups, partial
@@ -374,7 +380,7 @@ def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, d, 
         g=call.geom,
         feature_groups=fg,
         moments=tuple(call.moments) or (0, 0),
-        shared_d=d is not None and d.ndim == 5,
+        shared_d=shared_d,
         precision=call.precision,
         interpret=call.interpret,
         uniform=(channels // groups) % bs.block_c == 0 and cg % bs.block_c == 0,
@@ -382,9 +388,14 @@ def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, d, 
     return bs, form
 
 
+def _shared(d) -> bool:
+    return d is not None and d.ndim == 5
+
+
 def forward(x, w, d, offsets, call: KernelCall) -> jax.Array:
     n, ho, wo, cout = call.out_shape
-    bs, f = _setup(call, x.shape[3], w.shape[2], cout, n * ho * wo, d, offsets)
+    groups = _groups(d, offsets)
+    bs, f = _setup(call, x.shape[3], w.shape[2], cout, n * ho * wo, groups, _shared(d))
     cout_g = cout // f.feature_groups
     grid = (pl.cdiv(n * ho * wo, bs.block_p), f.feature_groups * pl.cdiv(cout_g, bs.block_out))
     body = functools.partial(_forward_kernel, f=f, bs=bs)
@@ -395,9 +406,8 @@ def grad_d(x, w, dy, offsets, call: KernelCall) -> jax.Array:
     """``dd [N, Ho, Wo, kh, kw, Go]`` (a batch-shared target: computed per image, then summed)."""
     shared = len(call.out_shape) == 5
     n, ho, wo, cout = dy.shape
-    like = jax.ShapeDtypeStruct(call.out_shape, x.dtype)  # d's groups, for the tiles
-    bs, f = _setup(call, x.shape[3], w.shape[2], cout, n * ho * wo, like, offsets)
-    f = dataclasses.replace(f, shared_d=False)
+    groups = call.out_shape[-1]  # the target's (d's) offset groups
+    bs, f = _setup(call, x.shape[3], w.shape[2], cout, n * ho * wo, groups, False)
     kh, kw = call.geom.kernel_size
     shape = (n, *call.out_shape) if shared else call.out_shape
     grid = (pl.cdiv(n * ho * wo, bs.block_p), kh * kw)
@@ -411,7 +421,7 @@ def grad_d(x, w, dy, offsets, call: KernelCall) -> jax.Array:
 def grad_w(x, d, dy, offsets, call: KernelCall) -> jax.Array:
     kh, kw, cg, cout = call.out_shape
     n, ho, wo, _ = dy.shape
-    bs, f = _setup(call, x.shape[3], cg, cout, n * ho * wo, d, offsets)
+    bs, f = _setup(call, x.shape[3], cg, cout, n * ho * wo, _groups(d, offsets), _shared(d))
     cout_g = cout // f.feature_groups
     grid = (
         kh * kw,
@@ -426,33 +436,16 @@ def grad_w(x, d, dy, offsets, call: KernelCall) -> jax.Array:
 
 
 def grad_x(w, d, dy, offsets, call: KernelCall) -> jax.Array:
-    """``dx [N, H, W, C]``: float32 atomic adds into zeros (the kernel's output aliases a zero
-    array), rounded to the inputs' dtype after."""
+    """``dx [N, H, W, C]``: float32 atomic adds into zeros, rounded to the inputs' dtype after."""
     n, ho, wo, cout = dy.shape
     cg = w.shape[2]
-    bs, f = _setup(call, call.out_shape[3], cg, cout, n * ho * wo, d, offsets, "x")
+    groups = _groups(d, offsets)
+    bs, f = _setup(call, call.out_shape[3], cg, cout, n * ho * wo, groups, _shared(d), "x")
     grid = (pl.cdiv(n * ho * wo, bs.block_p), f.feature_groups * pl.cdiv(cg, bs.block_c))
     body = functools.partial(_grad_x_kernel, f=f, bs=bs)
-    zeros = vary_like(jnp.zeros(call.out_shape, _F32), w, d, dy, offsets)
-    operands = [a for a in (w, d, dy, offsets) if a is not None]
-
-    def kernel(*refs):
-        refs = list(refs)
-        *ins, _, dx_ref = refs  # the aliased zeros' input ref, then the output
-        ins = iter(ins)
-        args = [next(ins) if a is not None else None for a in (w, d, dy, offsets)]
-        return body(*args, dx_ref)
-
-    out = jax.ShapeDtypeStruct(call.out_shape, _F32, manual_axis_type=manual_axis_type(*operands))
-    dx = pl.pallas_call(
-        kernel,
-        out_shape=out,
-        grid=grid,
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * (len(operands) + 1),
-        out_specs=pl.BlockSpec(memory_space=pl.ANY),
-        input_output_aliases={len(operands): 0},
-        compiler_params=plt.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
-        interpret=call.interpret,
-        name="svconv_deformable_grad_x",
-    )(*operands, zeros)
+    out = jax.ShapeDtypeStruct(call.out_shape, _F32)
+    args = (w, d, dy, offsets)
+    dx = cm.run(
+        body, args, call, name="deformable_grad_x", grid=grid, tiles=bs, out=out, zeroed=True
+    )
     return dx.astype(dy.dtype)
