@@ -35,7 +35,9 @@ help:
 	@echo "                XLA's CUDA plugin (.venv-mosaic): no spills, shared memory in limits"
 	@echo "make demo       create .venv, run the worked examples (quick mode)"
 	@echo "make bench      benchmark on this machine -> results/bench-<device>.{md,json}; also"
-	@echo "                the static traffic report (results/traffic.md); BENCH_ARGS=--quick"
+	@echo "                the static traffic report (results/traffic.md); BENCH_ARGS=--quick;"
+	@echo "                the low-rank filters against the per-pixel route and deepinv ->"
+	@echo "                results/bench-product-<device>.{md,json} (BENCH_PRODUCT_ARGS=--quick)"
 	@echo "make gpu-check  on a machine with an NVIDIA GPU and the packages preinstalled: the"
 	@echo "                tests with the kernels compiled, a randomized comparison with the"
 	@echo "                reference, the GPU benchmark -> results/, summary and logs in"
@@ -77,7 +79,8 @@ NEXT_PIN   ?= jax==0.12.0.1 jaxlib==0.12.0.1 triton==3.9.0
 NEXT_TESTS ?= tests/test_machine_code.py tests/test_dispatch.py tests/test_traffic.py \
               tests/test_pallas_modulated.py tests/test_pallas_local.py tests/test_pallas_pixel.py \
               tests/test_gaussian.py tests/test_transforms.py tests/test_sharding.py \
-              tests/test_kernel_helpers.py tests/test_mosaic.py tests/test_deformable.py
+              tests/test_kernel_helpers.py tests/test_mosaic.py tests/test_deformable.py \
+              tests/test_product.py
 
 test-jax-next: $(PY)
 	@test -x $(NEXT_VENV)/bin/python || "$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(NEXT_VENV)
@@ -103,16 +106,19 @@ demo: $(PY)
 	$(PY) -m experiments.demo
 
 # PyTorch baselines: in $(PY) when torch imports there, else in .venv-torch (torch and the
-# torchvision built for it, for deform_conv2d; best effort: without them the table has no torch
-# columns and says why).
+# torchvision built for it, for deform_conv2d; deepinv, for its SpaceVaryingBlur; best effort:
+# without them the tables have no torch columns and say why).
 TORCH_PY  ?= python3
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+DEEPINV_PIN ?= deepinv==0.5.0
 BENCH_ARGS ?=
+BENCH_PRODUCT_ARGS ?=
 
 bench: $(PY) .venv-torch
 	$(PY) -m pip install -q $(JAX_PIN) -e '.[bench]'
 	$(PY) -m experiments.static.traffic
 	$(PY) -m experiments.bench $(BENCH_ARGS)
+	$(PY) -m experiments.bench_product $(BENCH_PRODUCT_ARGS)
 
 # The GPU machine's own Python and packages (jax with its CUDA plugin, torch, pytest): no venv.
 GPU_CHECK_PY   ?= python3
@@ -136,6 +142,9 @@ gpu-tune:
 	  { $(TORCH_PY) -m venv .venv-torch && .venv-torch/bin/pip install -q $(TORCH_PIN) numpy; } \
 	  || { echo "could not install $(TORCH_PIN) into .venv-torch: benchmarking without torch"; \
 	       rm -rf .venv-torch; }; fi
+	@if [ -x .venv-torch/bin/python ] && ! .venv-torch/bin/python -c 'import deepinv' 2>/dev/null; \
+	then .venv-torch/bin/pip install -q $(DEEPINV_PIN) \
+	  || echo "could not install $(DEEPINV_PIN) into .venv-torch: no deepinv column"; fi
 
 lint: $(PY)
 	$(PY) -m pip install -q ruff

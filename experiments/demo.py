@@ -15,11 +15,19 @@ from experiments import (
     deformable_warp,
     gaussian_blur,
     kpn_denoiser,
+    large_psf,
     learn_modulated_kernel,
     local_vs_conv,
 )
 
-EXPERIMENTS = (learn_modulated_kernel, gaussian_blur, kpn_denoiser, local_vs_conv, deformable_warp)
+EXPERIMENTS = (
+    learn_modulated_kernel,
+    gaussian_blur,
+    kpn_denoiser,
+    local_vs_conv,
+    deformable_warp,
+    large_psf,
+)
 
 
 def main() -> None:

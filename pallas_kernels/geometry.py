@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 Pair = tuple[int, int]
@@ -70,6 +71,7 @@ class KernelCall:
       out_shape: the shape of the result.
       precision: ``lax`` precision of the dots (families with dots).
       moments: powers of the tap features that weight the taps (families with parameters).
+      method: the family's static variant (the product family's ``"direct"`` or ``"fft"``).
       block_sizes: Pallas tiling, or None for the family's heuristic (Pallas kernels).
       interpret: run in Pallas's interpreter instead of compiling (Pallas kernels).
     """
@@ -78,8 +80,27 @@ class KernelCall:
     out_shape: tuple[int, ...]
     precision: Any = None
     moments: tuple[int, ...] = ()
+    method: str | None = None
     block_sizes: Any = None
     interpret: bool = False
+
+
+def after(value: jax.Array, *earlier: jax.Array) -> jax.Array:
+    """``value`` (the same numbers), computed only once ``earlier`` are: a data dependency on
+    each (its largest real part: a reduction, which stays local to each device, with a scalar
+    all-reduce, where the arrays are sharded), added as an exact zero (NaN and infinity
+    included), which XLA cannot fold away. (``lax.optimization_barrier`` orders nothing at run
+    time: XLA:CPU drops it before its thunks are scheduled.)"""
+    zero = None
+    for e in earlier:
+        if e.size == 0:
+            continue
+        s = jnp.max(jnp.real(e) if jnp.iscomplexobj(e) else e)
+        s = jnp.clip(jnp.where(jnp.isnan(s), 0, s), -1, 1).astype(jnp.float32) * 0
+        zero = s if zero is None else zero + s
+    if zero is None or value.size == 0:
+        return value
+    return value + zero.astype(value.dtype)
 
 
 def varying_axes(*arrays: Any) -> frozenset:

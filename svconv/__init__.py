@@ -15,6 +15,9 @@ Ops (NHWC images, HWIO kernels; differentiable in every array argument; jit/vmap
   (:func:`from_torch_deform_conv2d`, :func:`to_torch_deform_conv2d` convert the layouts).
 * :func:`deformable_filter2d`, :func:`deformable_splat2d` — per-pixel filters whose taps sample
   at offsets (DCNv3/DCNv4's aggregation), and their transpose.
+* :func:`product_filter2d`, :func:`product_splat2d` — per-pixel filters of low rank (a weighted
+  sum of shared filters at every pixel: large spatially-varying PSFs), by direct convolutions or
+  FFTs; :func:`psf_grid_decomposition`, :func:`low_rank_kernels` build the decomposition.
 
 Flax linen layers: :class:`ModulatedConv`, :class:`LocalConv`, :class:`KernelPredictionFilter`,
 :class:`DeformableConv`, :class:`DeformableFilter`;
@@ -40,9 +43,13 @@ from svconv.ops import (
     gaussian_kernels,
     gaussian_splat2d,
     local_conv2d,
+    low_rank_kernels,
     modulated_conv2d,
     pixel_filter2d,
     pixel_splat2d,
+    product_filter2d,
+    product_splat2d,
+    psf_grid_decomposition,
     to_torch_deform_conv2d,
 )
 
@@ -66,6 +73,10 @@ __all__ = [
     "modulated_conv2d",
     "pixel_filter2d",
     "pixel_splat2d",
+    "product_filter2d",
+    "product_splat2d",
+    "psf_grid_decomposition",
+    "low_rank_kernels",
     "to_torch_deform_conv2d",
 ]
 

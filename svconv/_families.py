@@ -20,7 +20,7 @@ from pallas_kernels.triton import gaussian as triton_gaussian
 from pallas_kernels.triton import local as triton_local
 from pallas_kernels.triton import modulated as triton_modulated
 from pallas_kernels.triton import pixel as triton_pixel
-from svconv import deformable, xla
+from svconv import deformable, product, xla
 from svconv._primitive import Backend, Family, Spec, Target, bind
 
 
@@ -280,4 +280,27 @@ DEFORMABLE = Family(
     params={"offsets": ("b", "ho", "wo", "kh", "kw", "g", "p")},
     param_jvp=deformable.param_jvp,
     bounded=False,
+)
+
+
+# Low-rank per-pixel filters: y = sum_r u_r * (f_r correlated with x). XLA only (direct
+# convolutions or FFTs, Spec.method).
+PRODUCT = Family(
+    name="product",
+    dims={
+        "x": ("b", "h", "w", "c"),
+        "f": ("r", "kh", "kw", "g"),
+        "u": ("b", "ho", "wo", "r"),
+        "y": ("b", "ho", "wo", "c"),
+    },
+    backends=(
+        Backend(
+            "xla",
+            {"y": product.forward, "x": product.grad_x, "f": product.grad_f, "u": product.grad_u},
+            {"y": product.forward_jvp, "x": product.grad_x_jvp},
+            pallas=False,
+        ),
+    ),
+    features={"c": "g"},
+    serial=True,
 )

@@ -56,7 +56,7 @@ from jax._src import config, dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from pallas_kernels.geometry import Geometry, KernelCall, match_varying
+from pallas_kernels.geometry import Geometry, KernelCall, after, match_varying
 from svconv import sharding
 from svconv._checks import accumulation_dtype
 
@@ -164,6 +164,10 @@ class Family:
       bounded: whether an output row reads only the input rows of its window (deformable
         offsets may reach any row): only then is the height split over devices with a halo
         exchange (:mod:`svconv.sharding`).
+      serial: whether its kernels must not run at the same time as each other (the FFTs of
+        the product family, which can hang XLA:CPU's thread pool when several run at once; see
+        :func:`svconv.product._after`): the transposes of one forward-mode tangent (a
+        backward pass) are then chained one after another.
     """
 
     name: str
@@ -173,6 +177,7 @@ class Family:
     param_jvp: Callable[..., jax.Array] | None = None
     features: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     bounded: bool = True
+    serial: bool = False
     primitive: Primitive = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -220,6 +225,8 @@ class Spec:
         with groups).
       moments: for families with parameters, the powers of the tap features that weight the
         taps (the Gaussian's derivatives in its parameters).
+      method: a family's static variant (the product family's ``"direct"`` or ``"fft"``), None
+        where the family has one way only.
       block_sizes: Pallas tiling, or None for the family's heuristic.
       interpret: Pallas kernels run in the interpreter (set when lowering).
       tangents: slots and parameters whose tangents follow the operands (named ``name'``): the
@@ -238,6 +245,7 @@ class Spec:
     feature_groups: int = 1
     unit: tuple[str, ...] = ()
     moments: tuple[int, ...] = ()
+    method: str | None = None
     block_sizes: Any = None
     interpret: bool = False
     tangents: tuple[str, ...] = ()
@@ -342,6 +350,8 @@ class Spec:
         candidates = self.candidates(target)
         if not candidates:
             names = ", ".join(b.name for b in self.family.backends)
+            if self.impl == "pallas" and not self.family.pallas_backends:
+                return None, [f"the {self.family.name} family has no Pallas kernels ({names} only)"]
             if self.impl == "pallas":
                 return None, [
                     f"none of the {self.family.name} family's Pallas kernels is the default on "
@@ -432,8 +442,10 @@ def _upcast(v: jax.Array, *, like) -> jax.Array:
 
 def _fuses_tangents(spec: Spec) -> bool:
     """Whether the tangents go to one fused kernel (else one term each)."""
-    if spec.impl in ("auto", "pallas"):
+    if spec.impl == "pallas":
         backends = spec.family.pallas_backends
+    elif spec.impl == "auto":
+        backends = (*spec.family.pallas_backends, spec.family.backend("xla"))
     else:
         backends = [spec.family.backend(spec.impl)]
     return any(spec.target in b.jvp for b in backends)
@@ -450,6 +462,8 @@ def _jvp(primals, tangents, *, spec: Spec):
     # One fused kernel where the family has one, else one term per tangent.
     with_tangents = dataclasses.replace(spec, tangents=tuple(n for n, _ in given))
     run = bind if _fuses_tangents(spec) else _expand
+    if spec.family.serial:  # the tangent's kernel (or its transposes) after the primal's
+        primals = [after(p, out) for p in primals]
     return out, run(with_tangents, *primals, *(t for _, t in given))
 
 
@@ -508,6 +522,9 @@ def _transpose_tangents(ct, *args, spec: Spec):
             at, i = list(primals), plain.operands.index(name)
             at[i] = tangent
             out[len(plain.operands) + k] = _transpose(ct, *at, spec=plain)[i]
+        done = out[len(plain.operands) + k]
+        if plain.family.serial and type(ct) is not ad.Zero and not isinstance(done, ad.Zero):
+            ct = after(ct, done)  # the next partial after this one
     return out
 
 
@@ -719,6 +736,7 @@ def run_kernel(spec: Spec, *operands: jax.Array) -> jax.Array:
         out_shape=out_shape,
         precision=spec.precision,
         moments=spec.moments,
+        method=spec.method,
         block_sizes=_tiles_for(spec.block_sizes, backend),
         interpret=spec.interpret,
     )

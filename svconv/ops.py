@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from svconv import _checks, gaussian, reference
-from svconv._families import DEFORMABLE, GAUSSIAN, LOCAL, MODULATED, PIXEL
+from svconv import _checks, gaussian, product, reference
+from svconv._families import DEFORMABLE, GAUSSIAN, LOCAL, MODULATED, PIXEL, PRODUCT
 from svconv._primitive import Family, Spec, bind
 
 PaddingLike = str | int | tuple[tuple[int, int], tuple[int, int]]
@@ -831,3 +831,233 @@ def to_torch_deform_conv2d(
                       "groups]")  # fmt: skip
         mask = mask.transpose(0, 5, 3, 4, 1, 2).reshape(n, groups * kh * kw, ho, wo)
     return w.transpose(3, 2, 0, 1), offset, mask
+
+
+# ---------------------------------------------------------------- low-rank per-pixel filters
+
+
+def _product_operands(x, filters, weights):
+    """Checks shared by the product filter and splat before the geometry: dtypes, ranks, the
+    filters' groups, the number of terms. Returns ``x``, the filters with a groups axis
+    ``[R, kh, kw, G]``, the weights and the number of groups."""
+    x = _checks.inexact_array("x", x)
+    filters = _checks.inexact_array("filters", filters)
+    weights = _checks.inexact_array("weights", weights)
+    _checks.rank("x", x, (4,), "[batch, height, width, channels]")
+    _checks.rank("filters", filters, (3, 4), "[rank, kh, kw] or [rank, kh, kw, groups]")
+    _checks.rank(
+        "weights", weights, (3, 4), "[batch, height, width, rank] or [height, width, rank]"
+    )
+    f4 = filters if filters.ndim == 4 else filters[..., None]
+    groups, channels = f4.shape[3], x.shape[3]
+    if groups < 1 or channels % groups:
+        raise ValueError(
+            f"`filters` of shape {tuple(filters.shape)} has {groups} channel groups, which does "
+            f"not divide the {channels} channels of `x` of shape {tuple(x.shape)}"
+        )
+    if weights.shape[-1] != f4.shape[0] or f4.shape[0] < 1:
+        raise ValueError(
+            f"`weights` of shape {tuple(weights.shape)} has {weights.shape[-1]} terms (its last "
+            f"axis) but `filters` of shape {tuple(filters.shape)} has {f4.shape[0]} (its first)"
+        )
+    return x, f4, weights, groups
+
+
+def _product_call(op, target, x, f4, weights, grid, geom, method, precision, impl, groups):
+    """Check the weights' grid and the method, then bind the product family's partial."""
+    layout = "[batch, height, width, rank] or [height, width, rank]"
+    rank = f4.shape[0]
+    shared = weights.ndim == 3
+    _checks.shape("weights", weights, (*grid[shared:], rank), layout + f" on a {grid} grid")
+    if method not in (None, *product.METHODS):
+        raise ValueError(f"`method` must be None, 'direct' or 'fft'; got {method!r}")
+    method = product.choose_method(geom, rank) if method is None else method
+    spec = {
+        "geom": geom, "impl": impl, "groups": groups, "precision": _checks.precision(precision),
+        "method": method, "shared": ("u",) if shared else (),
+    }  # fmt: skip
+    image = "x" if target == "y" else "y"
+    oracle = reference.product_filter2d if target == "y" else reference.product_splat2d
+    operands = {image: x, "f": f4, "u": weights}
+    dtype = jnp.result_type(*operands.values())
+    operands = {n: v.astype(dtype) for n, v in operands.items()}
+    if impl == "reference":
+        return oracle(x.astype(dtype), f4.astype(dtype), weights.astype(dtype), geom)
+    return _bind(op, Spec(family=PRODUCT, target=target, **spec), operands)
+
+
+def product_filter2d(
+    x: jax.Array,
+    filters: jax.Array,
+    weights: jax.Array,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    method: str | None = None,
+    precision: Any = None,
+    impl: str | None = None,
+) -> jax.Array:
+    """Per-pixel filters of low rank: a weighted sum of ``R`` shared filters at every pixel.
+
+    Exactly ``pixel_filter2d(x, k)`` with the per-pixel kernels
+    ``k[b,i,j,m,n] = sum_r weights[b,i,j,r] * filters[r,m,n]``, never built:
+    ``y = sum_r weights_r * (filters_r correlated with x)``, ``R`` spatially-invariant filters
+    whose outputs are weighted per output pixel (the product-convolution, or eigen-PSF, model of a
+    spatially-varying point-spread function). Memory ``O(R * image)`` whatever the kernel size,
+    so 64x64 to 256x256 kernels, out of reach of the per-pixel ops, run.
+
+    Args:
+      x: input ``[batch, height, width, channels]``.
+      filters: ``[R, kh, kw]`` (every channel), or ``[R, kh, kw, groups]`` with
+        ``channels % groups == 0`` (channel ``c`` uses group ``c // (channels // groups)``;
+        ``groups = channels``: one set per channel, e.g. per wavelength).
+      weights: the per-pixel coefficients ``[batch, out_height, out_width, R]``, or
+        ``[out_height, out_width, R]`` shared over the batch (see :func:`psf_grid_decomposition`
+        and :func:`low_rank_kernels` to build them with the filters).
+      stride, padding, dilation: as in :func:`pixel_filter2d`.
+      method: ``"direct"`` (``R`` depthwise convolutions: ``lax.conv_general_dilated``, cuDNN on
+        a GPU), ``"fft"`` (real FFTs of the zero-padded image, one per channel, and ``R`` inverse
+        ones; no circular wrap-around: the direct method's numbers up to rounding), or None:
+        the faster by a cost model measured on CPU (at rank 16 the FFTs from 11x11 on a
+        128x128 image, from 13x13 on 512x512).
+      precision: ``lax`` precision of the direct method's convolution.
+      impl: None, ``"xla"`` (the family has XLA kernels only: Pallas values raise
+        ``NotImplementedError``) or ``"reference"`` (the kernels built explicitly, for tests).
+
+    Returns:
+      ``[batch, out_height, out_width, channels]`` in the promoted input dtype (16-bit inputs
+      computed in float32).
+
+    Raises:
+      ValueError: mismatched ranks, terms (``R``), groups or grids, a kernel larger than the
+        padded image, an unknown ``method``. TypeError: integer or bool arrays.
+    """
+    x, f4, weights, groups = _product_operands(x, filters, weights)
+    impl = _checks.impl(impl)
+    shapes = {"x": x.shape, "filters": filters.shape, "weights": weights.shape}
+    geom = _checks.geometry(x.shape[1:3], f4.shape[1:3], stride, padding, dilation, shapes)
+    grid = (x.shape[0], *geom.out_size)
+    args = (x, f4, weights, grid, geom, method, precision, impl, groups)
+    return _product_call("product_filter2d", "y", *args)
+
+
+def product_splat2d(
+    x: jax.Array,
+    filters: jax.Array,
+    weights: jax.Array,
+    *,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = "SAME",
+    dilation: IntOrPair = 1,
+    output_size: tuple[int, int] | None = None,
+    method: str | None = None,
+    precision: Any = None,
+    impl: str | None = None,
+) -> jax.Array:
+    """Every source pixel spreads its own low-rank kernel: the transpose of
+    :func:`product_filter2d` in ``x``.
+
+    Exactly ``pixel_splat2d(x, k)`` with ``k[b,i,j,m,n] = sum_r weights[b,i,j,r] *
+    filters[r,m,n]`` on the source grid: ``y = sum_r filters_r convolved with (weights_r * x)``,
+    a point-spread function that moves with the source (``deepinv``'s ``SpaceVaryingBlur``).
+    With FFTs the ``R`` terms are summed in the frequency domain: ``R`` forward transforms per
+    channel and one inverse.
+
+    Args:
+      x: source image ``[batch, height, width, channels]``.
+      filters: ``[R, kh, kw]`` or ``[R, kh, kw, groups]``, as in :func:`product_filter2d`.
+      weights: per source pixel, ``[batch, height, width, R]`` or ``[height, width, R]``.
+      stride, padding, dilation, output_size: as in :func:`pixel_splat2d`.
+      method, precision, impl: as in :func:`product_filter2d`.
+
+    Returns:
+      ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
+    """
+    x, f4, weights, groups = _product_operands(x, filters, weights)
+    impl = _checks.impl(impl)
+    shapes = {"filters": filters.shape, "weights": weights.shape}
+    geom = _splat_geometry(
+        "product_splat2d", x, f4.shape[1:3], stride, padding, dilation, output_size, shapes
+    )
+    grid = tuple(x.shape[:3])
+    args = (x, f4, weights, grid, geom, method, precision, impl, groups)
+    return _product_call("product_splat2d", "x", *args)
+
+
+def psf_grid_decomposition(
+    psfs: jax.Array, image_size: tuple[int, int], *, rank: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Filters and per-pixel weights for :func:`product_filter2d` / :func:`product_splat2d` from
+    point-spread functions sampled on a coarse grid (the usual calibration).
+
+    The grid's ``Gh x Gw`` PSFs are taken at the centres of ``Gh x Gw`` equal regions of the
+    image (row-major). Without ``rank``: the exact Nagy-O'Leary interpolation, the filters are
+    the grid PSFs and the weights bilinear hat functions, so each pixel's kernel is the bilinear
+    interpolation of its (up to) four neighbouring PSFs, constant beyond the outermost nodes
+    (the weights sum to one at every pixel). With ``rank=R``: the ``R`` leading eigen-PSFs (the
+    SVD of the grid PSFs) and their coefficients interpolated the same way, so each pixel's
+    kernel is the interpolation of the grid PSFs' best rank-``R`` approximations.
+
+    Args:
+      psfs: ``[Gh, Gw, kh, kw]``, or ``[Gh, Gw, kh, kw, C]`` (per channel: filters
+        ``[R, kh, kw, C]``, one coefficient per term for every channel).
+      image_size: ``(height, width)`` of the grid the weights live on: the output grid of
+        :func:`product_filter2d`, the source grid of :func:`product_splat2d`.
+      rank: the number of eigen-PSFs, ``1 <= rank <= min(Gh * Gw, kh * kw (* C))``; None: the
+        interpolation form (``R = Gh * Gw``).
+
+    Returns:
+      ``(filters [R, kh, kw(, C)], weights [height, width, R])`` in ``psfs``' dtype (float32 for
+      16-bit ``psfs``).
+    """
+    psfs = _checks.inexact_array("psfs", psfs)
+    _checks.rank("psfs", psfs, (4, 5), "[grid_h, grid_w, kh, kw] or [grid_h, grid_w, kh, kw, C]")
+    size = _checks.pair("image_size", image_size)
+    grid, kernel = tuple(psfs.shape[:2]), tuple(psfs.shape[2:])
+    if min(grid) < 1 or min(kernel) < 1:
+        raise ValueError(f"`psfs` of shape {tuple(psfs.shape)} is empty")
+    dtype = _checks.accumulation_dtype(psfs.dtype)
+    hats = product.interpolation_weights(grid, size, jnp.finfo(dtype).dtype)
+    flat = psfs.astype(dtype).reshape(grid[0] * grid[1], -1)
+    if rank is None:
+        return flat.reshape(-1, *kernel), hats.astype(dtype)
+    most = min(flat.shape)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= most:
+        raise ValueError(
+            f"`rank` must be an int from 1 to {most} (the grid's {flat.shape[0]} PSFs of "
+            f"{flat.shape[1]} values, `psfs` of shape {tuple(psfs.shape)}); got {rank!r}"
+        )
+    basis, coefficients, _ = product.top_components(flat, rank)
+    weights = jnp.einsum("hwg,gr->hwr", hats.astype(dtype), coefficients, precision="highest")
+    return basis.reshape(rank, *kernel), weights
+
+
+def low_rank_kernels(k: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best rank-``R`` factorisation of per-pixel kernels, for :func:`product_filter2d`.
+
+    ``k[..., m, n] ~ sum_r weights[..., r] * filters[r, m, n]`` with orthonormal filters (the
+    leading right singular vectors of ``k`` viewed as ``[pixels, kh * kw]``, from its
+    ``[kh*kw, kh*kw]`` Gram matrix), the least-squares best for that rank.
+
+    Args:
+      k: per-pixel kernels ``[..., kh, kw]``, e.g. ``[batch, height, width, kh, kw]`` from
+        :func:`gaussian_kernels`.
+      rank: ``1 <= rank <= kh * kw``.
+
+    Returns:
+      ``(filters [R, kh, kw], weights [..., R], error)``: ``error`` is the relative Frobenius
+      error ``|k - approximation| / |k|`` the rank leaves (a float scalar).
+    """
+    k = _checks.inexact_array("k", k)
+    if k.ndim < 3:
+        raise ValueError(
+            f"`k` must be [..., kh, kw] with at least one leading axis, got shape {tuple(k.shape)}"
+        )
+    taps = k.shape[-2] * k.shape[-1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= taps:
+        raise ValueError(
+            f"`rank` must be an int from 1 to kh * kw = {taps} (`k` of shape {tuple(k.shape)}); "
+            f"got {rank!r}"
+        )
+    return product.low_rank(k, rank)

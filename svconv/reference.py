@@ -163,3 +163,26 @@ def deformable_conv2d(x, w, offsets, mask, geom: Geometry, feature_groups: int =
             outs.append(jnp.einsum("bhwc,co->bhwo", chunk, wf, precision=_HI))
         y = y + jnp.concatenate(outs, axis=-1)
     return y.astype(dtype)
+
+
+def _product_kernels(f, u):
+    """The per-pixel kernels ``[N, Ho, Wo, kh, kw, G]`` of a product decomposition."""
+    k = jnp.einsum("...r,rmng->...mng", u, f, precision=_HI)
+    return k if k.ndim == 6 else k[None]
+
+
+def product_filter2d(x, f, u, geom: Geometry) -> jax.Array:
+    """:func:`pixel_filter2d` with ``k[b,i,j,m,n,g] = sum_r u[b,i,j,r] * f[r,m,n,g]`` (``u``
+    may be shared over the batch)."""
+    dtype = jnp.result_type(x, f, u)
+    f, u = f.astype(accumulation_dtype(dtype)), u.astype(accumulation_dtype(dtype))
+    k = jnp.broadcast_to(_product_kernels(f, u), (x.shape[0], *geom.out_size, *f.shape[1:]))
+    return pixel_filter2d(x, k, geom).astype(dtype)
+
+
+def product_splat2d(x, f, u, geom: Geometry) -> jax.Array:
+    """:func:`pixel_splat2d` with the kernels of :func:`product_filter2d` on the source grid."""
+    dtype = jnp.result_type(x, f, u)
+    f, u = f.astype(accumulation_dtype(dtype)), u.astype(accumulation_dtype(dtype))
+    k = jnp.broadcast_to(_product_kernels(f, u), (*x.shape[:3], *f.shape[1:]))
+    return pixel_splat2d(x, k, geom).astype(dtype)

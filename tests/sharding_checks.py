@@ -69,6 +69,9 @@ CHECKS = (
     # Deformable offsets may reach any row: batch sharding stays, height sharding is gathered.
     Check("deformable", "xla", "batch"),
     Check("deformable", "xla", "height", split=False),
+    # Product convolution (XLA only): FFTs per batch shard, then per height shard with a halo.
+    Check("product", "xla", "batch"),
+    Check("product_fft", "xla", "height"),
     # Forward mode: the fused tangent kernels (Pallas) take halos for the tangent of x too, and
     # the Gaussian's tangents of its parameters sharded like them.
     *(
@@ -154,6 +157,18 @@ def _setup(check: Check):
                 deformable,
                 [normal(N, H, W, 2), normal(k, k, 1, 4), normal(N, ho, wo, k, k, 2), offsets],
                 [image, P(), image, image],
+            )
+        case "product" | "product_fft":
+            # Two channel groups of filters, weights per pixel; direct or FFTs.
+            method = "fft" if check.op == "product_fft" else "direct"
+
+            def product(x, f, u):
+                return svconv.product_filter2d(x, f, u, method=method, **geo)
+
+            return (
+                product,
+                [normal(N, H, W, 2 * GROUPS), normal(3, k, k, GROUPS), normal(N, ho, wo, 3)],
+                [image, P(), image],
             )
         case "gaussian_splat":
             # Axis-aligned elliptical Gaussians spread by every source pixel (stride 1).
@@ -313,7 +328,9 @@ SHARD_MAP_CHECKS = tuple(
 # interpreter runs instead (the reason at debug level), with the same numbers.
 SHARD_MAP_CHECKS += (ShardMapCheck("pixel_wide", "mosaic", "vjp"),)
 SHARD_MAP_CHECKS += tuple(
-    ShardMapCheck("deformable", "xla", transform) for transform in ("vjp", "jvp", "transpose")
+    ShardMapCheck(op, "xla", transform)
+    for op in ("deformable", "product_fft")
+    for transform in ("vjp", "jvp", "transpose")
 )
 NAMES = (*NAMES, *(c.name for c in SHARD_MAP_CHECKS))
 

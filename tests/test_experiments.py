@@ -20,6 +20,7 @@ EXPERIMENTS = [
     "kpn_denoiser",
     "local_vs_conv",
     "deformable_warp",
+    "large_psf",
     "data_parallel",
 ]
 
