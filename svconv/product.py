@@ -13,9 +13,9 @@ dtype, then a :class:`~pallas_kernels.geometry.KernelCall`), slots ``x, f, u, y`
 * :func:`forward` computes the ``R`` correlations one of two ways (``call.method``):
   ``"direct"``, one depthwise ``lax.conv_general_dilated`` with ``R`` outputs per channel
   (cuDNN on a GPU), or ``"fft"``, real FFTs of the zero-padded image of a fast length: one
-  forward transform per channel, the filters' transforms, ``R`` inverse ones per channel. The
-  padding is large enough that the circular convolution never wraps around: the numbers are the
-  direct method's up to rounding.
+  forward transform per channel, the filters' transforms, ``R`` inverse ones per channel (along
+  the rows, then along the columns of the rows kept only). The padding is large enough that the
+  circular convolution never wraps around: the numbers are the direct method's up to rounding.
 * :func:`grad_x` (the splat), :func:`grad_f` and :func:`grad_u` are the transposes of the
   forward in one slot, taken by JAX from the same computation: the splat sums its ``R`` terms in
   the frequency domain (``R`` forward transforms per channel, one inverse), the filters' gradient
@@ -123,13 +123,17 @@ def _correlate(xf: jax.Array, ff: jax.Array, geom: Geometry, dtype) -> jax.Array
     r, g = ff.shape[:2]
     real = _is_real(jnp.zeros((), dtype))
     product = xf.reshape(n, 1, g, c // g, *spectrum) * ff.reshape(1, r, g, 1, *spectrum)
-    z = _transforms(real)[1](product.reshape(n, r, c, *spectrum), s=_fft_sizes(geom))
-    z = z.astype(dtype) if real else z
+    product = product.reshape(n, r, c, *spectrum)
     kh, kw = ((k - 1) * d + 1 for k, d in zip(geom.kernel_size, geom.dilation, strict=True))
     (ho, wo), (sh, sw) = geom.out_size, geom.stride
     rows = slice(kh - 1, kh - 1 + (ho - 1) * sh + 1, sh)
     cols = slice(kw - 1, kw - 1 + (wo - 1) * sw + 1, sw)
-    return z[:, :, :, rows, cols]
+    # The inverse along the rows first, then along the columns of the kept rows only.
+    lh, lw = _fft_sizes(geom)
+    z = jnp.fft.ifft(product, n=lh, axis=-2)[..., rows, :]
+    z = jnp.fft.irfft(z, n=lw, axis=-1) if real else jnp.fft.ifft(z, n=lw, axis=-1)
+    z = z.astype(dtype) if real else z
+    return z[..., cols]
 
 
 def _weigh(z: jax.Array, u: jax.Array) -> jax.Array:
