@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -53,15 +54,28 @@ def decomposition(sigma: jax.Array, kernel: int):
     return svconv.psf_grid_decomposition(psfs, (size, size), rank=RANK)
 
 
-def timed(fn, args, rounds: int) -> float:
-    """Median seconds per call after a warm-up call (compilation)."""
+def call_jax(fn, args) -> float:
+    """Seconds of one call, to the result's completion."""
+    start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return time.perf_counter() - start
+
+
+def interleaved(columns: dict, rounds: int) -> dict:
+    """``columns``: name -> mode -> ``() -> seconds`` (one call). One warm-up call each, then
+    ``rounds`` rounds sampling every column once, the order rotating each round, so that the
+    machine's drifting load hits every column alike. Medians in ms."""
+    keys = [(name, mode) for name, modes in columns.items() for mode in modes]
+    for name, mode in keys:
+        columns[name][mode]()
+    samples = {key: [] for key in keys}
+    for r in range(rounds):
+        for name, mode in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            samples[(name, mode)].append(columns[name][mode]())
+    out = {}
+    for (name, mode), xs in samples.items():
+        out.setdefault(name, {})[mode] = 1e3 * statistics.median(xs)
+    return out
 
 
 def value_and_grads(op):
@@ -71,21 +85,46 @@ def value_and_grads(op):
     return jax.jit(lambda *a: jax.value_and_grad(loss, argnums=tuple(range(len(a))))(*a))
 
 
-def run_torch(python: str, inputs: dict, rounds: int, threads: int) -> dict:
-    """The deepinv columns in ``python`` (a worker process): times and outputs."""
-    with tempfile.TemporaryDirectory() as tmp:
-        arrays = Path(tmp) / "inputs.npz"
+class TorchWorker:
+    """The deepinv columns in ``python`` (a worker process answering one timed call at a time,
+    so that its samples interleave with the JAX columns')."""
+
+    def __init__(self, python: str, inputs: dict, threads: int):
+        self.tmp = tempfile.TemporaryDirectory()
+        arrays = Path(self.tmp.name) / "inputs.npz"
         np.savez(arrays, **inputs)
-        out = Path(tmp) / "out.npz"
-        cmd = [python, "-m", "experiments.bench_product_torch", str(arrays), str(out)]
-        cmd += ["--rounds", str(rounds), "--threads", str(threads)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
-        if proc.returncode:
-            return {"missing": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        with np.load(out) as data:
-            result["outputs"] = {k: data[k] for k in data.files}
-        return result
+        self.out = Path(self.tmp.name) / "out.npz"
+        cmd = [python, "-m", "experiments.bench_product_torch", str(arrays), str(self.out)]
+        cmd += ["--threads", str(threads)]
+        # Passive OpenMP waits: torch's threads must not spin on the cores after each call, into
+        # the JAX samples that follow it.
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._ask(None)  # ready
+
+    def _ask(self, line: str | None) -> dict:
+        if line is not None:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the torch worker exited ({self.proc.wait()})")
+        return json.loads(answer)
+
+    def call(self, kernel: int, mode: str) -> float:
+        return self._ask(f"{kernel} {mode}")["s"]
+
+    def finish(self) -> tuple[dict, dict]:
+        versions = self._ask("outputs")["versions"]
+        with np.load(self.out) as data:
+            outputs = {k: data[k] for k in data.files}
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.tmp.cleanup()
+        return versions, outputs
 
 
 def torch_python(given: str | None) -> str | None:
@@ -112,7 +151,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0].device_kind
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((1, size, size, 3)), jnp.float32)
-    rows, torch_inputs = [], {}
+    rows, torch_inputs, cases = [], {}, []
     for kernel in kernels:
         row = {"kernel": kernel, "size": size, "channels": 3, "rank": RANK}
         sigma = gaussian_field(size, kernel)
@@ -120,7 +159,7 @@ def main(argv=None) -> None:
         product = jax.jit(lambda x, f, u: svconv.product_filter2d(x, f, u, method="fft"))
         approx = product(x, filters, weights)
         gauss_ok = kernel <= (127 if not quick else 31)  # the per-pixel route past that: hours
-        times = {
+        jax_columns = {
             "svconv product fft": (product, value_and_grads(product), (x, filters, weights)),
         }
         if gauss_ok:
@@ -128,38 +167,47 @@ def main(argv=None) -> None:
             exact = gauss(x, sigma)
             scale = float(jnp.max(jnp.abs(exact)))
             row["rank error"] = float(jnp.max(jnp.abs(approx - exact))) / scale
-            times["gaussian_filter2d"] = (gauss, value_and_grads(gauss), (x, sigma))
+            jax_columns["gaussian_filter2d"] = (gauss, value_and_grads(gauss), (x, sigma))
         # The deepinv comparison: the filter form, valid padding.
         vsize = size - kernel + 1
         wv = weights[kernel // 2 : kernel // 2 + vsize, kernel // 2 : kernel // 2 + vsize]
         valid = jax.jit(
             lambda x, f, u: svconv.product_filter2d(x, f, u, padding="VALID", method="fft")
         )
-        times["svconv product fft valid"] = (valid, value_and_grads(valid), (x, filters, wv))
+        jax_columns["svconv product fft valid"] = (valid, value_and_grads(valid), (x, filters, wv))
         torch_inputs[f"x{kernel}"] = np.asarray(x)
         torch_inputs[f"f{kernel}"] = np.asarray(filters)
         torch_inputs[f"u{kernel}"] = np.asarray(wv)
         row["valid output"] = np.asarray(valid(x, filters, wv))
-        for name, (fwd, both, inputs) in times.items():
-            row[name] = {
-                "fwd": 1e3 * timed(fwd, inputs, rounds),
-                "fwd+bwd": 1e3 * timed(both, inputs, rounds),
-            }
-            print(f"{size} {kernel} {name}: {row[name]}", flush=True)
         rows.append(row)
+        cases.append(jax_columns)
     python = None if args.torch_python == "none" else torch_python(args.torch_python)
     torch_info = {"missing": "deepinv does not import in any torch environment"}
-    if python:
-        torch_info = run_torch(python, torch_inputs, rounds, threads)
-    for row in rows:
+    worker = TorchWorker(python, torch_inputs, threads) if python else None
+    for row, jax_columns in zip(rows, cases, strict=True):
         kernel = row["kernel"]
+        columns = {
+            name: {
+                "fwd": functools.partial(call_jax, fwd, inputs),
+                "fwd+bwd": functools.partial(call_jax, both, inputs),
+            }
+            for name, (fwd, both, inputs) in jax_columns.items()
+        }
+        if worker:
+            columns["deepinv SpaceVaryingBlur fft"] = {
+                mode: functools.partial(worker.call, kernel, mode) for mode in ("fwd", "fwd+bwd")
+            }
+        row.update(interleaved(columns, rounds))
+        print(f"{size} {kernel}: {json.dumps({k: v for k, v in row.items() if k in columns})}")
+    if worker:
+        versions, outputs = worker.finish()
+        torch_info = {"versions": versions}
+    for row in rows:
         valid_output = row.pop("valid output")
-        if "missing" in torch_info:
-            continue
-        row["deepinv SpaceVaryingBlur fft"] = torch_info["times"][str(kernel)]
-        got = torch_info["outputs"][f"y{kernel}"]
-        diff = np.max(np.abs(got - valid_output)) / np.max(np.abs(valid_output))
-        row["deepinv relative difference"] = float(diff)
+        if worker:
+            got = outputs[f"y{row['kernel']}"]
+            diff = np.max(np.abs(got - valid_output)) / np.max(np.abs(valid_output))
+            row["deepinv relative difference"] = float(diff)
     report = {
         "date": datetime.date.today().isoformat(),
         "device": device,
@@ -198,7 +246,8 @@ def render(report: dict) -> str:
             if "deepinv" in report["versions"]
             else f" (deepinv: {report['torch']})"
         )
-        + f", {report['cpu_count']} CPU threads for both, median of {report['rounds']} calls, ms.",
+        + f", {report['cpu_count']} CPU threads for both, median of {report['rounds']} calls, ms, "
+        "every column (deepinv's in a worker process) sampled once per round, interleaved.",
         f"Image 1x{report['rows'][0]['size']}x{report['rows'][0]['size']}x3 (N, H, W, C), "
         "float32, rank 16. Forward+backward: the value and the "
         'gradient in every array argument. `product` is `product_filter2d(method="fft")` with the '
