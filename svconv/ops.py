@@ -863,7 +863,7 @@ def _product_operands(x, filters, weights):
     return x, f4, weights, groups
 
 
-def _product_call(op, target, x, f4, weights, grid, geom, method, precision, impl, groups):
+def _product_call(target, x, f4, weights, grid, geom, method, precision, impl, groups):
     """Check the weights' grid and the method, then bind the product family's partial."""
     layout = "[batch, height, width, rank] or [height, width, rank]"
     rank = f4.shape[0]
@@ -878,12 +878,7 @@ def _product_call(op, target, x, f4, weights, grid, geom, method, precision, imp
     }  # fmt: skip
     image = "x" if target == "y" else "y"
     oracle = reference.product_filter2d if target == "y" else reference.product_splat2d
-    operands = {image: x, "f": f4, "u": weights}
-    dtype = jnp.result_type(*operands.values())
-    operands = {n: v.astype(dtype) for n, v in operands.items()}
-    if impl == "reference":
-        return oracle(x.astype(dtype), f4.astype(dtype), weights.astype(dtype), geom)
-    return _bind(op, Spec(family=PRODUCT, target=target, **spec), operands)
+    return _call(oracle, PRODUCT, target, {image: x, "f": f4, "u": weights}, **spec)
 
 
 def product_filter2d(
@@ -939,7 +934,7 @@ def product_filter2d(
     geom = _checks.geometry(x.shape[1:3], f4.shape[1:3], stride, padding, dilation, shapes)
     grid = (x.shape[0], *geom.out_size)
     args = (x, f4, weights, grid, geom, method, precision, impl, groups)
-    return _product_call("product_filter2d", "y", *args)
+    return _product_call("y", *args)
 
 
 def product_splat2d(
@@ -982,7 +977,7 @@ def product_splat2d(
     )
     grid = tuple(x.shape[:3])
     args = (x, f4, weights, grid, geom, method, precision, impl, groups)
-    return _product_call("product_splat2d", "x", *args)
+    return _product_call("x", *args)
 
 
 def psf_grid_decomposition(
