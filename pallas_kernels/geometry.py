@@ -8,7 +8,8 @@ padding crops, as in ``lax.conv_general_dilated``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +46,27 @@ class Geometry:
 
     @classmethod
     def of(
-        cls, in_size: Pair, kernel_size: Pair, stride: Pair, dilation: Pair, padding: Padding
+        cls,
+        in_size: Sequence[int],
+        kernel_size: Sequence[int],
+        stride: Sequence[int],
+        dilation: Sequence[int],
+        padding: Padding,
     ) -> Geometry:
         """The geometry of an input of ``in_size`` (its output size computed as lax does)."""
         out = tuple(
             out_size(*axis)
             for axis in zip(in_size, kernel_size, stride, dilation, padding, strict=True)
         )
-        return cls(tuple(in_size), out, tuple(kernel_size), tuple(stride), tuple(dilation), padding)
+        # Pairs: the zip is strict and ``padding`` has two axes.
+        return cls(
+            cast(Pair, tuple(in_size)),
+            cast(Pair, out),
+            cast(Pair, tuple(kernel_size)),
+            cast(Pair, tuple(stride)),
+            cast(Pair, tuple(dilation)),
+            padding,
+        )
 
     @property
     def num_taps(self) -> int:
@@ -103,10 +117,10 @@ def after(value: jax.Array, *earlier: jax.Array) -> jax.Array:
     return value + zero.astype(value.dtype)
 
 
-def varying_axes(*arrays: Any) -> frozenset:
+def varying_axes(*arrays: Any) -> frozenset[Any]:
     """The manual mesh axes (inside ``jax.shard_map`` with ``check_vma=True``) over which any of
     ``arrays`` varies; empty outside ``shard_map``. ``None`` entries are skipped."""
-    axes = frozenset()
+    axes: frozenset[Any] = frozenset()
     for a in arrays:
         if a is not None:
             axes |= jax.typeof(a).manual_axis_type.varying

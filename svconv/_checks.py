@@ -50,7 +50,7 @@ def groups(name: str, value: Any, channels: int, what: str) -> int:
 
 
 def padding_pairs(
-    padding: Any, in_size: Pair, kernel_size: Pair, stride: Pair, dilation: Pair
+    padding: Any, in_size: Sequence[int], kernel_size: Sequence[int], stride: Pair, dilation: Pair
 ) -> Padding:
     """``"SAME"``/``"VALID"``/int/``((top, bottom), (left, right))`` -> explicit pads.
 
@@ -84,8 +84,8 @@ def padding_pairs(
 
 
 def geometry(
-    in_size: Pair,
-    kernel_size: Pair,
+    in_size: Sequence[int],
+    kernel_size: Sequence[int],
     stride: Any,
     padding: Any,
     dilation: Any,

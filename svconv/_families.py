@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import cast
 
 import jax
 
@@ -210,7 +211,7 @@ def _gaussian_param_jvp(spec: Spec, values: dict, name: str, tangent: jax.Array)
             args = {**values, "s": scale.astype(dtype)}
             term = bind(sub, *(args[n] for n in sub.operands))
         total = term if total is None else total + term
-    return total
+    return cast(jax.Array, total)  # (a sum of at least one term)
 
 
 GAUSSIAN = Family(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,10 @@ def modulated_conv(
 ) -> jax.Array:
     """``modulated_conv2d(x, kernel, d) + bias`` with ``layer``'s settings (and its
     ``feature_group_count``), in the promoted (or the layer's) dtype."""
-    x, kernel, d, bias = promote(x, kernel, d, bias, dtype=layer.dtype)
+    x, kernel, d, bias = cast(  # (``None`` only where ``None`` was given)
+        "tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]",
+        promote(x, kernel, d, bias, dtype=layer.dtype),
+    )
     groups = layer.feature_group_count
     y = modulated_conv2d(x, kernel, d, feature_group_count=groups, **_op_settings(layer))
     return _add_bias(y, bias)
@@ -123,7 +126,10 @@ def local_conv_shapes(
 def local_conv(layer: Any, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
     """``local_conv2d(x, kernel) + bias`` with ``layer``'s settings, in the promoted (or the
     layer's) dtype."""
-    x, kernel, bias = promote(x, kernel, bias, dtype=layer.dtype)
+    x, kernel, bias = cast(  # (``None`` only where ``None`` was given)
+        "tuple[jax.Array, jax.Array, jax.Array | None]",
+        promote(x, kernel, bias, dtype=layer.dtype),
+    )
     return _add_bias(local_conv2d(x, kernel, **_op_settings(layer)), bias)
 
 
@@ -247,7 +253,10 @@ def deformable_conv(
     """``deformable_conv2d(x, kernel, offsets, mask) + bias`` with ``layer``'s settings (and
     ``feature_group_count``), in the promoted (or the layer's) dtype; the offsets keep their
     own floating dtype."""
-    x, kernel, mask, bias = promote(x, kernel, mask, bias, dtype=layer.dtype)
+    x, kernel, mask, bias = cast(  # (``None`` only where ``None`` was given)
+        "tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]",
+        promote(x, kernel, mask, bias, dtype=layer.dtype),
+    )
     y = deformable_conv2d(
         x, kernel, offsets, mask, feature_group_count=layer.feature_group_count,
         **_op_settings(layer),

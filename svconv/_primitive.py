@@ -45,8 +45,8 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -346,7 +346,7 @@ class Spec:
     def choose(self, target: Target | None, shapes, dtype) -> tuple[Backend | None, list[str]]:
         """The first of :meth:`candidates` that can run this partial, and why each one before it
         could not."""
-        reasons = []
+        reasons: list[str] = []
         candidates = self.candidates(target)
         if not candidates:
             names = ", ".join(b.name for b in self.family.backends)
@@ -427,7 +427,8 @@ def _expand(spec: Spec, *operands: jax.Array) -> jax.Array:
     terms = []
     for name, tangent in zip(spec.tangents, tangents, strict=True):
         if name in spec.family.params:
-            terms.append(spec.family.param_jvp(plain, values, name, tangent))
+            param_jvp = cast(Callable[..., jax.Array], spec.family.param_jvp)  # (given params)
+            terms.append(param_jvp(plain, values, name, tangent))
         else:
             terms.append(
                 bind(plain, *(tangent if n == name else values[n] for n in plain.operands))
@@ -442,6 +443,7 @@ def _upcast(v: jax.Array, *, like) -> jax.Array:
 
 def _fuses_tangents(spec: Spec) -> bool:
     """Whether the tangents go to one fused kernel (else one term each)."""
+    backends: Sequence[Backend]
     if spec.impl == "pallas":
         backends = spec.family.pallas_backends
     elif spec.impl == "auto":
@@ -458,7 +460,8 @@ def _jvp(primals, tangents, *, spec: Spec):
     out = bind(spec, *primals)
     given = [(n, t) for n, t in zip(spec.operands, tangents, strict=True) if type(t) is not ad.Zero]
     if not given:
-        return out, ad.Zero.from_primal_value(out)
+        # Not reached: JAX calls no JVP rule with only zero tangents.
+        return out, ad.Zero(jax.typeof(out).to_tangent_aval())
     # One fused kernel where the family has one, else one term per tangent.
     with_tangents = dataclasses.replace(spec, tangents=tuple(n for n, _ in given))
     run = bind if _fuses_tangents(spec) else _expand
@@ -480,6 +483,7 @@ def _transpose(ct, *args, spec: Spec):
     slot, aval = spec.operands[i], args[i].aval
     if slot in spec.family.params:
         raise ValueError(f"{spec.family.name}: the op is not linear in its parameter `{slot}`")
+    result: jax.Array | ad.Zero
     if type(ct) is ad.Zero:
         result = ad.Zero(aval.to_ct_aval())
     else:
@@ -501,7 +505,7 @@ def _transpose_tangents(ct, *args, spec: Spec):
             f"{spec.family.name}: a forward-mode tangent is linear in the tangents only"
         )
     values = dict(zip(plain.operands, primals, strict=True))
-    out = [None] * len(args)
+    out: list[jax.Array | ad.Zero | None] = [None] * len(args)
     for k, name in enumerate(spec.tangents):
         tangent = args[len(plain.operands) + k]
         if not ad.is_undefined_primal(tangent):
@@ -512,19 +516,20 @@ def _transpose_tangents(ct, *args, spec: Spec):
             # param_jvp is linear in the tangent: its transpose is its VJP (at any point: zero,
             # typed as the tangent, varying over its manual axes inside shard_map, which
             # jax.linear_transpose's abstract inputs cannot say).
-            term = functools.partial(plain.family.param_jvp, plain, values, name)
+            param_jvp = cast(Callable[..., jax.Array], plain.family.param_jvp)  # (given params)
+            term = functools.partial(param_jvp, plain, values, name)
             aval = tangent.aval
             at = jnp.zeros(aval.shape, aval.dtype)
             if varying := tuple(sorted(aval.manual_axis_type.varying)):
                 at = lax.pcast(at, varying, to="varying")
             (out[len(plain.operands) + k],) = jax.vjp(term, at)[1](ct)
         else:
-            at, i = list(primals), plain.operands.index(name)
-            at[i] = tangent
-            out[len(plain.operands) + k] = _transpose(ct, *at, spec=plain)[i]
+            point, i = list(primals), plain.operands.index(name)
+            point[i] = tangent
+            out[len(plain.operands) + k] = _transpose(ct, *point, spec=plain)[i]
         done = out[len(plain.operands) + k]
         if plain.family.serial and type(ct) is not ad.Zero and not isinstance(done, ad.Zero):
-            ct = after(ct, done)  # the next partial after this one
+            ct = after(ct, cast(jax.Array, done))  # the next partial after this one
     return out
 
 
@@ -682,7 +687,7 @@ def target_of(platform: str, devices: int = 1) -> Target:
             kind, cores = concrete.device_kind, getattr(concrete, "core_count", None)
             cc = getattr(concrete, "compute_capability", None)
             if isinstance(cc, str) and "." in cc:
-                capability = tuple(int(v) for v in cc.split(".")[:2])
+                capability = cast(tuple[int, int], tuple(int(v) for v in cc.split(".")[:2]))
     if capability is None and kind is not None:
         capability = compute_capability(kind)
     return Target(platform, kind, capability, cores, devices)

@@ -71,6 +71,12 @@ class ModulatedConv(_Conv):
       feature_group_count: as ``nn.Conv``: the kernel is ``[kh, kw, in // groups, features]``
         (with groups, or a ``d`` with modulation groups, the op runs the deformable family's
         kernels: see :func:`svconv.modulated_conv2d`).
+
+    Raises:
+      ValueError: when the layer is initialised or applied: settings that do not fit (a window,
+        stride, padding or groups that the input cannot take) or inputs of the wrong shape
+        (the message names the attribute or argument and prints the shapes). Integer inputs
+        are cast to the layer's dtype, as ``nn.Conv`` casts them.
     """
 
     feature_group_count: int = 1
@@ -103,6 +109,12 @@ class LocalConv(_Conv):
       {'params': {'bias': (4, 4, 4), 'kernel': (4, 4, 3, 3, 2, 4)}}
 
     Attributes: as :class:`ModulatedConv`.
+
+    Raises:
+      ValueError: when the layer is initialised or applied: settings that do not fit (a window,
+        stride, padding or groups that the input cannot take) or inputs of the wrong shape
+        (the message names the attribute or argument and prints the shapes). Integer inputs
+        are cast to the layer's dtype, as ``nn.Conv`` casts them.
     """
 
     kernel_init: Initializer = _layer_math.LOCAL_KERNEL_INIT
@@ -124,10 +136,25 @@ class LocalConv(_Conv):
 
 
 def from_conv_local_kernel(kernel: jax.Array, kernel_size: int | Sequence[int]) -> jax.Array:
-    """Convert an ``nn.ConvLocal`` / ``lax.conv_general_dilated_local`` kernel
-    ``[out_h, out_w, in*kh*kw, features]`` (patch features ordered ``(in, kh, kw)``) to
-    :func:`svconv.local_conv2d`'s ``[out_h, out_w, kh, kw, in, features]``."""
+    """Convert an ``nn.ConvLocal`` / ``lax.conv_general_dilated_local`` kernel to
+    :func:`svconv.local_conv2d`'s layout.
+
+    Args:
+      kernel: ``[out_h, out_w, in * kh * kw, features]``, the patch features ordered
+        ``(in, kh, kw)`` as ``lax.conv_general_dilated_patches`` gives them.
+      kernel_size: ``kh`` (square) or ``(kh, kw)``.
+
+    Returns:
+      ``[out_h, out_w, kh, kw, in, features]`` in ``kernel``'s dtype (a transpose: no
+      arithmetic).
+
+    Raises:
+      ValueError: a ``kernel`` of another rank, or whose third dimension is not a multiple of
+        ``kh * kw``.
+    """
     kh, kw = _layer_math.kernel_size(kernel_size)
+    kernel = jnp.asarray(kernel)
+    _checks.rank("kernel", kernel, (4,), "[out_h, out_w, in * kh * kw, features]")
     ho, wo, k, f = kernel.shape
     if k % (kh * kw):
         raise ValueError(
@@ -165,6 +192,12 @@ class KernelPredictionFilter(nn.Module):
       temperature: the softmax temperature.
       dtype, param_dtype, precision, kernel_init, bias_init: of the predictor convolution.
       impl: implementation of ``pixel_filter2d``.
+
+    Raises:
+      ValueError: when the layer is initialised or applied: settings that do not fit (a window,
+        stride, padding or groups that the input cannot take) or inputs of the wrong shape
+        (the message names the attribute or argument and prints the shapes). Integer inputs
+        are cast to the layer's dtype, as ``nn.Conv`` casts them.
     """
 
     kernel_size: int | Sequence[int]
@@ -182,7 +215,7 @@ class KernelPredictionFilter(nn.Module):
     @nn.compact
     def __call__(
         self, x: jax.Array, guide: jax.Array | None = None, *, return_kernels: bool = False
-    ):
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """``x [batch, h, w, channels]``, ``guide [batch, h, w, features]`` (default ``x``) ->
         the filtered ``x`` (and the kernels ``[batch, h, w, kh, kw, groups]`` when asked)."""
         guide = _layer_math.guide_for(x, guide)
@@ -232,6 +265,12 @@ class DeformableConv(_Conv):
       offset_groups: channel groups with their own offsets and mask (dividing the input
         channels).
       use_mask: predict a mask (DCNv2); without it the taps are not scaled (DCNv1).
+
+    Raises:
+      ValueError: when the layer is initialised or applied: settings that do not fit (a window,
+        stride, padding or groups that the input cannot take) or inputs of the wrong shape
+        (the message names the attribute or argument and prints the shapes). Integer inputs
+        are cast to the layer's dtype, as ``nn.Conv`` casts them.
     """
 
     feature_group_count: int = 1
@@ -305,6 +344,12 @@ class DeformableFilter(nn.Module):
       dtype, param_dtype, precision, kernel_init, bias_init: of the projections and the
         predictor (whose kernel and bias start at zero).
       impl: implementation of ``deformable_filter2d``.
+
+    Raises:
+      ValueError: when the layer is initialised or applied: settings that do not fit (a window,
+        stride, padding or groups that the input cannot take) or inputs of the wrong shape
+        (the message names the attribute or argument and prints the shapes). Integer inputs
+        are cast to the layer's dtype, as ``nn.Conv`` casts them.
     """
 
     kernel_size: int | Sequence[int]
@@ -321,7 +366,9 @@ class DeformableFilter(nn.Module):
     impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, return_sampling: bool = False):
+    def __call__(
+        self, x: jax.Array, *, return_sampling: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
         """``x [batch, h, w, channels]`` -> ``[batch, h, w, channels]`` (and with
         ``return_sampling`` the filters ``[batch, h, w, kh, kw, groups]`` and offsets
         ``[batch, h, w, kh, kw, groups, 2]``)."""

@@ -2,7 +2,7 @@
 
 The constructors take ``in_features, out_features, kernel_size, ..., rngs`` and create their
 parameters eagerly as ``nnx.Param`` attributes; ``__call__`` runs the math that the Flax linen
-layers of :mod:`svconv.layers` run (``svconv._layer_math``), so both give the same numbers given
+layers (``svconv.layers``) run (``svconv._layer_math``), so both give the same numbers given
 the same parameters. Settings are checked in the constructor, shapes at call time, with errors
 that name the argument.
 """
@@ -58,8 +58,27 @@ def _check_channels(x: jax.Array, in_features: int, layout: str) -> None:
         )
 
 
+class _Conv(nnx.Module):
+    """The settings and parameters every conv layer stores (:func:`_set_conv_settings`,
+    :func:`_create_parameters`): declared once for the type checker."""
+
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    kernel_dilation: tuple[int, int]
+    padding: Any
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    precision: Any
+    impl: str | None
+    kernel: nnx.Param[jax.Array]
+    bias: nnx.Param[jax.Array] | None
+
+
 def _set_conv_settings(
-    layer: nnx.Module,
+    layer: _Conv,
     in_features: int,
     out_features: int,
     kernel_size: int | Sequence[int],
@@ -82,7 +101,7 @@ def _set_conv_settings(
 
 
 def _create_parameters(
-    layer: nnx.Module,
+    layer: _Conv,
     shapes: tuple[tuple[int, ...], tuple[int, ...]],
     kernel_init: Initializer,
     bias_init: Initializer,
@@ -98,11 +117,11 @@ def _create_parameters(
     )
 
 
-def _parameters(layer: nnx.Module) -> tuple[jax.Array, jax.Array | None]:
+def _parameters(layer: _Conv) -> tuple[jax.Array, jax.Array | None]:
     return layer.kernel[...], None if layer.bias is None else layer.bias[...]
 
 
-class ModulatedConv(nnx.Module):
+class ModulatedConv(_Conv):
     """A convolution whose kernel is modulated per output pixel and tap by a known ``d``.
 
     ``y = modulated_conv2d(x, kernel, d) + bias``; with ``d == 1`` it is ``nnx.Conv``.
@@ -138,7 +157,15 @@ class ModulatedConv(nnx.Module):
       feature_group_count: as ``nnx.Conv``: the kernel is ``[kh, kw, in_features // groups,
         out_features]`` (see :func:`svconv.modulated_conv2d` for what runs it).
       rngs: the random generators; parameters draw from ``rngs.params()``.
+
+    Raises:
+      ValueError: in the constructor, settings that do not fit (a window, stride, padding or
+        groups); at call time, inputs of the wrong shape, e.g. channels other than the
+        layer's (the message names the argument and prints the shapes). Integer inputs are
+        cast to the layer's dtype, as ``nnx.Conv`` casts them.
     """
+
+    feature_group_count: int
 
     def __init__(
         self,
@@ -158,7 +185,7 @@ class ModulatedConv(nnx.Module):
         impl: str | None = None,
         feature_group_count: int = 1,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         _set_conv_settings(self, in_features, out_features, kernel_size, locals())
         self.feature_group_count = _layer_math.positive_int(
             "feature_group_count", feature_group_count
@@ -183,7 +210,7 @@ class ModulatedConv(nnx.Module):
         return _layer_math.modulated_conv(self, x, d, *_parameters(self))
 
 
-class LocalConv(nnx.Module):
+class LocalConv(_Conv):
     """Locally connected 2D layer: an unshared kernel per output pixel (``flax.nnx`` has no
     ``ConvLocal``).
 
@@ -214,7 +241,15 @@ class LocalConv(nnx.Module):
         out_features]`` (default: LeCun normal with ``flax.linen.ConvLocal``'s fan-in,
         ``out_h * out_w * kh * kw * in_features``).
       bias_init: initializer of ``bias [out_h, out_w, out_features]``.
+
+    Raises:
+      ValueError: in the constructor, settings that do not fit (a window, stride, padding or
+        groups); at call time, inputs of the wrong shape, e.g. channels other than the
+        layer's (the message names the argument and prints the shapes). Integer inputs are
+        cast to the layer's dtype, as ``nnx.Conv`` casts them.
     """
+
+    input_size: tuple[int, int]
 
     def __init__(
         self,
@@ -234,7 +269,7 @@ class LocalConv(nnx.Module):
         bias_init: Initializer = _layer_math.BIAS_INIT,
         impl: str | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         _set_conv_settings(self, in_features, out_features, kernel_size, locals())
         self.input_size = _checks.pair("input_size", input_size)
         shapes = _layer_math.local_conv_shapes(
@@ -297,7 +332,22 @@ class KernelPredictionFilter(nnx.Module):
       dtype, param_dtype, precision, kernel_init, bias_init: of the predictor convolution.
       impl: implementation of ``pixel_filter2d``.
       rngs: the random generators; parameters draw from ``rngs.params()``.
+
+    Raises:
+      ValueError: in the constructor, settings that do not fit (a window, stride, padding or
+        groups); at call time, inputs of the wrong shape, e.g. channels other than the
+        layer's (the message names the argument and prints the shapes). Integer inputs are
+        cast to the layer's dtype, as ``nnx.Conv`` casts them.
     """
+
+    guide_features: int
+    kernel_size: tuple[int, int]
+    groups: int
+    kernel_dilation: tuple[int, int]
+    temperature: float
+    dtype: Any
+    impl: str | None
+    predictor: nnx.Conv
 
     def __init__(
         self,
@@ -315,7 +365,7 @@ class KernelPredictionFilter(nnx.Module):
         bias_init: Initializer = _layer_math.BIAS_INIT,
         impl: str | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.guide_features = _layer_math.positive_int("guide_features", guide_features)
         self.kernel_size = _layer_math.kernel_size(kernel_size)
         self.groups = _layer_math.positive_int("groups", groups)
@@ -369,7 +419,7 @@ class KernelPredictionFilter(nnx.Module):
         return (y, kernels) if return_kernels else y
 
 
-class DeformableConv(nnx.Module):
+class DeformableConv(_Conv):
     """Modulated deformable convolution (DCNv2): each tap samples the input at a learned offset
     and is scaled by a learned mask, both predicted from the input by ``offset_predictor``.
 
@@ -390,15 +440,27 @@ class DeformableConv(nnx.Module):
       >>> layer(jnp.ones((2, 16, 16, 4))).shape
       (2, 16, 16, 8)
 
+    ``in_features``, ``out_features``, ``kernel_size``, ``strides``, ``padding``,
+    ``kernel_dilation``, ``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
+    ``kernel_init``, ``bias_init``, ``impl`` and ``rngs`` are as in :class:`ModulatedConv`.
+
     Args:
-      in_features, out_features, kernel_size, strides, padding, kernel_dilation, use_bias,
-        dtype, param_dtype, precision, kernel_init, bias_init, impl, rngs: as
-        :class:`ModulatedConv`.
       feature_group_count: as ``nnx.Conv``: the kernel is ``[kh, kw, in // groups, out]``.
       offset_groups: channel groups with their own offsets and mask (dividing ``in_features``).
       use_mask: predict a mask (DCNv2); without it the taps are not scaled (DCNv1).
       predict_offsets: create the predictor (else offsets must be passed to every call).
+
+    Raises:
+      ValueError: in the constructor, settings that do not fit (a window, stride, padding or
+        groups); at call time, inputs of the wrong shape, e.g. channels other than the
+        layer's (the message names the argument and prints the shapes). Integer inputs are
+        cast to the layer's dtype, as ``nnx.Conv`` casts them.
     """
+
+    feature_group_count: int
+    offset_groups: int
+    use_mask: bool
+    offset_predictor: nnx.Conv | None
 
     def __init__(
         self,
@@ -421,7 +483,7 @@ class DeformableConv(nnx.Module):
         bias_init: Initializer = _layer_math.BIAS_INIT,
         impl: str | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         _set_conv_settings(self, in_features, out_features, kernel_size, locals())
         self.feature_group_count = _layer_math.positive_int(
             "feature_group_count", feature_group_count
@@ -499,13 +561,31 @@ class DeformableFilter(nnx.Module):
       >>> layer(jnp.ones((1, 16, 16, 8))).shape
       (1, 16, 16, 8)
 
+    ``kernel_size``, ``groups``, ``kernel_dilation``, ``predictor_kernel_size``, ``softmax``,
+    ``use_projections``, ``dtype``, ``param_dtype``, ``precision``, ``kernel_init``,
+    ``bias_init`` and ``impl`` are as in the linen :class:`svconv.DeformableFilter`.
+
     Args:
       features: channels of the input and the output.
-      kernel_size, groups, kernel_dilation, predictor_kernel_size, softmax, use_projections,
-        dtype, param_dtype, precision, kernel_init, bias_init, impl: as the linen
-        :class:`svconv.DeformableFilter`.
       rngs: the random generators; parameters draw from ``rngs.params()``.
+
+    Raises:
+      ValueError: in the constructor, settings that do not fit (a window, stride, padding or
+        groups); at call time, inputs of the wrong shape, e.g. channels other than the
+        layer's (the message names the argument and prints the shapes). Integer inputs are
+        cast to the layer's dtype, as ``nnx.Conv`` casts them.
     """
+
+    features: int
+    kernel_size: tuple[int, int]
+    groups: int
+    kernel_dilation: tuple[int, int]
+    softmax: bool
+    dtype: Any
+    impl: str | None
+    input_projection: nnx.Linear | None
+    predictor: nnx.Conv
+    output_projection: nnx.Linear | None
 
     def __init__(
         self,
@@ -524,7 +604,7 @@ class DeformableFilter(nnx.Module):
         bias_init: Initializer = _layer_math.BIAS_INIT,
         impl: str | None = None,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         self.features = _layer_math.positive_int("features", features)
         self.kernel_size = _layer_math.kernel_size(kernel_size)
         self.groups = _layer_math.check_offset_groups(groups, self.features)
@@ -536,7 +616,7 @@ class DeformableFilter(nnx.Module):
         precision = _checks.precision(precision)
         kh, kw = self.kernel_size
 
-        def dense():
+        def dense() -> nnx.Linear:
             return nnx.Linear(
                 self.features, self.features, dtype=dtype, param_dtype=param_dtype,
                 precision=precision, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
@@ -557,7 +637,9 @@ class DeformableFilter(nnx.Module):
         )
         self.output_projection = dense() if use_projections else nnx.data(None)
 
-    def __call__(self, x: jax.Array, *, return_sampling: bool = False):
+    def __call__(
+        self, x: jax.Array, *, return_sampling: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
         """Apply the layer.
 
         Args:

@@ -10,7 +10,7 @@ input it reads zero. ``stride`` and ``dilation`` are an int or a pair; ``padding
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +109,10 @@ def modulated_conv2d(
         depthwise).
       precision: ``lax`` precision of the dots (float32: default TF32 on GPUs, ``HIGHEST`` exact).
       impl: ``None``/``"auto"``, ``"pallas"``, ``"mosaic"``, ``"triton"``, ``"xla"`` or
-        ``"reference"`` (see the README's table). With feature or modulation groups it runs the
-        deformable family's kernels: ``None`` the XLA path, ``"triton"`` its Triton kernels (not
-        yet run on a GPU); ``"pallas"`` and ``"mosaic"`` raise.
+        ``"reference"`` (the documentation's conventions page says which runs where). With
+        feature or modulation groups it runs the deformable family's kernels: ``None`` the XLA
+        path, ``"triton"`` its Triton kernels (not yet run on a GPU); ``"pallas"`` and
+        ``"mosaic"`` raise.
       block_sizes: optional Pallas tiling (``pallas_kernels.triton.modulated.ModulatedBlockSizes``).
 
     Returns:
@@ -212,6 +213,13 @@ def local_conv2d(
 
     Returns:
       ``[batch, out_height, out_width, out_channels]`` in the promoted input dtype.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x = _checks.inexact_array("x", x)
     w = _checks.inexact_array("w", w)
@@ -269,6 +277,13 @@ def pixel_filter2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x, k, k6, groups = _pixel_operands(x, k)
     impl = _checks.impl(impl)
@@ -347,6 +362,13 @@ def pixel_splat2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x, k, k6, groups = _pixel_operands(x, k)
     impl = _checks.impl(impl)
@@ -417,6 +439,11 @@ def gaussian_kernels(
       ``[..., kh, kw]`` in the promoted dtype of ``sigma`` (and ``rho``); feed it to
       :func:`pixel_filter2d` as ``k``. :func:`gaussian_filter2d` applies the same filters
       without building this array.
+
+    Raises:
+      TypeError: an integer or boolean ``sigma`` or ``rho``, a ``size`` that is not an int or
+        a pair of ints.
+      ValueError: ``sigma`` pairs or ``rho`` of different shapes, a ``size`` below 1.
     """
     kernel_size = _checks.pair("size", size)
     sigma, rho = _gaussian_arguments(sigma, rho, None, "an array")
@@ -486,6 +513,13 @@ def gaussian_filter2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x = _checks.inexact_array("x", x)
     impl = _checks.impl(impl)
@@ -530,6 +564,13 @@ def gaussian_splat2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of the inputs.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x = _checks.inexact_array("x", x)
     impl = _checks.impl(impl)
@@ -704,6 +745,13 @@ def deformable_filter2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of ``x`` and ``k``.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x, k, _, _ = _pixel_operands(x, k)
     impl = _checks.impl(impl)
@@ -764,6 +812,13 @@ def deformable_splat2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted dtype of ``x`` and ``k``.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), a bad stride, dilation,
+        padding or ``impl``.
+      NotImplementedError: Pallas kernels asked for (``impl="pallas"``, ``"mosaic"``,
+        ``"triton"``) that cannot take the case (e.g. a complex or float64 dtype).
     """
     x, k, _, _ = _pixel_operands(x, k)
     impl = _checks.impl(impl)
@@ -794,6 +849,10 @@ def from_torch_deform_conv2d(
       out_height, out_width, kh, kw, offset_groups, 2]`` and ``[batch, out_height, out_width,
       kh, kw, offset_groups]`` (or None). The image goes from NCHW to NHWC by
       ``x.transpose(0, 2, 3, 1)``.
+
+    Raises:
+      ValueError: ranks that do not match the layouts, an ``offset`` channel count that is not
+        ``2 * offset_groups * kh * kw``, a ``mask`` of another shape (the message prints them).
     """
     weight, offset = jnp.asarray(weight), jnp.asarray(offset)
     _checks.rank("weight", weight, (4,), "[out_channels, in_channels // groups, kh, kw]")
@@ -819,7 +878,23 @@ def to_torch_deform_conv2d(
     w: Any, offsets: Any, mask: Any = None
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The inverse of :func:`from_torch_deform_conv2d`: ``(weight, offset, mask)`` in
-    ``torchvision.ops.deform_conv2d``'s layouts (``torch.from_numpy(np.asarray(a))``)."""
+    ``torchvision.ops.deform_conv2d``'s layouts (``torch.from_numpy(np.asarray(a))``).
+
+    Args:
+      w: ``[kh, kw, in_channels // groups, out_channels]``.
+      offsets: ``[batch, out_height, out_width, kh, kw, offset_groups, 2]``, ``(dy, dx)`` last.
+      mask: optional ``[batch, out_height, out_width, kh, kw, offset_groups]``.
+
+    Returns:
+      ``(weight [out_channels, in_channels // groups, kh, kw], offset [batch, 2 *
+      offset_groups * kh * kw, out_height, out_width], mask [batch, offset_groups * kh * kw,
+      out_height, out_width] or None)``, torchvision's channel order (group, tap, ``(dy, dx)``),
+      in the arrays' dtypes.
+
+    Raises:
+      ValueError: ``w`` or ``offsets`` of another rank, a ``mask`` whose shape is not
+        ``offsets.shape[:6]`` (the message prints the shapes).
+    """
     w, offsets = jnp.asarray(w), jnp.asarray(offsets)
     _checks.rank("w", w, (4,), "[kh, kw, in_channels // groups, out_channels]")
     _checks.rank("offsets", offsets, (7,), "[batch, out_height, out_width, kh, kw, groups, 2]")
@@ -968,6 +1043,13 @@ def product_splat2d(
 
     Returns:
       ``[batch, out_height, out_width, channels]`` in the promoted input dtype.
+
+    Raises:
+      TypeError: an integer or boolean array.
+      ValueError: shapes that do not match (the message prints them), mismatched terms
+        (``R``) or groups, a kernel larger than the padded image, an unknown ``method``, a bad
+        stride, dilation, padding or ``impl``.
+      NotImplementedError: ``impl="pallas"``, ``"mosaic"`` or ``"triton"`` (no Pallas kernels).
     """
     x, f4, weights, groups = _product_operands(x, filters, weights)
     impl = _checks.impl(impl)
@@ -1005,11 +1087,17 @@ def psf_grid_decomposition(
     Returns:
       ``(filters [R, kh, kw(, C)], weights [height, width, R])`` in ``psfs``' dtype (float32 for
       16-bit ``psfs``).
+
+    Raises:
+      TypeError: integer or boolean ``psfs``.
+      ValueError: ``psfs`` of another rank or empty, a bad ``image_size``, a ``rank`` that is
+        not an int from 1 to the number of PSFs (at most their number of values).
     """
     psfs = _checks.inexact_array("psfs", psfs)
     _checks.rank("psfs", psfs, (4, 5), "[grid_h, grid_w, kh, kw] or [grid_h, grid_w, kh, kw, C]")
     size = _checks.pair("image_size", image_size)
-    grid, kernel = tuple(psfs.shape[:2]), tuple(psfs.shape[2:])
+    # (the rank is checked: two grid axes)
+    grid, kernel = cast(tuple[int, int], tuple(psfs.shape[:2])), tuple(psfs.shape[2:])
     if min(grid) < 1 or min(kernel) < 1:
         raise ValueError(f"`psfs` of shape {tuple(psfs.shape)} is empty")
     dtype = _checks.accumulation_dtype(psfs.dtype)
@@ -1043,6 +1131,11 @@ def low_rank_kernels(k: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax
     Returns:
       ``(filters [R, kh, kw], weights [..., R], error)``: ``error`` is the relative Frobenius
       error ``|k - approximation| / |k|`` the rank leaves (a float scalar).
+
+    Raises:
+      TypeError: an integer or boolean ``k``.
+      ValueError: ``k`` with fewer than 3 dimensions, a ``rank`` that is not an int from 1 to
+        ``kh * kw``.
     """
     k = _checks.inexact_array("k", k)
     if k.ndim < 3:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,12 @@ def fast_length(n: int) -> int:
 def _fft_sizes(geom: Geometry) -> tuple[int, int]:
     """The transforms' size: the padded input, rounded up to a fast length (a circular
     correlation of that length is the linear one on every output pixel)."""
-    return tuple(
-        fast_length(size + lo + hi)
-        for size, (lo, hi) in zip(geom.in_size, geom.padding, strict=True)
+    return cast(
+        tuple[int, int],
+        tuple(
+            fast_length(size + lo + hi)
+            for size, (lo, hi) in zip(geom.in_size, geom.padding, strict=True)
+        ),
     )
 
 
@@ -216,7 +219,8 @@ def _upcast(*arrays: jax.Array) -> tuple[jax.Array, ...]:
 def forward(x: jax.Array, f: jax.Array, u: jax.Array, call: KernelCall) -> jax.Array:
     """``y [N, Ho, Wo, C]`` from ``x``, ``f [R, kh, kw, G]``, ``u``."""
     dtype = x.dtype
-    return _filter(*_upcast(x, f, u), call).astype(dtype)
+    x, f, u = _upcast(x, f, u)
+    return _filter(x, f, u, call).astype(dtype)
 
 
 def _pullback(linear, ct: jax.Array, shape, others) -> jax.Array:
@@ -243,7 +247,8 @@ def _transpose(slot: int, operands: tuple, ct: jax.Array, call: KernelCall) -> j
         def linear(v):
             args = list(others)
             args.insert(slot, v)
-            return _filter(*args, call)
+            x, f, u = args
+            return _filter(x, f, u, call)
 
     elif slot == 0:  # the splat: the R terms summed in the frequency domain, one inverse each
         f, u = others
@@ -262,7 +267,8 @@ def _transpose(slot: int, operands: tuple, ct: jax.Array, call: KernelCall) -> j
             return _weigh(_correlate(xf, _filter_spectra(v, geom), geom, ct.dtype), u)
 
     else:
-        z = _responses(*others, geom)
+        x, f = others
+        z = _responses(x, f, geom)
 
         def linear(v):
             return _weigh(z, v)
@@ -308,7 +314,7 @@ def _fused_tangent(kernel):
             operands = [None if o is None else _after(o, *earlier) for o in operands]
             term = kernel(*operands, call)
             total = term if total is None else total + term
-        return total.astype(dtype)
+        return cast(jax.Array, total).astype(dtype)  # (at least one tangent is given)
 
     return jvp
 

@@ -8,6 +8,8 @@ dtype (float64, complex), returning the promoted input dtype.
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -46,11 +48,11 @@ def modulated_conv2d(x, w, d, geom: Geometry, precision=None) -> jax.Array:
     x, w, d = (a.astype(accumulation_dtype(dtype)) for a in (x, w, d))
     if d.ndim == 4:
         d = d[None]
-    y = 0.0
+    y: jax.Array | float = 0.0
     for m, n in _taps(geom):
         scaled = tap(x, geom, m, n) * d[:, :, :, m, n, None]
         y = y + jnp.einsum("bhwc,co->bhwo", scaled, w[m, n], precision=_HI)
-    return y.astype(dtype)
+    return cast(jax.Array, y).astype(dtype)  # (a sum over at least one tap)
 
 
 def local_conv2d(x, w, geom: Geometry, precision=None) -> jax.Array:
@@ -58,10 +60,10 @@ def local_conv2d(x, w, geom: Geometry, precision=None) -> jax.Array:
     del precision
     dtype = jnp.result_type(x, w)
     x, w = x.astype(accumulation_dtype(dtype)), w.astype(accumulation_dtype(dtype))
-    y = 0.0
+    y: jax.Array | float = 0.0
     for m, n in _taps(geom):
         y = y + jnp.einsum("bhwc,hwco->bhwo", tap(x, geom, m, n), w[:, :, m, n], precision=_HI)
-    return y.astype(dtype)
+    return cast(jax.Array, y).astype(dtype)  # (a sum over at least one tap)
 
 
 def pixel_filter2d(x, k, geom: Geometry) -> jax.Array:
@@ -74,10 +76,10 @@ def pixel_filter2d(x, k, geom: Geometry) -> jax.Array:
     groups = k.shape[-1]
     per_group = x.shape[-1] // groups
     k = jnp.repeat(k, per_group, axis=-1)  # channel c uses group c // per_group
-    y = 0.0
+    y: jax.Array | float = 0.0
     for m, n in _taps(geom):
         y = y + tap(x, geom, m, n) * k[:, :, :, m, n, :]
-    return y.astype(dtype)
+    return cast(jax.Array, y).astype(dtype)  # (a sum over at least one tap)
 
 
 def pixel_splat2d(x, k, geom: Geometry) -> jax.Array:
@@ -110,14 +112,14 @@ def _bilinear(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
     y0, x0 = jnp.floor(py), jnp.floor(px)
     fy, fx = py - y0, px - x0
     b = jnp.arange(n)[:, None, None]
-    out = 0.0
+    out: jax.Array | float = 0.0
     for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
         for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
             ok = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
             r = jnp.clip(yy, 0, h - 1).astype(jnp.int32)
             c = jnp.clip(xx, 0, w - 1).astype(jnp.int32)
             out = out + jnp.where(ok, wy * wx, 0.0)[..., None] * x[b, r, c]
-    return out
+    return cast(jax.Array, out)  # (a sum of four terms)
 
 
 def deformable_conv2d(x, w, offsets, mask, geom: Geometry, feature_groups: int = 1):
@@ -140,7 +142,7 @@ def deformable_conv2d(x, w, offsets, mask, geom: Geometry, feature_groups: int =
         mask = mask if mask.ndim == 6 else jnp.broadcast_to(mask[None], (n, *mask.shape))
     real = jnp.finfo(acc).dtype
     cg = w.shape[2]
-    y = 0.0
+    y: jax.Array | float = 0.0
     for m, nn in _taps(geom):
         if offsets is None:
             sampled = tap(x, geom, m, nn)
@@ -162,7 +164,7 @@ def deformable_conv2d(x, w, offsets, mask, geom: Geometry, feature_groups: int =
             wf = w[m, nn, :, f * cout : (f + 1) * cout]
             outs.append(jnp.einsum("bhwc,co->bhwo", chunk, wf, precision=_HI))
         y = y + jnp.concatenate(outs, axis=-1)
-    return y.astype(dtype)
+    return cast(jax.Array, y).astype(dtype)  # (a sum over at least one tap)
 
 
 def _product_kernels(f, u):

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +236,7 @@ def _plan(spec: Any, mesh: Any, arg_shapes: tuple, result_shape: Any):
 def _sharding(
     spec: Any, mesh: Any, slot: str, batch: tuple[str, ...], halo: Halo | None
 ) -> NamedSharding:
-    entries = []
+    entries: list[str | tuple[str, ...] | None] = []
     for name in spec.dims(slot):
         if name == "b" and batch:
             entries.append(_name(batch))
@@ -283,7 +283,8 @@ def _explicit_mesh(types: Any) -> Any:
     """The mesh of the arrays' shardings when they are part of their types (``Explicit`` mesh
     axes), else None. ``types``: arrays or their abstract values."""
     for t in types:
-        aval = t if isinstance(t, core.AbstractValue) else jax.typeof(t)
+        # (the abstract values of arrays, which carry a sharding)
+        aval = cast(core.ShapedArray, t if isinstance(t, core.AbstractValue) else jax.typeof(t))
         mesh = getattr(aval.sharding, "mesh", None)
         if mesh is not None and mesh.explicit_axes and not mesh.manual_axes:
             return mesh

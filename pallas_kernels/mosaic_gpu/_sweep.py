@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.geometry import Geometry, KernelCall
+from pallas_kernels.geometry import Geometry, KernelCall, Padding
 
 STRIP = 64  # output columns a program: the rows of one WGMMA-layout register tile
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may take (227 KiB on sm_90)
@@ -67,7 +67,7 @@ class SweepTiles:
     block_h: int
     block_channels: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.block_h < 1:
             raise ValueError(f"SweepTiles.block_h must be >= 1, got {self.block_h}")
         if self.block_channels < 8 or self.block_channels % 8:
@@ -327,7 +327,8 @@ class Ring:
         @pl.when((r >= 0) & (r < self.h))
         def _():
             strip = lax.div(p.j0, STRIP)
-            inside = functools.reduce(jnp.logical_and, [strip != s for s in special], True)
+            start: jax.Array | bool = True  # (typed: logical_and makes it an array)
+            inside = functools.reduce(jnp.logical_and, [strip != s for s in special], start)
 
             @pl.when(inside)
             def _():
@@ -349,7 +350,14 @@ class Ring:
         def _():
             plgpu.barrier_wait(self.bars.at[slot])
 
-    def window(self, k: int, i, m: int, n: int, chans: tuple[int, int] | None = None) -> jax.Array:
+    def window(
+        self,
+        k: int,
+        i,
+        m: int | jax.Array,
+        n: int | jax.Array,
+        chans: tuple[int, int] | None = None,
+    ) -> jax.Array:
         """Tap ``(m, n)``'s ``[64, channels]`` window of output row ``i`` from image ``k``
         (``chans``: ``(first, count)`` of the ring's channels, all by default)."""
         lay = self.layout
@@ -476,8 +484,9 @@ def transposed(geom: Geometry) -> Geometry:
     if geom.stride != (1, 1):
         raise ValueError(f"the splat's sweep takes stride (1, 1), not {geom.stride}")
     span = [(k - 1) * d for k, d in zip(geom.kernel_size, geom.dilation, strict=True)]
-    padding = tuple(
-        (s - top, s - bottom) for s, (top, bottom) in zip(span, geom.padding, strict=True)
+    padding = cast(
+        Padding,
+        tuple((s - top, s - bottom) for s, (top, bottom) in zip(span, geom.padding, strict=True)),
     )
     return Geometry(geom.out_size, geom.in_size, geom.kernel_size, (1, 1), geom.dilation, padding)
 

@@ -19,6 +19,7 @@ through shared memory (:class:`._sweep.Staged`), and each tap's weights are comp
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -268,7 +269,7 @@ def grad_s(x, dy, eta, zeta, call: KernelCall) -> jax.Array:
     return jnp.sum(parts, axis=0).astype(x.dtype)
 
 
-def _splat_body(*refs, layout, names, moments, parts: int, src_hw):
+def _splat_body(*refs, layout, names, moments, parts: int, src_hw: tuple[int, int]):
     """``names``: the operands' names in order (``dy``, ``tdy``, then the per-pixel ones)."""
     n_in = len(names)
     ops = dict(zip(names, refs[:n_in], strict=True))
@@ -280,7 +281,7 @@ def _splat_body(*refs, layout, names, moments, parts: int, src_hw):
     ring = sw.Ring(layout, prog, images, bufs, bars)
     staged = sw.Staged(pbuf, *src_hw, ring.pl, (kw - 1) * dw - ring.pl)
     # The staged planes: (name, plane of its last axis or None).
-    planes = []
+    planes: list[tuple[str, int | None]] = []
     for name in ("s", "eta", "zeta", "ts", "teta", "tzeta"):
         if name in ops:
             vector = name in ("eta", "teta")
@@ -297,7 +298,7 @@ def _splat_body(*refs, layout, names, moments, parts: int, src_hw):
             staged.ready()
             for nf in range(kw):
                 shift = nf * dw - ring.pl
-                v = {}
+                v: dict[str, Any] = {}  # name -> vector, or a list of them (a vector plane)
                 for k, (name, part) in enumerate(planes):
                     vec = staged.read(slot, k, shift)
                     v[name] = vec if part is None else [*v.get(name, []), vec]

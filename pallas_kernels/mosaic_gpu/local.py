@@ -68,7 +68,7 @@ class LocalTiles:
     block_c: int
     stages: int = 4
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("block_batch", "block_out", "block_c"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LocalTiles.{name} must be >= 1, got {getattr(self, name)}")

@@ -82,11 +82,11 @@ def run(body, operands, call: KernelCall, *, name: str, grid, tiles, out=None, z
         inputs = [*present, geometry.vary_like(jnp.zeros(out.shape, out.dtype), *present)]
 
     def kernel(*refs):
-        refs = list(refs)
-        args = [refs.pop(0) if a is not None else None for a in operands]
+        rest = list(refs)
+        args = [rest.pop(0) if a is not None else None for a in operands]
         if zeroed:
-            refs.pop(0)  # the zeros' input ref: the result's ref aliases it
-        return body(*args, *refs)
+            rest.pop(0)  # the zeros' input ref: the result's ref aliases it
+        return body(*args, *rest)
 
     return pl.pallas_call(
         kernel,

@@ -30,6 +30,7 @@ have no dot to feed and run on the XLA path.
 import dataclasses
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ class DeformableBlockSizes:
     num_warps: int = 4
     num_stages: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         cm.check_tiles(self, minimum=16, counts=("num_stages", "chunks_dw"))
 
 
@@ -379,7 +380,7 @@ def _setup(call: KernelCall, channels: int, cg: int, cout: int, pixels: int, gro
     form = _Form(
         g=call.geom,
         feature_groups=fg,
-        moments=tuple(call.moments) or (0, 0),
+        moments=cast(tuple[int, int], tuple(call.moments) or (0, 0)),
         shared_d=shared_d,
         precision=call.precision,
         interpret=call.interpret,

@@ -56,7 +56,7 @@ class LocalBlockSizes:
     num_warps: int = 4
     num_stages: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         cm.check_tiles(self, minimum=_DOT_MIN)
 
 

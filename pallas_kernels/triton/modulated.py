@@ -75,7 +75,7 @@ class ModulatedBlockSizes:
     num_warps: int
     num_stages: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         cm.check_tiles(self, minimum=16, counts=("num_stages", "chunks_dw"))
 
 

@@ -49,7 +49,7 @@ class PixelBlockSizes:
       num_warps, num_stages: Triton launch settings.
       column_phases: ``forward`` only: output columns computed as this many interleaved sets,
         the window's columns unrolled, so that one loaded image vector serves several taps
-        (:func:`_forward_phased`). 1: one tap at a time (the default, the only form a GPU has
+        (``_forward_phased``). 1: one tap at a time (the default, the only form a GPU has
         timed so far).
       unmasked_interior: ``forward`` only: a program whose tile and window lie wholly inside
         the image and whose channel block is full runs its tap loop without bounds tests (a
@@ -66,7 +66,7 @@ class PixelBlockSizes:
     column_phases: int = 1
     unmasked_interior: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         cm.check_tiles(self, minimum=1)
         if self.column_phases > self.block_w:
             raise ValueError(
