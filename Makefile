@@ -23,7 +23,7 @@ exit 1
 endef
 
 .PHONY: help test test-kernels test-jax-next machine-code-mosaic demo bench gpu-check gpu-tune lint venv \
-        clean
+        clean docs test-docs dist-check
 
 help:
 	@echo "make test       create .venv, install svconv and the test deps, run the test suite"
@@ -46,7 +46,11 @@ help:
 	@echo "make gpu-tune   on a GPU machine, after gpu-check: each Pallas kernel's tiles against"
 	@echo "                neighbouring tilings -> results/tune-<device>.{md,json}"
 	@echo "                (GPU_TUNE_ARGS=--time-limit S, default 240; DRY_RUN=1 on a CPU)"
-	@echo "make lint       ruff check and format check"
+	@echo "make docs       the documentation site -> docs/_build/html (Sphinx; warnings are errors)"
+	@echo "make test-docs  every example of the README, the docs and the docstrings, run as doctests"
+	@echo "make dist-check build the wheel and the sdist (dist/), install each into a fresh venv and"
+	@echo "                run a smoke test there"
+	@echo "make lint       ruff check and format check, mypy"
 	@echo "make clean      remove .venv and caches"
 
 $(PY):
@@ -147,9 +151,45 @@ gpu-tune:
 	  || echo "could not install $(DEEPINV_PIN) into .venv-torch: no deepinv column"; fi
 
 lint: $(PY)
-	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check svconv pallas_kernels tests experiments
-	$(PY) -m ruff format --check svconv pallas_kernels tests experiments
+	$(PY) -m pip install -q $(JAX_PIN) -e . $(RUFF_PIN) $(MYPY_PIN)
+	$(PY) -m ruff check svconv pallas_kernels tests experiments docs/conf.py docs/conftest.py
+	$(PY) -m ruff format --check svconv pallas_kernels tests experiments docs/conf.py docs/conftest.py
+	$(PY) -m mypy
+
+RUFF_PIN ?= ruff==0.17.6
+MYPY_PIN ?= mypy==2.4.1
+
+# The documentation site, warnings as errors; its examples run in `make test-docs`.
+docs: $(PY)
+	$(PY) -m pip install -q $(JAX_PIN) -e '.[docs]'
+	rm -rf docs/_build
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "the site: docs/_build/html/index.html"
+
+# Every example of the README, of the docs pages and of the docstrings, as doctests (the
+# printed numbers are compared); docs/conftest.py gives the CPU 4 devices.
+DOC_EXAMPLES ?= README.md docs svconv
+test-docs: $(PY)
+	$(PY) -m pip install -q $(JAX_PIN) -e '.[test,experiments]'
+	$(PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider --doctest-glob='*.md' --doctest-modules \
+	  --ignore=docs/_build --ignore=docs/conf.py $(DOC_EXAMPLES)
+
+# The release files: a wheel and an sdist built in isolation (`python -m build`), each installed
+# into a fresh venv with its dependencies from the package index, then tests/dist_smoke.py run
+# there from outside the repository.
+DIST_VENV ?= .venv-dist
+dist-check: $(PY)
+	$(PY) -m pip install -q build
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	@base="$$($(PY) -c 'import sys; print(sys._base_executable)')"; set -e; \
+	for f in dist/*.whl dist/*.tar.gz; do \
+	  echo "== $$f in a fresh venv"; rm -rf $(DIST_VENV); "$$base" -m venv $(DIST_VENV); \
+	  $(DIST_VENV)/bin/python -m pip install -q --upgrade pip; \
+	  $(DIST_VENV)/bin/python -m pip install -q "$$f" $(JAX_PIN); \
+	  (cd $(DIST_VENV) && bin/python "$(CURDIR)/tests/dist_smoke.py" "$$f"); done; \
+	rm -rf $(DIST_VENV)
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) $(MOSAIC_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NEXT_VENV) $(MOSAIC_VENV) $(DIST_VENV) .pytest_cache .ruff_cache .mypy_cache \
+	  *.egg-info dist docs/_build

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -183,21 +181,3 @@ def test_pallas_refuses_complex_and_auto_uses_xla(caplog):
         hlo = lower_for_cuda(fn, *shapes)
     assert not triton_kernel_names(hlo)
     assert "using xla, not triton: dtype complex64" in caplog.text
-
-
-def test_readme_complex_example_runs():
-    """The README's complex example, run as written after its per-pixel filter example: a
-    complex64 result whose parts are the real splats' combinations."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    namespace: dict = {"jax": jax, "jnp": jnp, "svconv": svconv}
-    for title in ("### `pixel_filter2d` and `gaussian_kernels`", "### Complex numbers"):
-        section = text[text.index(title) :]
-        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-        exec(compile(code, f"README.md ({title})", "exec"), namespace)
-    imaged = namespace["imaged"]
-    assert imaged.dtype == jnp.complex64 and imaged.shape == (1, 256, 256, 3)
-    field, psf = namespace["field"], namespace["psf"]
-    real = [svconv.pixel_splat2d(a, b) for a, b in ((field.real, psf.real), (field.imag, psf.imag))]
-    imag = [svconv.pixel_splat2d(a, b) for a, b in ((field.real, psf.imag), (field.imag, psf.real))]
-    assert_close(imaged.real, real[0] - real[1], what="real part")
-    assert_close(imaged.imag, imag[0] + imag[1], what="imaginary part")

@@ -4,8 +4,6 @@ its figures and results into a temporary folder."""
 import importlib
 import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 
@@ -50,12 +48,3 @@ def test_experiment_writes_results(name, tmp_path):
     for figure in saved["figures"]:
         path = tmp_path / figure
         assert path.suffix == ".png" and path.stat().st_size > 10_000
-
-
-def test_readme_links_point_to_committed_files():
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    targets = re.findall(r"\]\(([^)#\s]+)\)", readme)
-    local = [t for t in targets if "://" not in t]
-    assert any(t.startswith("results/") for t in local)
-    assert [t for t in local if not (root / t).is_file()] == []

@@ -1,12 +1,10 @@
 """Flax NNX layers: parameter shapes, the same numbers as the linen layers given the same
 parameters, gradients and training with ``nnx.Optimizer``, ``nnx.jit``, argument errors, the
-docstring examples and the README's NNX example."""
+docstring examples (the README's and the docs' examples run in `make test-docs`)."""
 
 from __future__ import annotations
 
 import doctest
-import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +16,6 @@ import svconv
 import svconv.nnx
 from svconv import _checks
 from tests.conftest import assert_close, rands
-
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 # (strides, padding, kernel_dilation): every padding form, strides and dilations per axis.
 WINDOWS = [
@@ -337,14 +333,3 @@ def test_errors_under_nnx_jit():
 def test_docstring_examples():
     result = doctest.testmod(svconv.nnx, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 3 and result.failed == 0
-
-
-def test_readme_nnx_example_runs():
-    """The README's NNX training example, run as written: the loss must go down."""
-    text = README.read_text()
-    section = text[text.index("### Flax NNX") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md (Flax NNX)", "exec"), namespace)
-    losses = namespace["losses"]
-    assert losses[-1] < 0.5 * losses[0], losses
