@@ -27,7 +27,8 @@ Initializer = Callable[..., jax.Array]
 # Flax's defaults for convolutions (its initializers are these same functions). For a
 # per-location kernel [out_h, out_w, kh, kw, in, out] the fan-in counts the output positions
 # too (out_h*out_w*kh*kw*in), as nn.ConvLocal's does for its [out_h, out_w, in*kh*kw, out]
-# kernel: the same key draws the same weights as nn.ConvLocal's, in this layout.
+# kernel: the same scale. (The same key draws the same values as nn.ConvLocal's, but in the
+# flat order of this layout, whose taps come before the channels: not the converted kernel.)
 KERNEL_INIT: Initializer = jax.nn.initializers.lecun_normal()
 LOCAL_KERNEL_INIT: Initializer = jax.nn.initializers.lecun_normal(in_axis=(2, 3, 4), out_axis=5)
 BIAS_INIT: Initializer = jax.nn.initializers.zeros

@@ -71,9 +71,9 @@ _FOLDS = {
     ("modulated", 2): "batch",
     ("local", 0): "batch",
     ("local", 1): "output channels",
-    ("filter", 0): "batch",
+    ("filter", 0): "channels (the filters shared by the stack)",
     ("filter", 1): "batch (x broadcast)",
-    ("splat", 0): "batch",
+    ("splat", 0): "channels (the filters shared by the stack)",
     ("splat", 1): "batch (x broadcast)",
 }
 
