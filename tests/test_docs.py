@@ -67,10 +67,11 @@ def test_docstring_has_the_reference_sections(name, obj):
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=lambda c: c.__name__)
-def test_tilings_document_every_field(tiles):
+def test_tilings_document_every_field_and_their_errors(tiles):
     doc = inspect.getdoc(tiles) or ""
     fields = [f.name for f in dataclasses.fields(tiles)]
     assert [f for f in fields if not re.search(rf"\b{f}\b", doc)] == []
+    assert "Raises:" in doc
 
 
 def test_readme_and_docs_links_point_to_committed_files():

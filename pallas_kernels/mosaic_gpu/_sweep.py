@@ -62,6 +62,10 @@ class SweepTiles:
       block_h: output rows a program computes (its input rows come through the ring once).
       block_channels: channels a program computes (a multiple of 8 dividing the channels of a
         group: the weights are one vector per tap).
+
+    Raises:
+      ValueError: when constructed: a ``block_h`` below 1, a ``block_channels`` that is not a
+        positive multiple of 8.
     """
 
     block_h: int

@@ -61,6 +61,10 @@ class LocalTiles:
         the register layout's columns).
       block_c: input channels of one pipeline stage (dividing the input channels).
       stages: shared-memory buffers of the weight stream (``stages - 1`` copies in flight).
+
+    Raises:
+      ValueError: when constructed: a block below 1, ``stages`` outside [2, the barriers a
+        program may hold].
     """
 
     block_batch: int

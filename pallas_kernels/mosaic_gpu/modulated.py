@@ -57,6 +57,10 @@ class GemmTiles:
       block_h: output rows a program computes.
       block_n: output channels a program computes (the wgmma's N, at most 256: dividing the
         output channels, a multiple of 32 bytes of them).
+
+    Raises:
+      ValueError: when constructed: a ``block_h`` below 1, a ``block_n`` that is not a
+        multiple of 8 in [8, 256].
     """
 
     block_h: int

@@ -56,6 +56,11 @@ class DeformableBlockSizes:
       chunks_dw: grad_w: chunks of the pixels, one float32 partial sum each (added by XLA).
       num_warps: warps per program.
       num_stages: software-pipelining depth of the channel loops.
+
+    Raises:
+      ValueError: when constructed: a block size that is not a power of 2 at least 16, a
+        ``num_warps`` that is not a power of 2, a count (``num_stages``, ``chunks_dw``) below 1; the
+        message names the field.
     """
 
     block_p: int

@@ -47,6 +47,11 @@ class LocalBlockSizes:
       block_in: grad_x: input channels per program.
       block_out: output channels per program (forward) or per step (grad_x, grad_w).
       num_warps, num_stages: Triton launch settings.
+
+    Raises:
+      ValueError: when constructed: a block size that is not a power of 2 at least 16, a
+        ``num_warps`` that is not a power of 2, a count (``num_stages``) below 1; the
+        message names the field.
     """
 
     block_batch: int

@@ -60,6 +60,11 @@ class ModulatedBlockSizes:
       block_cout_dw: grad_w: output channels per program (dot N).
       num_warps: warps per program.
       num_stages: software-pipelining depth of the tap loops.
+
+    Raises:
+      ValueError: when constructed: a block size that is not a power of 2 at least 16, a
+        ``num_warps`` that is not a power of 2, a count (``num_stages``, ``chunks_dw``) below 1; the
+        message names the field.
     """
 
     block_m: int

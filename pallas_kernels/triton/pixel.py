@@ -55,6 +55,12 @@ class PixelBlockSizes:
         the image and whose channel block is full runs its tap loop without bounds tests (a
         branch per program; the loads of the other programs stay masked). Not the default
         until a GPU has timed it.
+
+    Raises:
+      ValueError: when constructed: a block size that is not a power of 2, a ``num_warps``
+        that is not a power of 2, a ``num_stages`` below 1, a ``column_phases`` that is not a
+        power of 2 or exceeds ``block_w``, a ``unmasked_interior`` that is not a bool (the
+        message names the field).
     """
 
     block_h: int
