@@ -14,21 +14,26 @@ import pytest
 
 import svconv
 import svconv.nnx
-from pallas_kernels.mosaic_gpu import _sweep
-from pallas_kernels.mosaic_gpu import local as mosaic_local
-from pallas_kernels.mosaic_gpu import modulated as mosaic_modulated
-from pallas_kernels.triton import deformable, local, modulated, pixel
+from svconv import _families
+from svconv._primitive import Family
 
 ROOT = Path(__file__).resolve().parent.parent
 API = ROOT / "docs" / "api"
-TILES = [
-    modulated.ModulatedBlockSizes,
-    local.LocalBlockSizes,
-    pixel.PixelBlockSizes,
-    deformable.DeformableBlockSizes,
-    _sweep.SweepTiles,
-    mosaic_modulated.GemmTiles,
-    mosaic_local.LocalTiles,
+LINK = re.compile(r"\]\(([^)#\s]+)\)")  # a Markdown link or image to a file (no anchor)
+# The tiling classes an op's `block_sizes=` takes: every backend's, from the family records.
+TILES = sorted(
+    {
+        tiles
+        for family in vars(_families).values()
+        if isinstance(family, Family)
+        for backend in family.backends
+        for tiles in backend.tiles
+    },
+    key=lambda c: c.__name__,
+)
+PAGES = [
+    ROOT / "README.md",
+    *sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts),
 ]
 PUBLIC = [(f"svconv.{n}", getattr(svconv, n)) for n in svconv.__all__] + [
     (f"svconv.nnx.{n}", getattr(svconv.nnx, n)) for n in svconv.nnx.__all__
@@ -49,6 +54,7 @@ def _documented() -> set[str]:
 
 
 def test_every_public_name_is_in_the_api_reference():
+    assert TILES, "no tiling class found in the family records"
     documented = _documented()
     wanted = [n for n, _ in PUBLIC] + [f"{c.__module__}.{c.__name__}" for c in TILES]
     assert [n for n in wanted if n not in documented] == []
@@ -78,19 +84,15 @@ def test_readme_and_docs_links_point_to_committed_files():
     """Every relative link and image of the README and the docs pages names a file of the
     repository (relative to the page), and the README links every family page and guide (that
     every page is in the site's table of contents, `make docs` checks: Sphinx warns)."""
-    root = Path(__file__).resolve().parent.parent
-    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
-    pages = [p for p in pages if "_build" not in p.parts]
     missing = []
-    for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text()):
+    for page in PAGES:
+        for target in LINK.findall(page.read_text()):
             if "://" not in target and not (page.parent / target).is_file():
-                missing.append(f"{page.relative_to(root)}: {target}")
+                missing.append(f"{page.relative_to(ROOT)}: {target}")
     assert missing == []
-    readme = (root / "README.md").read_text()
-    assert any(t.startswith("results/") for t in re.findall(r"\]\(([^)#\s]+)\)", readme))
-    docs = root / "docs"
-    guides = sorted(p.relative_to(root).as_posix() for p in docs.glob("[fg]*/*.md"))
+    readme = (ROOT / "README.md").read_text()
+    assert any(t.startswith("results/") for t in LINK.findall(readme))
+    guides = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("[fg]*/*.md"))
     assert guides and [g for g in guides if f"]({g})" not in readme] == []
 
 
@@ -98,15 +100,11 @@ def test_every_python_example_runs_or_is_pytorch():
     """Python in the README and the docs is a doctest session (```pycon, run by
     `make test-docs`); a plain ```python block is allowed only for PyTorch code shown for
     comparison, which the examples' environment does not have."""
-    pages = [
-        ROOT / "README.md",
-        *(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts),
-    ]
     unrun = []
-    for page in pages:
+    for page in PAGES:
         for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M):
             if "torch" not in block:
                 unrun.append(f"{page.relative_to(ROOT)}: {block[:60]!r}")
     assert unrun == []
-    sessions = [p for p in pages if "```pycon" in p.read_text()]
+    sessions = [p for p in PAGES if "```pycon" in p.read_text()]
     assert ROOT / "README.md" in sessions and len(sessions) >= 10
